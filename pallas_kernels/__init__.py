@@ -1,0 +1,1 @@
+"""Standalone attention kernels for jaxserve: imports jax only, never jaxserve."""
