@@ -1,0 +1,54 @@
+"""Counting XLA compilations, and a guard that turns any compilation into an error.
+
+Both listen to JAX's own monitoring event for a backend compilation (a persistent-cache
+hit counts too: it means the in-memory cache missed, i.e. a shape was new). After
+warm-up the engine must never compile again; tests wrap their workloads in
+`forbid_compilation()` to prove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import jax
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompilationError(RuntimeError):
+    """Raised by `forbid_compilation()` when XLA compiles inside the guarded block."""
+
+
+class CompilationCounter:
+    """Counts compilations from construction until `close()`; thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == COMPILE_EVENT:
+            with self._lock:
+                self.count += 1
+                self.seconds += duration
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+@contextlib.contextmanager
+def forbid_compilation():
+    """Any XLA compilation inside the block raises `CompilationError` naming the function."""
+    def on_event(event: str, duration: float, **kwargs) -> None:
+        if event == COMPILE_EVENT:
+            raise CompilationError(
+                f"XLA compiled {kwargs.get('fun_name', '<unknown>')!r} inside forbid_compilation()")
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)

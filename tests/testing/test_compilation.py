@@ -1,0 +1,28 @@
+"""The compilation counter and the forbid_compilation() guard."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.testing.compilation import CompilationCounter, CompilationError, forbid_compilation
+
+
+def test_counter_counts_each_new_shape_once():
+    f = jax.jit(lambda x: x * 3 + 1)
+    five, six = np.ones(5, np.float32), np.ones(6, np.float32)
+    counter = CompilationCounter()
+    try:
+        f(five), f(five), f(six)
+    finally:
+        counter.close()
+    assert counter.count == 2
+
+
+def test_forbid_compilation_allows_cached_calls_and_rejects_new_shapes():
+    f = jax.jit(lambda x: x - 2)
+    f(np.ones(3))
+    with forbid_compilation():
+        f(np.ones(3))
+    with pytest.raises(CompilationError, match="inside forbid_compilation"):
+        with forbid_compilation():
+            f(np.ones(4))
