@@ -9,3 +9,307 @@ This module must stay importable without jax or transformers at import time:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
+
+
+# --- ModelConfig -------------------------------------------------------------------------
+
+_MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# RoPE variants the models implement, with the keys each needs beside `factor`.
+_ROPE_REQUIRED_KEYS = (
+    ("linear", ()),
+    ("llama3", ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")),
+    ("yarn", ("original_max_position_embeddings",)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shape and numerics of a model, read once from a local HF checkpoint directory."""
+
+    model_dir: str  # local checkpoint directory: config.json and *.safetensors
+    architecture: str  # HF `architectures[0]`; the model registry maps it to a class
+    vocab_size: int  # V: rows of the embedding and of the LM head
+    hidden_size: int  # D: width of the residual stream
+    num_layers: int  # decoder layers; each owns one key pool and one value pool
+    num_heads: int  # N: query heads
+    num_kv_heads: int  # K: key/value heads (GQA when K < N)
+    head_dim: int  # H: may differ from D // N (Qwen3, some Llamas)
+    intermediate_size: int  # F: width of the gated MLP
+    rms_norm_eps: float  # epsilon of every RMSNorm
+    rope_theta: float  # RoPE base wavelength
+    # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...}; None for plain RoPE.
+    rope_scaling: dict[str, object] | None = dataclasses.field(hash=False)
+    tie_word_embeddings: bool  # the LM head reuses the embedding matrix
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2; Llama attention_bias)
+    o_proj_bias: bool  # the attention output projection carries a bias (Llama attention_bias)
+    mlp_bias: bool  # gate/up/down projections carry biases (Llama mlp_bias)
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None  # attention window in tokens; None when no layer uses one
+    layer_sliding_windows: tuple[int | None, ...]  # per layer: its window, None = full causal
+    max_position_embeddings: int  # the longest context the checkpoint was trained for
+    max_model_len: int  # the longest context served: <= max_position_embeddings
+    eos_token_ids: tuple[int, ...]  # generating any of these ends a request
+    bos_token_id: int | None  # the tokenizer's start token, if it has one
+    dtype: str  # resolved "float32" | "bfloat16" | "float16": params and activations
+    # The transformers config, kept for model-specific fields; not part of equality.
+    hf_config: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_position_embeddings", "max_model_len"):
+            value = getattr(self, name)
+            _model_check(isinstance(value, int) and value > 0, name, "a positive integer", value)
+        _model_check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                     f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
+        _model_check(self.head_dim % 2 == 0, "head_dim", "even (RoPE rotates pairs)", self.head_dim)
+        _model_check(self.rms_norm_eps > 0, "rms_norm_eps", "> 0", self.rms_norm_eps)
+        _model_check(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
+        _model_check(self.max_model_len <= self.max_position_embeddings, "max_model_len",
+                     f"<= max_position_embeddings={self.max_position_embeddings}",
+                     self.max_model_len)
+        _model_check(self.dtype in _MODEL_DTYPES, "dtype", f"one of {_MODEL_DTYPES}", self.dtype)
+        _model_check(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+                     "None or a positive integer", self.sliding_window)
+        _model_check(len(self.layer_sliding_windows) == self.num_layers, "layer_sliding_windows",
+                     f"one entry per layer ({self.num_layers})", self.layer_sliding_windows)
+        _model_check_rope_scaling(self.rope_scaling)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, *, dtype: str = "auto", max_model_len: int | None = None,
+                        platform: str | None = None) -> ModelConfig:
+        """Reads `model_dir/config.json` with transformers' AutoConfig and validates it.
+
+        `dtype="auto"` resolves to float32 on CPU and bfloat16 on GPU/TPU (`platform`
+        defaults to jax's default backend). `max_model_len=None` serves the full context.
+        """
+        import transformers  # heavy: only when a model is actually loaded
+
+        path = os.fspath(model_dir)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"ModelConfig.model_dir: no config.json in {path!r}")
+        hf = transformers.AutoConfig.from_pretrained(path)
+        architectures = getattr(hf, "architectures", None) or []
+        if not architectures:
+            raise ValueError(f"ModelConfig.architecture: {path}/config.json lists no `architectures`")
+        hidden_act = getattr(hf, "hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"ModelConfig: hidden_act must be 'silu', got {hidden_act!r}")
+        rope_theta, rope_scaling = _hf_rope(hf)
+        windows = _hf_layer_windows(hf)
+        bias = bool(getattr(hf, "attention_bias", False))
+        qwen2 = architectures[0] == "Qwen2ForCausalLM"  # q/k/v always biased, o never
+        return cls(
+            model_dir=path,
+            architecture=architectures[0],
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            intermediate_size=hf.intermediate_size,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=qwen2 or bias,
+            o_proj_bias=bias and not qwen2,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=architectures[0] == "Qwen3ForCausalLM",
+            sliding_window=next((w for w in windows if w is not None), None),
+            layer_sliding_windows=windows,
+            max_position_embeddings=hf.max_position_embeddings,
+            max_model_len=hf.max_position_embeddings if max_model_len is None else max_model_len,
+            eos_token_ids=_hf_eos_token_ids(hf, path),
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            dtype=_model_resolve_dtype(dtype, platform),
+            hf_config=hf,
+        )
+
+
+def _model_check(ok: bool, name: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{name} must be {expected}, got {value!r}")
+
+
+def _model_check_rope_scaling(scaling: dict[str, object] | None) -> None:
+    if scaling is None:
+        return
+    required = dict(_ROPE_REQUIRED_KEYS)
+    rope_type = scaling.get("rope_type")
+    _model_check(rope_type in required, "rope_scaling",
+                 f"a rope_type in {('default', *required)}", rope_type)
+    for key in ("factor", *required[rope_type]):
+        value = scaling.get(key)
+        _model_check(isinstance(value, (int, float)) and value > 0, "rope_scaling",
+                     f"a positive {key!r} for rope_type {rope_type!r}", value)
+
+
+def _model_resolve_dtype(dtype: str, platform: str | None) -> str:
+    if dtype != "auto":
+        return str(dtype)
+    if platform is None:
+        import jax  # only to ask which backend runs the model
+
+        platform = jax.default_backend()
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def _hf_rope(hf) -> tuple[float, dict[str, object] | None]:
+    """(rope_theta, normalized rope_scaling) from transformers 5's `rope_parameters` or the
+    older top-level `rope_theta` + `rope_scaling`."""
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    if any(isinstance(value, dict) for value in params.values()):
+        raise ValueError("ModelConfig.rope_scaling: per-layer RoPE parameters are not supported")
+    params = dict(params)
+    theta = params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
+    rope_type = params.pop("rope_type", None) or params.get("type") or "default"
+    params.pop("type", None)
+    partial = params.pop("partial_rotary_factor", None) or getattr(hf, "partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"ModelConfig.rope_scaling: partial_rotary_factor={partial} is not supported")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type in ("llama3", "yarn"):
+        # transformers gives a top-level original_max_position_embeddings priority (Phi3).
+        original = getattr(hf, "original_max_position_embeddings", None)
+        params.setdefault("original_max_position_embeddings", original or hf.max_position_embeddings)
+        if original:
+            params["original_max_position_embeddings"] = original
+    if rope_type == "yarn" and params.get("factor") is None:
+        params["factor"] = hf.max_position_embeddings / params["original_max_position_embeddings"]
+    return float(theta), {"rope_type": rope_type, **params}
+
+
+def _hf_layer_windows(hf) -> tuple[int | None, ...]:
+    """Each layer's sliding window: Mistral windows every layer; Qwen2/3 only the layers that
+    `layer_types` (or, before transformers 5, `max_window_layers`) marks, if enabled at all."""
+    num_layers = hf.num_hidden_layers
+    window = getattr(hf, "sliding_window", None)
+    if not window or not getattr(hf, "use_sliding_window", True):
+        return (None,) * num_layers
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types:
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    first = getattr(hf, "max_window_layers", 0)
+    return tuple(window if i >= first else None for i in range(num_layers))
+
+
+def _hf_eos_token_ids(hf, path: str) -> tuple[int, ...]:
+    """EOS ids of config.json, then those generation_config.json adds (Llama 3 instruct)."""
+    ids = list(_as_token_ids(getattr(hf, "eos_token_id", None)))
+    generation = os.path.join(path, "generation_config.json")
+    if os.path.isfile(generation):
+        with open(generation) as f:
+            extra = _as_token_ids(json.load(f).get("eos_token_id"))
+        ids += [i for i in extra if i not in ids]
+    return tuple(ids)
+
+
+def _as_token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+# --- CacheConfig and SchedulerConfig -----------------------------------------------------
+
+_SCHEDULER_POLICIES = ("fcfs", "priority")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """How the paged KV cache is cut up and sized; the runner derives the block count L."""
+
+    block_size: int = 16  # S: tokens per KV block; a power of two in [1, 256]
+    enable_prefix_caching: bool = True  # share full blocks between requests by content hash
+    num_gpu_blocks_override: int | None = None  # L (null block included); None = from memory
+    gpu_memory_utilization: float = 0.9  # (0, 1]: share of device memory the engine may use
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget in bytes (CPU); None = derive
+
+    def __post_init__(self) -> None:
+        check = functools.partial(_check_config_field, "CacheConfig")
+        size = self.block_size
+        check(_is_plain_int(size) and 1 <= size <= 256 and size & (size - 1) == 0,
+              "block_size", "a power of two in [1, 256]", size)
+        check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "a bool",
+              self.enable_prefix_caching)
+        override = self.num_gpu_blocks_override
+        check(override is None or (_is_plain_int(override) and override >= 2),
+              "num_gpu_blocks_override", "None or an integer >= 2", override)
+        utilization = self.gpu_memory_utilization
+        check(isinstance(utilization, (int, float)) and not isinstance(utilization, bool)
+              and 0 < utilization <= 1, "gpu_memory_utilization", "in (0, 1]", utilization)
+        memory = self.kv_cache_memory_bytes
+        check(memory is None or (_is_plain_int(memory) and memory > 0),
+              "kv_cache_memory_bytes", "None or a positive integer", memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's budgets and policy; read once, never written back."""
+
+    max_num_batched_tokens: int = 2048  # T budget: tokens computed per step, before padding
+    max_num_seqs: int = 256  # B budget: requests running at once
+    max_model_len: int = 2048  # prompt + output cap in tokens (ModelConfig.max_model_len)
+    # Most tokens one request may compute per step, so that a long prompt is chunked and
+    # does not starve the others; 0 = only the step budget limits it.
+    long_prefill_token_threshold: int = 0
+    policy: str = "fcfs"  # "fcfs" | "priority" (lower Request.priority first)
+    max_num_waiting: int | None = None  # add_request refuses beyond this many; None = no cap
+
+    def __post_init__(self) -> None:
+        check = functools.partial(_check_config_field, "SchedulerConfig")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            value = getattr(self, name)
+            check(_is_plain_int(value) and value >= 1, name, "an integer >= 1", value)
+        threshold = self.long_prefill_token_threshold
+        check(_is_plain_int(threshold) and threshold >= 0, "long_prefill_token_threshold",
+              "an integer >= 0 (0 = off)", threshold)
+        check(self.policy in _SCHEDULER_POLICIES, "policy", f"one of {_SCHEDULER_POLICIES}",
+              self.policy)
+        waiting = self.max_num_waiting
+        check(waiting is None or (_is_plain_int(waiting) and waiting >= 1), "max_num_waiting",
+              "None or an integer >= 1", waiting)
+
+
+def _is_plain_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_config_field(cls_name: str, ok: bool, name: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{cls_name}.{name} must be {expected}, got {value!r}")
+
+
+# --- EngineConfig ------------------------------------------------------------------------
+
+_ATTENTION_BACKENDS = ("reference", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine is built from; the parts agree with each other."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    attention_backend: str  # "reference" (pure jnp, CPU default) | "pallas" (GPU/TPU default)
+    seed: int = 0  # seeds of requests that bring none are drawn from this
+    tensor_parallel_size: int = 1  # devices the model is sharded over ("model" mesh axis)
+    compilation_cache_dir: str | None = None  # JAX persistent compilation cache; None = off
+    skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
+
+    def __post_init__(self) -> None:
+        check = functools.partial(_check_config_field, "EngineConfig")
+        check(self.attention_backend in _ATTENTION_BACKENDS, "attention_backend",
+              f"one of {_ATTENTION_BACKENDS}", self.attention_backend)
+        check(_is_plain_int(self.seed), "seed", "an integer", self.seed)
+        tp = self.tensor_parallel_size
+        check(_is_plain_int(tp) and tp >= 1, "tensor_parallel_size", "an integer >= 1", tp)
+        sched_len, model_len = self.scheduler_config.max_model_len, self.model_config.max_model_len
+        check(sched_len == model_len, "scheduler_config.max_model_len",
+              f"equal to model_config.max_model_len={model_len}", sched_len)
