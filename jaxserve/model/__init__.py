@@ -1,0 +1,1 @@
+"""Flax NNX models, functional at the jit boundary: metadata, layers, attention, loader."""

@@ -1,0 +1,54 @@
+"""Paged attention: write this step's keys and values into the pool, then attend over it.
+
+`write_kv` scatters the new K/V rows of all T tokens into one layer's key and value pools
+through `slot_mapping` (padding tokens land in the null block 0). `paged_attention` calls
+the chosen backend: the pure-jnp reference or the Pallas kernels. Host code says *block*,
+kernels say *page*: this module is the only place that translates between the two.
+"""
+
+import jax
+
+from jaxserve.model.attention_metadata import AttentionMetadata
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference
+
+ATTENTION_BACKENDS = ("reference", "pallas")
+
+
+def write_kv(k_pool,        # [K, L, S, H] one layer's key pool
+             v_pool,        # [K, L, S, H] its value pool
+             new_k,         # [T, K, H] keys of this step's tokens
+             new_v,         # [T, K, H] values of this step's tokens
+             slot_mapping,  # [T] int32 block_id * S + offset; padding -> slots of block 0
+             ) -> tuple[jax.Array, jax.Array]:
+    """Both pools with token t's K/V stored at slot `slot_mapping[t]` of every KV head."""
+    num_kv_heads, num_blocks, block_size, head_dim = k_pool.shape
+
+    def scatter(pool, new):
+        flat = pool.reshape(num_kv_heads, num_blocks * block_size, head_dim)  # [K, L*S, H]
+        rows = new.swapaxes(0, 1).astype(pool.dtype)  # [K, T, H]
+        return flat.at[:, slot_mapping].set(rows).reshape(pool.shape)
+
+    return scatter(k_pool, new_k), scatter(v_pool, new_v)
+
+
+def paged_attention(q,        # [T, N, H] queries of this step's tokens (RoPE applied)
+                    k_pool,   # [K, L, S, H] key pool, this step's keys already written
+                    v_pool,   # [K, L, S, H] value pool
+                    metadata: AttentionMetadata,
+                    *,
+                    backend: str,
+                    sm_scale: float,
+                    sliding_window: int | None = None,
+                    ) -> jax.Array:  # [T, N, H]; zero rows for padding tokens
+    """Causal attention of each sequence's new tokens over its blocks, by `backend`."""
+    kwargs = dict(page_indices=metadata.block_tables, seq_lens=metadata.seq_lens,
+                  query_start_loc=metadata.query_start_loc, sm_scale=sm_scale,
+                  sliding_window=sliding_window)
+    if backend == "reference":
+        return reference(q, k_pool, v_pool, **kwargs)
+    if backend == "pallas":
+        from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+        interpret = jax.default_backend() == "cpu"  # no Pallas lowering for CPU
+        return ragged_paged_attention(q, k_pool, v_pool, **kwargs, interpret=interpret)
+    raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")

@@ -1,0 +1,128 @@
+"""The Llama family: LlamaForCausalLM, Qwen2 / Qwen2.5, Mistral and Qwen3, one NNX module tree.
+
+The members differ only in what `ModelConfig` records: q/k/v (and o) biases, per-head q/k
+RMSNorm (Qwen3), sliding windows (Mistral), tied embeddings, the RoPE variant and a head
+dim that need not be D / N. In: a ragged token batch, its positions, the per-layer KV pools
+and `AttentionMetadata`; out: final hidden states [T, D] and the updated pools.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.model.attention import ATTENTION_BACKENDS, paged_attention, write_kv
+from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary
+
+KVCache = tuple[jax.Array, jax.Array]  # ([K, L, S, H] key pool, [K, L, S, H] value pool)
+
+
+class LlamaAttention(nnx.Module):
+    """GQA self-attention over the paged KV cache of one layer."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
+                 rngs: nnx.Rngs):
+        prefix = f"model.layers.{layer}.self_attn"
+        dim, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
+                                          config.num_kv_heads, config.head_dim)
+        common = dict(dtype=jnp.dtype(config.dtype), rngs=rngs)
+        bias = config.attention_bias
+        self.q_proj = Linear(dim, heads * head_dim, hf_name=f"{prefix}.q_proj",
+                             axes=("embed", "q_heads"), use_bias=bias, **common)
+        self.k_proj = Linear(dim, kv_heads * head_dim, hf_name=f"{prefix}.k_proj",
+                             axes=("embed", "kv_heads"), use_bias=bias, **common)
+        self.v_proj = Linear(dim, kv_heads * head_dim, hf_name=f"{prefix}.v_proj",
+                             axes=("embed", "kv_heads"), use_bias=bias, **common)
+        self.o_proj = Linear(heads * head_dim, dim, hf_name=f"{prefix}.o_proj",
+                             axes=("q_heads", "embed"), use_bias=config.o_proj_bias, **common)
+        norm = dict(eps=config.rms_norm_eps, axis="head_dim", dtype=jnp.dtype(config.dtype))
+        self.q_norm = (RMSNorm(head_dim, hf_name=f"{prefix}.q_norm.weight", **norm)
+                       if config.qk_norm else None)
+        self.k_norm = (RMSNorm(head_dim, hf_name=f"{prefix}.k_norm.weight", **norm)
+                       if config.qk_norm else None)
+        scaling = config.rope_scaling
+        self.rotary = Rotary(head_dim, config.rope_theta,
+                             None if scaling is None else tuple(sorted(scaling.items())))
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.sliding_window = config.layer_sliding_windows[layer]
+        self.attention_backend = attention_backend
+
+    def __call__(self, x,          # [T, D]
+                 positions,         # [T] int32
+                 kv_cache: KVCache,
+                 metadata: AttentionMetadata,
+                 ) -> tuple[jax.Array, KVCache]:  # [T, D], updated pools
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        k_pool, v_pool = write_kv(*kv_cache, k, v, metadata.slot_mapping)
+        out = paged_attention(q, k_pool, v_pool, metadata, backend=self.attention_backend,
+                              sm_scale=self.head_dim ** -0.5,
+                              sliding_window=self.sliding_window)  # [T, N, H]
+        return self.o_proj(out.reshape(num_tokens, -1)), (k_pool, v_pool)
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
+                 rngs: nnx.Rngs):
+        prefix = f"model.layers.{layer}"
+        dtype = jnp.dtype(config.dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                                       hf_name=f"{prefix}.input_layernorm.weight")
+        self.self_attn = LlamaAttention(config, layer, attention_backend=attention_backend,
+                                        rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+            hf_name=f"{prefix}.post_attention_layernorm.weight")
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, hf_name=f"{prefix}.mlp",
+                       use_bias=config.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
+        x = x + attn  # [T, D]
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Embedding, decoder layers, final norm; `compute_logits` applies the LM head."""
+
+    def __init__(self, config: ModelConfig, *, attention_backend: str = "reference",
+                 rngs: nnx.Rngs):
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {attention_backend!r}")
+        dtype = jnp.dtype(config.dtype)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
+                                  hf_name="model.embed_tokens.weight")
+        self.layers = nnx.List([
+            LlamaDecoderLayer(config, i, attention_backend=attention_backend, rngs=rngs)
+            for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                            hf_name="model.norm.weight")
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, hf_name="lm_head", axes=("embed", "vocab"),
+            use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, kv_caches: tuple[KVCache, ...],  # one (key, value) pool pair per layer
+                 input_ids,  # [T] int32
+                 positions,  # [T] int32
+                 metadata: AttentionMetadata,
+                 ) -> tuple[jax.Array, tuple[KVCache, ...]]:  # [T, D] final hidden states
+        x = self.embed_tokens(input_ids)  # [T, D]
+        new_caches = []
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, kv_cache = layer(x, positions, kv_cache, metadata)
+            new_caches.append(kv_cache)
+        return self.norm(x), tuple(new_caches)
+
+    def compute_logits(self, hidden):  # [..., D] -> [..., V] float32
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden, preferred_element_type=jnp.float32)

@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny random HF checkpoints and paged token batches.
+
+`tiny_checkpoint(name)` saves (once per session) a 2-layer model written by transformers +
+torch with `save_pretrained`, weights re-drawn so norms, biases and attention all matter.
+`paged_step(...)` lays out one engine step: a ragged token batch padded to (T, B) buckets,
+with each sequence's tokens in the blocks its block table names.
+"""
+
+import os
+
+# Before jax starts: one BLAS thread, and 8 CPU devices for the tensor-parallel tests.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim")
+
+
+def tiny_hf_config(name: str):
+    """The transformers config of one tiny checkpoint: each covers a family and a RoPE type."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    if name == "llama":  # untied, llama3 RoPE
+        return transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=32))
+    if name == "qwen2":  # q/k/v biases, tied, yarn RoPE
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64))
+    if name == "mistral":  # sliding window, GQA 4:1, linear RoPE
+        return transformers.MistralConfig(**{**common, "num_key_value_heads": 1},
+                                          sliding_window=24, rope_parameters=dict(
+                                              rope_type="linear", rope_theta=10000.0, factor=2.0))
+    if name == "qwen3":  # q/k RMSNorm, head_dim 32 != 64 / 4
+        return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False,
+                                        rope_parameters=dict(rope_type="default",
+                                                             rope_theta=1e6))
+    if name == "llama_head_dim":  # head_dim 48 != 64 / 2, all biases, tied
+        return transformers.LlamaConfig(**{**common, "num_attention_heads": 2,
+                                           "num_key_value_heads": 1},
+                                        head_dim=48, attention_bias=True, mlp_bias=True,
+                                        tie_word_embeddings=True)
+    raise ValueError(f"unknown tiny checkpoint {name!r}; known: {TINY_CHECKPOINTS}")
+
+
+def save_tiny_checkpoint(name: str, path, *, dtype: str = "float32",
+                         max_shard_size: str | None = None):
+    """Builds the HF model of `name` with fixed random weights and saves it at `path`."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(TINY_CHECKPOINTS.index(name))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(name))
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in param_name:
+                param.copy_(1.0 + 0.3 * noise)  # norms that are not all ones
+            elif param_name.endswith("bias"):
+                param.copy_(0.3 * noise)
+            else:
+                param.copy_(0.15 * noise)  # big enough that attention is far from uniform
+    model.to(getattr(torch, dtype))
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(name, *, dtype="float32", max_shard_size=None) -> Path`, built once."""
+    built = {}
+
+    def get(name: str, *, dtype: str = "float32", max_shard_size: str | None = None):
+        key = (name, dtype, max_shard_size)
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"{name}-{dtype}-{max_shard_size or 'single'}")
+            built[key] = save_tiny_checkpoint(name, path, dtype=dtype,
+                                              max_shard_size=max_shard_size)
+        return built[key]
+
+    return get
+
+
+def make_paged_step(tokens: list[list[int]],        # per sequence: the tokens scheduled now
+                    num_computed: list[int],         # per sequence: tokens already in the pool
+                    block_tables: list[list[int]],   # per sequence: its block ids
+                    *, block_size: int, num_tokens: int, num_seqs: int, max_blocks: int):
+    """(input_ids [T], positions [T], AttentionMetadata) of one step, padded to T and B."""
+    from jaxserve.model.attention_metadata import AttentionMetadata
+
+    input_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.arange(num_tokens, dtype=np.int32) % block_size  # padding: null block 0
+    tables = np.zeros((num_seqs, max_blocks), np.int32)
+    seq_lens = np.zeros(num_seqs, np.int32)
+    query_start_loc = np.zeros(num_seqs + 1, np.int32)
+    logits_indices = np.zeros(num_seqs, np.int32)
+    start = 0
+    for b, (new, done, table) in enumerate(zip(tokens, num_computed, block_tables)):
+        pos = np.arange(done, done + len(new))
+        input_ids[start:start + len(new)] = new
+        positions[start:start + len(new)] = pos
+        slots[start:start + len(new)] = np.asarray(table)[pos // block_size] * block_size \
+            + pos % block_size
+        tables[b, :len(table)] = table
+        seq_lens[b] = done + len(new)
+        start += len(new)
+        logits_indices[b] = start - 1
+        query_start_loc[b + 1] = start
+    query_start_loc[len(tokens) + 1:] = start  # padding sequences: no queries
+    metadata = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+                                 query_start_loc=query_start_loc, logits_indices=logits_indices)
+    return input_ids, positions, metadata
+
+
+@pytest.fixture(scope="session")
+def paged_step():
+    """The `make_paged_step` function, for tests that run the model through the pool."""
+    return make_paged_step
