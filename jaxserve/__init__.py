@@ -7,7 +7,11 @@ The public names are loaded lazily so that importing a pure-Python subpackage
 import importlib
 
 _EXPORTS: dict[str, str] = {
+    "LLM": "jaxserve.entrypoints.llm",
     "SamplingParams": "jaxserve.sampling_params",
+    "EngineConfig": "jaxserve.config",
+    "RequestOutput": "jaxserve.outputs",
+    "CompletionOutput": "jaxserve.outputs",
 }
 
 __version__ = "0.1.0"

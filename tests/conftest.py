@@ -51,14 +51,26 @@ def tiny_hf_config(name: str):
 
 
 def save_tiny_checkpoint(name: str, path, *, dtype: str = "float32",
-                         max_shard_size: str | None = None):
-    """Builds the HF model of `name` with fixed random weights and saves it at `path`."""
+                         max_shard_size: str | None = None, with_tokenizer: bool = False):
+    """Builds the HF model of `name` with fixed random weights and saves it at `path`.
+
+    `with_tokenizer` adds the test BPE tokenizer (320 tokens, EOS id 0) and widens the model
+    to that vocabulary and a 512-token context, for tests that go through text.
+    """
     import torch
     import transformers
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(TINY_CHECKPOINTS.index(name))
-    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(name))
+    config = tiny_hf_config(name)
+    if with_tokenizer:
+        from jaxserve.testing.tokenizer import save_tokenizer
+
+        tokenizer = save_tokenizer(path)
+        config.vocab_size, config.max_position_embeddings = len(tokenizer), 512
+        config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+        config.bos_token_id = None
+    model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
@@ -76,15 +88,18 @@ def save_tiny_checkpoint(name: str, path, *, dtype: str = "float32",
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """`tiny_checkpoint(name, *, dtype="float32", max_shard_size=None) -> Path`, built once."""
+    """`tiny_checkpoint(name, *, dtype="float32", max_shard_size=None, with_tokenizer=False)
+    -> Path`, built once per session."""
     built = {}
 
-    def get(name: str, *, dtype: str = "float32", max_shard_size: str | None = None):
-        key = (name, dtype, max_shard_size)
+    def get(name: str, *, dtype: str = "float32", max_shard_size: str | None = None,
+            with_tokenizer: bool = False):
+        key = (name, dtype, max_shard_size, with_tokenizer)
         if key not in built:
             path = tmp_path_factory.mktemp(f"{name}-{dtype}-{max_shard_size or 'single'}")
             built[key] = save_tiny_checkpoint(name, path, dtype=dtype,
-                                              max_shard_size=max_shard_size)
+                                              max_shard_size=max_shard_size,
+                                              with_tokenizer=with_tokenizer)
         return built[key]
 
     return get

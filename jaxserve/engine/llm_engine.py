@@ -1,0 +1,160 @@
+"""LLMEngine: requests in, `RequestOutput`s out, one `step()` at a time.
+
+It owns the scheduler (pure Python), the model runner (devices) and the output processor
+(text, stop strings, logprobs). `add_request` validates what the runner cannot check later
+(token ids inside the vocabulary, the context length, table widths) with ValueErrors naming
+the parameter; a request with `n` samples runs as `n` child requests sharing its prompt
+blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+
+from jaxserve.config import EngineConfig
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.outputs import RequestOutput
+from jaxserve.request import Request, RequestStatus
+from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.sampling_rows import MAX_LOGIT_BIAS_ENTRIES, MAX_MIN_TOKENS_BANNED_IDS
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.testing.compilation import CompilationCounter
+
+logger = logging.getLogger(__name__)
+
+
+def enable_persistent_cache(path: str) -> None:
+    """JAX's persistent compilation cache: a restart reads compiled programs from disk."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, tokenizer=None, warm_up: bool = True,
+                 progress: bool = True):
+        self.config = config
+        self.model_config = config.model_config
+        if tokenizer is None and not config.skip_tokenizer_init:
+            tokenizer = load_tokenizer(self.model_config.model_dir)
+        self.tokenizer = tokenizer
+        if config.compilation_cache_dir is not None:
+            enable_persistent_cache(config.compilation_cache_dir)
+        self.compilations = CompilationCounter()
+        self.runner = ModelRunner(self.model_config, config.cache_config, config.scheduler_config,
+                                  attention_backend=config.attention_backend, seed=config.seed)
+        if warm_up:
+            self.runner.warm_up(progress=progress)
+        self.num_warm_up_compilations = self.compilations.count
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config,
+                                   num_blocks=self.runner.num_blocks)
+        self.output_processor = OutputProcessor(tokenizer)
+        self._id_counter = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, *, prompt: str | None = None,
+                    arrival_time: float | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> str:
+        """Queues a request; returns its id. ValueError for anything the model cannot run."""
+        params = params or SamplingParams()
+        request_id = str(next(self._id_counter)) if request_id is None else request_id
+        if self.output_processor.has(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._validate(prompt_token_ids, params)
+        child_ids = ([request_id] if params.n == 1
+                     else [f"{i}_{request_id}" for i in range(params.n)])
+        self.output_processor.add(request_id, prompt, prompt_token_ids, child_ids, params)
+        for index, child_id in enumerate(child_ids):
+            child_params = params
+            if params.n > 1:  # each sample its own seed; prompt logprobs computed once
+                child_params = dataclasses.replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + index,
+                    prompt_logprobs=params.prompt_logprobs if index == 0 else None)
+            request = Request(child_id, prompt_token_ids, child_params,
+                              eos_token_id=self.model_config.eos_token_ids,
+                              arrival_time=arrival_time, priority=priority, cache_salt=cache_salt)
+            try:
+                self.scheduler.add_request(request)
+            except Exception:
+                self.scheduler.abort_requests(child_ids[:index])
+                self.output_processor.abort(request_id)
+                raise
+        self.num_prompt_tokens += len(prompt_token_ids)
+        return request_id
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        vocab, max_len = self.model_config.vocab_size, self.model_config.max_model_len
+        if len(prompt_token_ids) == 0:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; max_model_len={max_len} "
+                             "leaves no room for an output token")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be in [0, {vocab}), got {bad[0]!r}")
+        bias = params.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has {len(bias)} entries; at most "
+                             f"{MAX_LOGIT_BIAS_ENTRIES} are supported")
+        if any(t >= vocab for t in bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.min_tokens and (len(params.all_stop_token_ids)
+                                  + len(self.model_config.eos_token_ids)) > MAX_MIN_TOKENS_BANNED_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_MIN_TOKENS_BANNED_IDS} ids (with EOS) "
+                             "are supported together with min_tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.scheduler.abort_requests(self.output_processor.child_ids(request_id))
+            self.output_processor.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled)
+        updates = self.scheduler.update_from_output(scheduled, sampled)
+        return self._finish_step(updates, sampled)
+
+    def _finish_step(self, updates, sampled) -> list[RequestOutput]:
+        outputs, stopped = self.output_processor.process(updates, sampled)
+        for child_id, stop in stopped:
+            self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED,
+                                           stop_reason=stop)
+        self.num_generation_tokens += sum(len(u.new_token_ids) for u in updates)
+        return outputs
+
+    # -- stats ---------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, float]:
+        kv = self.scheduler.kv_cache_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": kv.usage,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_compilations": self.compilations.count,
+            "num_compilations_after_warm_up": self.compilations.count
+            - self.num_warm_up_compilations,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generation_tokens,
+        }

@@ -1,0 +1,130 @@
+"""LLM: the offline batch API, vLLM-compatible.
+
+`LLM(model_dir, ...)` builds the configs (validated once), loads weights and tokenizer,
+compiles every bucket, and `generate()` runs prompts to completion with continuous
+batching, returning `RequestOutput`s in input order. Prompts are strings or
+`{"prompt_token_ids": [...]}` dicts; `chat()` goes through the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+PromptType = str | dict
+
+
+def _default_backend() -> str:
+    import jax
+
+    return "reference" if jax.default_backend() == "cpu" else "pallas"
+
+
+class LLM:
+    def __init__(self, model: str, *, dtype: str = "auto", seed: int = 0, block_size: int = 16,
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 num_gpu_blocks_override: int | None = None,
+                 kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+                 tensor_parallel_size: int = 1, attention_backend: str | None = None,
+                 skip_tokenizer_init: bool = False, compilation_cache_dir: str | None = None,
+                 long_prefill_token_threshold: int = 0, progress: bool = True):
+        model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = min(2048, model_config.max_model_len)
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size must be 1 for now, got {tensor_parallel_size}")
+        config = EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(block_size=block_size,
+                                     enable_prefix_caching=enable_prefix_caching,
+                                     num_gpu_blocks_override=num_gpu_blocks_override,
+                                     gpu_memory_utilization=gpu_memory_utilization,
+                                     kv_cache_memory_bytes=kv_cache_memory_bytes),
+            scheduler_config=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                max_model_len=model_config.max_model_len,
+                long_prefill_token_threshold=long_prefill_token_threshold),
+            attention_backend=attention_backend or _default_backend(), seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            compilation_cache_dir=compilation_cache_dir,
+            skip_tokenizer_init=skip_tokenizer_init)
+        self.llm_engine = LLMEngine(config, progress=progress)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    # -- generation ----------------------------------------------------------------------
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("a dict prompt must have 'prompt_token_ids'")
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts must be str or dict, got {type(prompt).__name__}")
+        tokenizer = self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True)")
+        return prompt, tokenizer.encode(prompt)
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
+                             f"{len(prompts)} prompts")
+        engine = self.llm_engine
+        request_ids = []
+        for prompt, params in zip(prompts, sampling_params):
+            text, ids = self._prompt_ids(prompt)
+            request_ids.append(engine.add_request(None, ids, params, prompt=text))
+        return self._run(request_ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            try:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update()
+            except BaseException:
+                engine.abort_request([r for r in request_ids if r not in finished])
+                raise
+        return [finished[r] for r in request_ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, through the chat template."""
+        tokenizer = self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True)")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 **(chat_template_kwargs or {}))
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def get_metrics(self) -> dict[str, float]:
+        return self.llm_engine.get_stats()

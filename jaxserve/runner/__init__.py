@@ -1,0 +1,1 @@
+"""The host/device boundary: the only package that moves arrays to devices."""

@@ -1,0 +1,91 @@
+"""The device KV block pool: sized once at start-up, allocated once, donated every step.
+
+On GPU/TPU the budget is the device's free memory times `gpu_memory_utilization`; on CPU
+it is `kv_cache_memory_bytes` (default `CPU_DEFAULT_KV_BYTES`). `num_gpu_blocks_override`
+fixes the block count exactly. The layout of each pool comes from the kernels
+(`kv_pool_shape`); block 0 is the null block that padding reads and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import CacheConfig, ModelConfig
+from jaxserve.parallel.sharding import kv_pool_sharding
+from pallas_kernels.ragged_paged_attention import kv_pool_shape
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 2 * 1024**3
+# Without an explicit budget or override, never more blocks than this (a tiny model on a
+# big budget would otherwise get millions of blocks that only slow the block pool down).
+MAX_DEFAULT_BLOCKS = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec:
+    """How many blocks the pool holds and what one block costs."""
+
+    num_blocks: int  # L, the null block 0 included
+    block_size: int  # S tokens per block
+    bytes_per_block: int  # all layers, keys and values
+    max_num_seqs_at_full_length: float  # (L - 1) blocks / blocks per max_model_len sequence
+
+
+def bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
+    itemsize = jnp.dtype(model_config.dtype).itemsize
+    return (2 * model_config.num_layers * model_config.num_kv_heads * block_size
+            * model_config.head_dim * itemsize)
+
+
+def _budget_bytes(cache_config: CacheConfig, device: jax.Device) -> tuple[int, bool]:
+    """(bytes for the pool, whether the user fixed the budget)."""
+    if cache_config.kv_cache_memory_bytes is not None:
+        return cache_config.kv_cache_memory_bytes, True
+    if device.platform == "cpu":
+        return CPU_DEFAULT_KV_BYTES, False
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit", 0)
+    in_use = stats.get("bytes_in_use", 0)
+    return max(0, int(limit * cache_config.gpu_memory_utilization) - in_use), True
+
+
+def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
+                  device: jax.Device | None = None) -> KVCacheSpec:
+    """Decides the number of blocks (call after the weights are on the device)."""
+    device = device or jax.devices()[0]
+    block_size = cache_config.block_size
+    per_block = bytes_per_block(model_config, block_size)
+    if cache_config.num_gpu_blocks_override is not None:
+        num_blocks = cache_config.num_gpu_blocks_override
+    else:
+        budget, explicit = _budget_bytes(cache_config, device)
+        num_blocks = budget // per_block
+        if not explicit:
+            num_blocks = min(num_blocks, MAX_DEFAULT_BLOCKS)
+    blocks_per_seq = math.ceil(model_config.max_model_len / block_size)
+    if num_blocks < 2:
+        raise ValueError(f"the KV cache budget holds {num_blocks} blocks of {per_block} bytes; "
+                         "at least 2 are needed (raise kv_cache_memory_bytes or "
+                         "gpu_memory_utilization)")
+    spec = KVCacheSpec(num_blocks, block_size, per_block, (num_blocks - 1) / blocks_per_seq)
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max concurrency %.1fx at %d tokens",
+                num_blocks, block_size, num_blocks * per_block / 2**20,
+                spec.max_num_seqs_at_full_length, model_config.max_model_len)
+    return spec
+
+
+def allocate_kv_caches(model_config: ModelConfig, spec: KVCacheSpec, *,
+                       mesh: jax.sharding.Mesh | None = None):
+    """One zeroed (key, value) pool pair per layer, each `kv_pool_shape(...)`, placed
+    (committed) with the pool sharding, exactly as every step returns them."""
+    shape = kv_pool_shape(model_config.num_kv_heads, spec.num_blocks, spec.block_size,
+                          model_config.head_dim)
+    dtype = jnp.dtype(model_config.dtype)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_pool_sharding(shape, mesh))
+    return tuple((make(), make()) for _ in range(model_config.num_layers))

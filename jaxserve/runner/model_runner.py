@@ -1,0 +1,180 @@
+"""The model runner: params, the KV pool and the compiled programs; `execute()` per step.
+
+Programs: one forward per reachable (token bucket, sequence bucket) pair, the KV pools
+donated; one sampler per (sequence bucket, variant) that applies the LM head to each
+sequence's last hidden state and samples; one prompt-logprobs program per token bucket.
+`warm_up()` compiles them all (tqdm bar) so that serving never compiles; a step does one
+host-to-device put of its inputs and one device-to-host get of its results.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from jaxserve.core.buckets import seq_buckets, token_buckets
+from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from jaxserve.model import sampler
+from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.model.loader import load_model
+from jaxserve.runner.input_batch import InputBatch, StepInputs
+from jaxserve.runner.kv_cache import allocate_kv_caches, plan_kv_cache
+from jaxserve.runner.programs import make_programs
+from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS, dummy_tensors
+
+logger = logging.getLogger(__name__)
+
+
+def reachable_bucket_pairs(tokens: tuple[int, ...], seqs: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(T bucket, B bucket) pairs some step can pad to: B <= T, so B's lowest value <= T."""
+    lowest = {b: (seqs[i - 1] + 1 if i else 1) for i, b in enumerate(seqs)}
+    return [(t, b) for t in tokens for b in seqs if lowest[b] <= t]
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
+                 seed: int = 0, model=None):
+        self.model_config = model_config
+        if model is None:
+            model = load_model(model_config.model_dir, model_config,
+                               attention_backend=attention_backend)
+        self.graphdef, self.params = nnx.split(model)
+        self.kv_spec = plan_kv_cache(model_config, cache_config)
+        self.kv_caches = allocate_kv_caches(model_config, self.kv_spec)
+        self.token_buckets = token_buckets(scheduler_config.max_num_batched_tokens)
+        self.seq_buckets = seq_buckets(scheduler_config.max_num_seqs)
+        self.batch = InputBatch(
+            max_num_seqs=scheduler_config.max_num_seqs, max_model_len=model_config.max_model_len,
+            block_size=cache_config.block_size, vocab_size=model_config.vocab_size,
+            token_buckets=self.token_buckets, seq_buckets=self.seq_buckets, seed=seed)
+        self.programs = make_programs(self.graphdef)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_spec.num_blocks
+
+    # -- warm-up -----------------------------------------------------------------------
+    def warm_up(self, *, progress: bool = True) -> int:
+        """Compiles every program the engine can need; returns how many ran.
+
+        Each program is called exactly as `execute` calls it (the sampler and prompt-logprob
+        programs on real forward outputs), so that no argument differs in shape, dtype or
+        placement and serving never compiles again.
+        """
+        pairs = reachable_bucket_pairs(self.token_buckets, self.seq_buckets)
+        cfg = self.model_config
+        sampled_seq_sizes, logprob_token_sizes = set(), set()
+        num_programs = len(pairs) + len({b for _, b in pairs}) * len(SAMPLER_VARIANTS) + len(
+            {t for t, _ in pairs})
+        with tqdm(total=num_programs, desc="Compiling", disable=not progress) as bar:
+            for t, b in pairs:
+                md = AttentionMetadata(
+                    slot_mapping=np.arange(t, dtype=np.int32) % self.kv_spec.block_size,
+                    block_tables=np.zeros((b, self.batch.max_blocks), np.int32),
+                    seq_lens=np.zeros(b, np.int32), query_start_loc=np.zeros(b + 1, np.int32),
+                    logits_indices=np.zeros(b, np.int32))
+                zeros = np.zeros(t, np.int32)
+                ids, positions, md = jax.device_put((zeros, zeros, md))
+                hidden_last, hidden_all, self.kv_caches = self.programs.forward(
+                    self.params, self.kv_caches, ids, positions, md)
+                bar.update()
+                if b not in sampled_seq_sizes:
+                    sampled_seq_sizes.add(b)
+                    for variant in SAMPLER_VARIANTS:
+                        tensors = jax.device_put(dummy_tensors(
+                            variant, b, vocab_size=cfg.vocab_size, max_model_len=cfg.max_model_len))
+                        self.programs.sample[variant](self.params, hidden_last, tensors)
+                        bar.update()
+                if t not in logprob_token_sizes:
+                    logprob_token_sizes.add(t)
+                    targets = jax.device_put(zeros)
+                    self.programs.prompt_logprobs(self.params, hidden_all, targets)
+                    bar.update()
+        jax.block_until_ready(self.kv_caches)
+        return num_programs
+
+    # -- one step ----------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if out.total_num_scheduled_tokens == 0:
+            self.batch.prepare(out)  # still applies finished/preempted deltas
+            return ModelRunnerOutput(sampled_token_ids={})
+        inputs = self.batch.prepare(out)
+        rows = self.batch.rows_of(inputs.req_ids)
+        num_padded_seqs = len(inputs.seq_lens)
+        variant, tensors = self.batch.sampling.gather(
+            rows, self.batch.num_tokens[rows], self.batch.token_ids, num_padded_seqs)
+        md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
+                               inputs.query_start_loc, inputs.logits_indices)
+        device_in = jax.device_put((inputs.input_ids, inputs.positions, md, tensors))
+        input_ids, positions, md, tensors = device_in
+        hidden_last, hidden_all, self.kv_caches = self.programs.forward(
+            self.params, self.kv_caches, input_ids, positions, md)
+        sampled = self.programs.sample[variant](self.params, hidden_last, tensors)
+        prompt_req = self._prompt_logprob_requests(out, inputs)
+        prompt_result = None
+        if prompt_req:
+            targets = self._prompt_targets(inputs, rows)
+            prompt_result = self.programs.prompt_logprobs(self.params, hidden_all, targets)
+        sampled, prompt_result = jax.device_get((sampled, prompt_result))
+        return self._runner_output(out, inputs, sampled, prompt_req, prompt_result)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _prompt_logprob_requests(self, out: SchedulerOutput, inputs: StepInputs) -> list[int]:
+        """Indices (in B) of requests wanting prompt logprobs whose chunk is in the prompt."""
+        wanted = []
+        for i, req_id in enumerate(inputs.req_ids):
+            if self.batch.params_of(req_id).prompt_logprobs is None:
+                continue
+            row = self.batch.row_of[req_id]
+            if self.batch.num_computed[row] < self.batch.sampling.prompt_lens[row] - 1:
+                wanted.append(i)
+        return wanted
+
+    def _prompt_targets(self, inputs: StepInputs, rows: np.ndarray) -> np.ndarray:
+        """[T] the next prompt token of each token (0 past the prompt; those are unused)."""
+        targets = np.zeros(len(inputs.input_ids), np.int32)
+        qsl, n = inputs.query_start_loc, inputs.num_tokens
+        token_req = np.repeat(np.arange(len(rows)), np.diff(qsl[:len(rows) + 1]))
+        next_pos = np.minimum(inputs.positions[:n] + 1, self.batch.token_ids.shape[1] - 1)
+        targets[:n] = self.batch.token_ids[rows[token_req], next_pos]
+        return targets
+
+    def _runner_output(self, out: SchedulerOutput, inputs: StepInputs,
+                       sampled: sampler.SamplerOutput, prompt_req: list[int],
+                       prompt_result) -> ModelRunnerOutput:
+        token_ids = sampled.token_ids
+        sampled_ids, logprobs = {}, {}
+        for i, req_id in enumerate(inputs.req_ids):
+            if not out.samples(req_id):
+                continue
+            sampled_ids[req_id] = [int(token_ids[i])]
+            num_top = self.batch.params_of(req_id).logprobs
+            if num_top is not None:
+                logprobs[req_id] = [(int(token_ids[i]), float(sampled.logprobs[i]),
+                                     int(sampled.ranks[i]), sampled.top_ids[i, :num_top].tolist(),
+                                     sampled.top_logprobs[i, :num_top].tolist())]
+        prompt_logprobs = {}
+        for i in prompt_req:
+            req_id = inputs.req_ids[i]
+            row = self.batch.row_of[req_id]
+            num_top = self.batch.params_of(req_id).prompt_logprobs
+            prompt_len = self.batch.sampling.prompt_lens[row]
+            start, end = inputs.query_start_loc[i], inputs.query_start_loc[i + 1]
+            entries = []
+            for t in range(start, end):
+                if inputs.positions[t] + 1 >= prompt_len:
+                    break
+                target = int(self.batch.token_ids[row, inputs.positions[t] + 1])
+                lp, rank, top_ids, top_lps = (x[t] for x in prompt_result)
+                entries.append((target, float(lp), int(rank), top_ids[:num_top].tolist(),
+                                top_lps[:num_top].tolist()))
+            prompt_logprobs[req_id] = entries
+        return ModelRunnerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs or None,
+                                 prompt_logprobs=prompt_logprobs or None)

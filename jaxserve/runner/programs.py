@@ -1,0 +1,56 @@
+"""The jitted programs the runner compiles, as plain functions of (params, arrays).
+
+The model is merged from its graphdef inside each program (split once, outside); the KV
+pools are donated to `forward`, so the cache is updated in place. `forward` hands back the
+hidden states of each sequence's last token (for sampling) and of every token (for prompt
+logprobs); the LM head runs in the sampler programs, whose shapes depend on B only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from jaxserve.model import sampler
+from jaxserve.model.forward import compute_logits, run_model
+from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    # (params, kv_caches, input_ids [T], positions [T], metadata)
+    #   -> (hidden of last tokens [B, D], hidden [T, D], kv_caches); kv_caches donated
+    forward: Callable
+    # variant -> (params, hidden [B, D], SamplingTensors | None) -> SamplerOutput
+    sample: dict[str, Callable]
+    # (params, hidden [T, D], targets [T]) -> (logprob [T], rank [T], top ids, top logprobs)
+    prompt_logprobs: Callable
+
+
+def make_programs(graphdef: nnx.GraphDef) -> Programs:
+    def forward(params, kv_caches, input_ids, positions, metadata):
+        hidden, kv_caches = run_model(graphdef, params, kv_caches, input_ids, positions,
+                                      metadata)  # [T, D]
+        return hidden[metadata.logits_indices], hidden, kv_caches
+
+    def make_sample(variant: str):
+        def sample(params, hidden, tensors):  # hidden [B, D]
+            logits = compute_logits(graphdef, params, hidden)  # [B, V] float32
+            greedy = variant == "greedy"
+            return sampler.sample(logits, tensors, all_greedy=greedy, with_logprobs=not greedy)
+        return jax.jit(sample)
+
+    def prompt_logprobs(params, hidden, targets):  # hidden [T, D], targets [T]
+        logits = compute_logits(graphdef, params, hidden)  # [T, V] float32
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jax.numpy.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        ranks = (logprobs > chosen[:, None]).sum(axis=-1) + 1
+        top_lps, top_ids = jax.lax.top_k(logprobs, min(sampler.MAX_LOGPROBS, logits.shape[-1]))
+        return chosen, ranks, top_ids, top_lps
+
+    return Programs(forward=jax.jit(forward, donate_argnums=(1,)),
+                    sample={v: make_sample(v) for v in SAMPLER_VARIANTS},
+                    prompt_logprobs=jax.jit(prompt_logprobs))

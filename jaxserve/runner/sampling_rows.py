@@ -1,0 +1,124 @@
+"""Per-row sampling parameters kept across steps, gathered into `SamplingTensors`.
+
+A request's parameters are written into its row once, when it joins the batch; each step
+gathers the scheduled rows (vectorized) and picks the cheapest sampler variant that serves
+them all: `greedy` (argmax only), `sample` (temperature, top-k/p, min-p, bias, min_tokens,
+logprobs) or `penalties` (`sample` plus the token history the penalties need).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.model.sampler import SamplingTensors
+
+# Static widths of the sparse per-row tables (compiled shapes). The engine rejects requests
+# that need more with a ValueError naming the parameter.
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_MIN_TOKENS_BANNED_IDS = 64
+
+SAMPLER_VARIANTS = ("greedy", "sample", "penalties")
+
+
+class SamplingRows:
+    def __init__(self, num_rows: int, *, vocab_size: int, max_model_len: int):
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.temperature = np.zeros(num_rows, np.float32)
+        self.top_k = np.full(num_rows, vocab_size, np.int32)
+        self.top_p = np.ones(num_rows, np.float32)
+        self.min_p = np.zeros(num_rows, np.float32)
+        self.presence = np.zeros(num_rows, np.float32)
+        self.frequency = np.zeros(num_rows, np.float32)
+        self.repetition = np.ones(num_rows, np.float32)
+        self.seeds = np.zeros(num_rows, np.uint32)
+        self.prompt_lens = np.zeros(num_rows, np.int32)
+        self.min_tokens = np.zeros(num_rows, np.int32)
+        self.logprobs = np.zeros(num_rows, bool)
+        self.bias_ids = np.full((num_rows, MAX_LOGIT_BIAS_ENTRIES), vocab_size, np.int32)
+        self.bias_values = np.zeros((num_rows, MAX_LOGIT_BIAS_ENTRIES), np.float32)
+        self.banned_ids = np.full((num_rows, MAX_MIN_TOKENS_BANNED_IDS), vocab_size, np.int32)
+        self.has_bias = np.zeros(num_rows, bool)
+        self.has_penalty = np.zeros(num_rows, bool)
+
+    def set_row(self, row: int, params, eos_ids: tuple[int, ...], prompt_len: int,
+                seed: int) -> None:
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k if params.top_k > 0 else self.vocab_size
+        self.top_p[row], self.min_p[row] = params.top_p, params.min_p
+        self.presence[row] = params.presence_penalty
+        self.frequency[row] = params.frequency_penalty
+        self.repetition[row] = params.repetition_penalty
+        self.has_penalty[row] = (params.presence_penalty != 0 or params.frequency_penalty != 0
+                                 or params.repetition_penalty != 1)
+        self.seeds[row] = seed % 2**32
+        self.prompt_lens[row] = prompt_len
+        self.min_tokens[row] = params.min_tokens
+        self.logprobs[row] = params.logprobs is not None
+        bias = params.logit_bias or {}
+        self.bias_ids[row] = self.vocab_size
+        self.bias_values[row] = 0
+        self.bias_ids[row, :len(bias)] = list(bias)
+        self.bias_values[row, :len(bias)] = list(bias.values())
+        self.has_bias[row] = bool(bias)
+        banned = sorted(set(eos_ids) | set(params.all_stop_token_ids)) if params.min_tokens else []
+        self.banned_ids[row] = self.vocab_size
+        self.banned_ids[row, :len(banned)] = banned
+
+    def gather(self, rows: np.ndarray,        # [B_real] rows of the scheduled requests
+               num_tokens: np.ndarray,        # [B_real] ids known per row (history length)
+               token_ids: np.ndarray,         # [R, max_model_len] the batch's token rows
+               padded: int) -> tuple[str, SamplingTensors | None]:
+        """(variant, tensors) for the scheduled rows, padded to `padded` rows."""
+        output_lens = num_tokens - self.prompt_lens[rows]
+        banning = output_lens < self.min_tokens[rows]
+        greedy = (np.all(self.temperature[rows] < 1e-5) and not self.has_bias[rows].any()
+                  and not banning.any() and not self.has_penalty[rows].any()
+                  and not self.logprobs[rows].any())
+        if greedy:
+            return "greedy", None
+        variant = "penalties" if self.has_penalty[rows].any() else "sample"
+        num_real, vocab = len(rows), self.vocab_size
+
+        def pad(values, fill, dtype):
+            out = np.full((padded,) + values.shape[1:], fill, dtype)
+            out[:num_real] = values
+            return out
+
+        banned = np.where(banning[:, None], self.banned_ids[rows], vocab)
+        if variant == "penalties":
+            width = self.max_model_len
+            history = np.where(np.arange(width)[None, :] < num_tokens[:, None],
+                               token_ids[rows], vocab)
+        else:
+            history = np.full((num_real, 1), vocab, np.int32)
+        tensors = SamplingTensors(
+            temperature=pad(self.temperature[rows], 0, np.float32),
+            top_k=pad(self.top_k[rows], vocab, np.int32),
+            top_p=pad(self.top_p[rows], 1, np.float32),
+            min_p=pad(self.min_p[rows], 0, np.float32),
+            presence_penalty=pad(self.presence[rows], 0, np.float32),
+            frequency_penalty=pad(self.frequency[rows], 0, np.float32),
+            repetition_penalty=pad(self.repetition[rows], 1, np.float32),
+            seeds=pad(self.seeds[rows], 0, np.uint32),
+            output_lens=pad(output_lens, 0, np.int32),
+            bias_ids=pad(self.bias_ids[rows], vocab, np.int32),
+            bias_values=pad(self.bias_values[rows], 0, np.float32),
+            banned_ids=pad(banned, vocab, np.int32),
+            history=pad(history, vocab, np.int32),
+            prompt_lens=pad(self.prompt_lens[rows], 0, np.int32))
+        return variant, tensors
+
+
+def dummy_tensors(variant: str, num_rows: int, *, vocab_size: int,
+                  max_model_len: int) -> SamplingTensors | None:
+    """Neutral tensors of a variant's shapes, for warm-up compilation."""
+    if variant == "greedy":
+        return None
+    rows = SamplingRows(num_rows, vocab_size=vocab_size, max_model_len=max_model_len)
+    token_ids = np.zeros((num_rows, max_model_len), np.int32)
+    if variant == "penalties":
+        rows.has_penalty[:] = True
+    rows.temperature[:] = 1.0
+    _, tensors = rows.gather(np.arange(num_rows), np.ones(num_rows, np.int32), token_ids,
+                             num_rows)
+    return tensors
