@@ -38,11 +38,14 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
 
-    def _decode_delta(self, token_id: int) -> str:
-        self._ids.append(token_id)
+    def _decode_delta(self, token_id: int | None, *, force: bool = False) -> str:
+        """Text completed by `token_id`; with `force`, also a dangling partial character
+        (the request has ended: what the bytes decode to is final)."""
+        if token_id is not None:
+            self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_INCOMPLETE):
+        if len(full_text) <= len(prefix_text) or (full_text.endswith(_INCOMPLETE) and not force):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]
@@ -78,6 +81,11 @@ class IncrementalDetokenizer:
             if delta and self._check_stop(len(delta)):
                 finished = True
                 break
+        if finished and self.stop_string is None:
+            tail = self._decode_delta(None, force=True)
+            self.output_text += tail
+            if tail:
+                self._check_stop(len(tail))
         visible = len(self.output_text) if finished else max(
             self._num_emitted, len(self.output_text) - self._hold_back)
         out = self.output_text[self._num_emitted:visible]

@@ -88,9 +88,13 @@ class LLM:
                              f"{len(prompts)} prompts")
         engine = self.llm_engine
         request_ids = []
-        for prompt, params in zip(prompts, sampling_params):
-            text, ids = self._prompt_ids(prompt)
-            request_ids.append(engine.add_request(None, ids, params, prompt=text))
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                text, ids = self._prompt_ids(prompt)
+                request_ids.append(engine.add_request(None, ids, params, prompt=text))
+        except BaseException:  # one bad prompt: none of the batch runs
+            engine.abort_request(request_ids)
+            raise
         return self._run(request_ids, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
