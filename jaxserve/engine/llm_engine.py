@@ -38,7 +38,11 @@ def enable_persistent_cache(path: str) -> None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"no tokenizer could be loaded from {path} ({error}); pass "
+                         "skip_tokenizer_init=True to serve token ids only") from error
 
 
 class LLMEngine:

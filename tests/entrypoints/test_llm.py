@@ -71,3 +71,8 @@ def test_skip_tokenizer_init_serves_token_ids(tiny_checkpoint, engine_kwargs):
     assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
     with pytest.raises(ValueError, match="need a tokenizer"):
         llm.generate("text", use_tqdm=False)
+
+
+def test_a_directory_without_tokenizer_asks_for_skip_tokenizer_init(tiny_checkpoint):
+    with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
+        LLM(str(tiny_checkpoint("llama")), progress=False)
