@@ -132,3 +132,12 @@ def test_logit_bias_and_min_tokens_steer_generation(qwen2_llm):
     sample = qwen2_llm.generate(prompt, eager_eos, use_tqdm=False)[0].outputs[0]
     assert sample.token_ids[4] == eos and eos not in sample.token_ids[:4]
     assert sample.finish_reason == "stop" and len(sample.token_ids) == 5
+
+
+def test_n_samples_share_the_prompt_blocks_through_the_prefix_cache(qwen2_llm):
+    prompt = _ids(random_prompts([80], seed=16))  # 5 full blocks of 16
+    before = qwen2_llm.get_metrics()["prefix_cache_hits"]
+    qwen2_llm.generate(prompt, SamplingParams(n=3, temperature=1.0, max_tokens=4),
+                       use_tqdm=False)
+    # Samples 1 and 2 hit 4 blocks each: a hit never covers the last prompt token's block.
+    assert qwen2_llm.get_metrics()["prefix_cache_hits"] - before == 2 * 64
