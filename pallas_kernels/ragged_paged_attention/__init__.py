@@ -1,12 +1,22 @@
 """Ragged paged attention: the public entry point and the page-pool layout.
 
 The pool layout is declared here, once, because the kernels choose it: per layer one key
-pool and one value pool, each `[K, P, S, H]` (KV heads, pages, page size, head dim). A page
-of one KV head is then one contiguous `[S, H]` tile: a single async copy on TPU with (S, H)
-as the (sublane, lane) dims, one coalesced load on GPU, and TP shards axis 0.
+pool and one value pool, each `[K, P, S, H]` (KV heads, pages, page size, head dim): a KV
+head's page is one contiguous `[S, H]` tile (one async copy on TPU, coalesced loads on GPU)
+and TP shards axis 0. `ragged_paged_attention` checks shapes and picks a kernel by platform.
 """
 
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import gpu, tpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
+
+BACKENDS = ("gpu", "tpu", "reference")
+_KNOBS = {"gpu": ("block_q", "block_n", "num_splits", "num_warps", "num_stages"),
+          "tpu": ("block_q", "pages_per_block", "vmem_limit_bytes"),
+          "reference": ("pages_per_chunk",)}
+_HEAD_DIMS = (64, 128, 256)
 
 
 def kv_pool_shape(num_kv_heads: int, num_pages: int, page_size: int, head_dim: int) -> tuple[int, ...]:
@@ -14,4 +24,112 @@ def kv_pool_shape(num_kv_heads: int, num_pages: int, page_size: int, head_dim: i
     return (num_kv_heads, num_pages, page_size, head_dim)
 
 
-__all__ = ["kv_pool_shape", "reference_attention"]
+def default_backend(x: jax.Array | None = None) -> str:
+    """"gpu", "tpu" or "reference", from `x`'s devices when concrete, else JAX's default."""
+    platform = jax.default_backend()
+    try:
+        platform = next(iter(x.devices())).platform
+    except (AttributeError, TypeError):  # None, a numpy array, or a tracer under jit
+        pass
+    return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "reference")
+
+
+def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *,
+                 backend: str) -> None:
+    """Raises ValueError naming the first static mismatch between the arguments."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages must be [K, P, S, H], got shape {k_pages.shape}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages shape {v_pages.shape} != k_pages shape {k_pages.shape}")
+    (_, num_heads, head_dim), (num_kv_heads, _, page_size, kv_head_dim) = q.shape, k_pages.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"k_pages head_dim {kv_head_dim} != q head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"q heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
+    if page_indices.ndim != 2:
+        raise ValueError(f"page_indices must be [B, pages_per_seq], got {page_indices.shape}")
+    num_seqs = page_indices.shape[0]
+    if seq_lens.shape != (num_seqs,):
+        raise ValueError(f"seq_lens shape {seq_lens.shape} != ({num_seqs},) (B of page_indices)")
+    if query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"query_start_loc shape {query_start_loc.shape} != "
+                         f"({num_seqs + 1},) (B + 1 of page_indices)")
+    for name, x in (("page_indices", page_indices), ("seq_lens", seq_lens),
+                    ("query_start_loc", query_start_loc)):
+        if x.dtype != jnp.int32:
+            raise ValueError(f"{name} dtype {x.dtype} != int32")
+    if q.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"q dtype {q.dtype} is not float32 or bfloat16")
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} != q dtype {q.dtype}")
+    if backend == "reference":
+        return
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"q head_dim {head_dim} not in {_HEAD_DIMS} ({backend} kernel)")
+    sublanes = 8 * (4 // q.dtype.itemsize)
+    if backend == "tpu" and page_size % sublanes:
+        raise ValueError(f"k_pages page_size {page_size} is not a multiple of {sublanes} "
+                         f"({q.dtype} sublane tile of the tpu kernel)")
+
+
+def ragged_paged_attention(
+    q,                # [T, N, H] queries of every scheduled token
+    k_pages,          # [K, P, S, H] key pool (P pages of S tokens)
+    v_pages,          # [K, P, S, H] value pool
+    page_indices,     # [B, pages_per_seq] int32 page ids of each sequence's context
+    seq_lens,         # [B] int32 context length of each sequence, this step's tokens included
+    query_start_loc,  # [B+1] int32 first token of each sequence in T; padding seqs are empty
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+    backend: str | None = None,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    pages_per_block: int | None = None,
+    vmem_limit_bytes: int | None = None,
+    pages_per_chunk: int | None = None,
+) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
+    """Causal attention of each sequence's new tokens over its paged context.
+
+    Semantics are the reference's (`reference_attention`). `backend` is "gpu" (Pallas
+    Triton), "tpu" (Pallas Mosaic) or "reference" (pure jnp); None picks by the platform of
+    `q` or of JAX's default backend, the reference on CPU. `interpret=True` runs a kernel
+    on CPU. Tuning knobs (None: the kernel's default), per backend: gpu `block_q`,
+    `block_n`, `num_splits`, `num_warps`, `num_stages`; tpu `block_q`, `pages_per_block`,
+    `vmem_limit_bytes`; reference `pages_per_chunk`. Setting another backend's knob is an
+    error.
+    """
+    backend = backend or default_backend(q)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} not in {BACKENDS}")
+    knobs = dict(block_q=block_q, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages, pages_per_block=pages_per_block,
+                 vmem_limit_bytes=vmem_limit_bytes, pages_per_chunk=pages_per_chunk)
+    knobs = {name: value for name, value in knobs.items() if value is not None}
+    stray = sorted(set(knobs) - set(_KNOBS[backend]))
+    if stray:
+        raise ValueError(f"knobs {stray} do not apply to the {backend} backend "
+                         f"(it takes {_KNOBS[backend]})")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window {sliding_window} must be positive")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap {soft_cap} must be positive")
+    check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, backend=backend)
+    args = (q, k_pages, v_pages, page_indices, seq_lens, query_start_loc)
+    kwargs = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend == "reference":
+        return reference_attention(*args, **kwargs, **knobs)
+    kernel = gpu.ragged_paged_attention if backend == "gpu" else tpu.ragged_paged_attention
+    return kernel(*args, **kwargs, interpret=interpret, **knobs)
+
+
+__all__ = ["BACKENDS", "check_shapes", "default_backend", "kv_pool_shape",
+           "ragged_paged_attention", "reference_attention"]

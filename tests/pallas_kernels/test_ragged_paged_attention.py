@@ -1,0 +1,114 @@
+"""Each kernel, run by the Pallas interpreter on CPU, matches the pure-jnp reference."""
+
+import re
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+import pallas_kernels.ragged_paged_attention as rpa
+from pallas_kernels.ragged_paged_attention import gpu, tpu
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+KERNELS = {"gpu": gpu.ragged_paged_attention, "tpu": tpu.ragged_paged_attention}
+
+# name: (q_lens, kv_lens, num_tokens or None, heads (N, K), head_dim, page_size)
+CASES = {
+    "decode_only": ([1, 1, 1, 1], [5, 16, 17, 33], None, (4, 2), 64, 16),
+    "prefill_only": ([16, 7], [16, 7], None, (8, 1), 128, 16),
+    "mixed_with_prefix_hits": ([1, 9, 4], [31, 9, 20], 16, (6, 1), 64, 32),
+    "padded_seqs_and_tokens": ([3, 0, 1, 0], [3, 0, 16, 0], 8, (2, 2), 64, 16),
+    "lengths_around_page_boundaries": ([1, 2, 1, 3, 1], [15, 16, 17, 64, 65], None, (4, 1),
+                                       64, 64),
+}
+
+
+def _check(out, ref, batch, dtype):
+    q_lens = np.diff(np.asarray(batch[5]))
+    num_real = int(np.asarray(batch[5])[-1])
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out.shape == batch[0].shape
+    assert np.isfinite(out).all(), "NaN or inf: a stray read of a poisoned slot"
+    np.testing.assert_array_equal(out[num_real:], 0.0, err_msg="padding rows not zero")
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out[:num_real], ref[:num_real], atol=tol, rtol=tol)
+    assert q_lens.sum() == num_real
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_kernel_matches_reference(backend, case, dtype, make_batch):
+    q_lens, kv_lens, num_tokens, (n, k), head_dim, page_size = CASES[case]
+    batch = make_batch(q_lens, kv_lens, num_heads=n, num_kv_heads=k, head_dim=head_dim,
+                       page_size=page_size, num_tokens=num_tokens, dtype=dtype)
+    ref = rpa.reference_attention(*batch, sm_scale=head_dim ** -0.5)
+    out = KERNELS[backend](*batch, sm_scale=head_dim ** -0.5, interpret=True)
+    _check(out, ref, batch, dtype)
+
+
+@pytest.mark.parametrize("backend,knobs", [
+    ("gpu", dict(num_splits=3, block_n=16)),
+    ("gpu", dict(num_splits=2, block_q=4, block_n=32)),
+    ("tpu", dict(pages_per_block=1, block_q=2)),
+])
+@pytest.mark.parametrize("extras", [dict(sliding_window=5), dict(soft_cap=2.0)],
+                         ids=["sliding_window", "soft_cap"])
+def test_kernel_knobs_and_options_match_reference(backend, knobs, extras, make_batch):
+    batch = make_batch([1, 6, 2], [40, 6, 19], num_heads=8, num_kv_heads=2, num_tokens=12)
+    ref = rpa.reference_attention(*batch, sm_scale=0.3, **extras)
+    out = KERNELS[backend](*batch, sm_scale=0.3, interpret=True, **knobs, **extras)
+    _check(out, ref, batch, jnp.float32)
+
+
+@pytest.mark.parametrize("group", [3, 5, 7])
+def test_gpu_kernel_pads_odd_gqa_groups(group, make_batch):
+    batch = make_batch([1, 3], [18, 3], num_heads=group, num_kv_heads=1)
+    ref = rpa.reference_attention(*batch, sm_scale=0.125)
+    out = gpu.ragged_paged_attention(*batch, sm_scale=0.125, interpret=True)
+    _check(out, ref, batch, jnp.float32)
+
+
+def test_entry_point_runs_the_named_kernel(make_batch):
+    batch = make_batch([2, 1], [9, 30])
+    ref = rpa.reference_attention(*batch, sm_scale=0.125)
+    for backend in rpa.BACKENDS:
+        out = rpa.ragged_paged_attention(*batch, sm_scale=0.125, backend=backend,
+                                         interpret=True)
+        _check(out, ref, batch, jnp.float32)
+
+
+def test_entry_point_picks_reference_on_cpu(make_batch):
+    batch = make_batch([1], [3])
+    assert rpa.default_backend(batch[0]) == "reference"
+    out = rpa.ragged_paged_attention(*batch, sm_scale=1.0)
+    _check(out, rpa.reference_attention(*batch, sm_scale=1.0), batch, jnp.float32)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(k_pages=(2, 4, 16, 96), v_pages=(2, 4, 16, 96)), "k_pages head_dim 96 != q head_dim 64"),
+    (dict(v_pages=(2, 5, 16, 64)), "v_pages shape (2, 5, 16, 64) != k_pages shape"),
+    (dict(q=(3, 5, 64)), "q heads 5 is not a multiple of kv heads 2"),
+    (dict(seq_lens=(3,)), "seq_lens shape (3,) != (2,)"),
+    (dict(query_start_loc=(2,)), "query_start_loc shape (2,) != (3,)"),
+    (dict(q=(3, 4, 80), k_pages=(2, 4, 16, 80), v_pages=(2, 4, 16, 80)), "head_dim 80 not in"),
+])
+def test_entry_point_names_static_mismatches(change, message):
+    shapes = dict(q=(3, 4, 64), k_pages=(2, 4, 16, 64), v_pages=(2, 4, 16, 64),
+                  page_indices=(2, 2), seq_lens=(2,), query_start_loc=(3,))
+    shapes.update(change)
+    args = [jnp.zeros(shape, jnp.int32 if name in ("page_indices", "seq_lens",
+                                                   "query_start_loc") else jnp.float32)
+            for name, shape in shapes.items()]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        rpa.ragged_paged_attention(*args, sm_scale=1.0, backend="gpu")
+
+
+def test_entry_point_rejects_another_backends_knob():
+    args = [jnp.zeros((1, 2, 64)), jnp.zeros((1, 2, 16, 64)), jnp.zeros((1, 2, 16, 64)),
+            jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32),
+            jnp.array([0, 1], jnp.int32)]
+    with pytest.raises(ValueError, match="num_splits"):
+        rpa.ragged_paged_attention(*args, sm_scale=1.0, backend="tpu", num_splits=2)
+
