@@ -17,7 +17,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim")
+TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim", "llama_hd64")
 
 
 def tiny_hf_config(name: str):
@@ -47,6 +47,9 @@ def tiny_hf_config(name: str):
                                            "num_key_value_heads": 1},
                                         head_dim=48, attention_bias=True, mlp_bias=True,
                                         tie_word_embeddings=True)
+    if name == "llama_hd64":  # head_dim 64, which the Pallas kernels accept; GQA 2:1
+        return transformers.LlamaConfig(**{**common, "num_attention_heads": 2,
+                                           "num_key_value_heads": 1}, head_dim=64)
     raise ValueError(f"unknown tiny checkpoint {name!r}; known: {TINY_CHECKPOINTS}")
 
 

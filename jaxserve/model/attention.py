@@ -49,6 +49,8 @@ def paged_attention(q,        # [T, N, H] queries of this step's tokens (RoPE ap
     if backend == "pallas":
         from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
-        interpret = jax.default_backend() == "cpu"  # no Pallas lowering for CPU
-        return ragged_paged_attention(q, k_pool, v_pool, **kwargs, interpret=interpret)
+        if jax.default_backend() == "cpu":  # no Pallas lowering for CPU: interpret the GPU kernel
+            return ragged_paged_attention(q, k_pool, v_pool, **kwargs, backend="gpu",
+                                          interpret=True)
+        return ragged_paged_attention(q, k_pool, v_pool, **kwargs)
     raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
