@@ -29,7 +29,7 @@ _ROPE_REQUIRED_KEYS = (
 class ModelConfig:
     """The shape and numerics of a model, read once from a local HF checkpoint directory."""
 
-    model_dir: str  # local checkpoint directory: config.json and *.safetensors
+    model_dir: str  # local checkpoint: a directory (config.json, *.safetensors) or a .gguf
     architecture: str  # HF `architectures[0]`; the model registry maps it to a class
     vocab_size: int  # V: rows of the embedding and of the LM head
     hidden_size: int  # D: width of the residual stream
@@ -82,15 +82,25 @@ class ModelConfig:
                         platform: str | None = None) -> ModelConfig:
         """Reads `model_dir/config.json` with transformers' AutoConfig and validates it.
 
-        `dtype="auto"` resolves to float32 on CPU and bfloat16 on GPU/TPU (`platform`
-        defaults to jax's default backend). `max_model_len=None` serves the full context.
+        `model_dir` may also be a `.gguf` file, or a directory holding one (and no
+        config.json): the config then comes from the GGUF metadata, and `model_dir` becomes
+        the file's path. `dtype="auto"` resolves to float32 on CPU and bfloat16 on GPU/TPU
+        (`platform` defaults to jax's default backend). `max_model_len=None` serves the full
+        context.
         """
         import transformers  # heavy: only when a model is actually loaded
 
+        from jaxserve.model.gguf_reader import find_gguf_file, gguf_hf_config
+
         path = os.fspath(model_dir)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"ModelConfig.model_dir: no config.json in {path!r}")
-        hf = transformers.AutoConfig.from_pretrained(path)
+        gguf_file = find_gguf_file(path)
+        if gguf_file is not None:
+            path, hf = gguf_file, gguf_hf_config(gguf_file)
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"ModelConfig.model_dir: no config.json (nor a .gguf file) "
+                                    f"in {path!r}")
+        else:
+            hf = transformers.AutoConfig.from_pretrained(path)
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:
             raise ValueError(f"ModelConfig.architecture: {path}/config.json lists no `architectures`")

@@ -135,3 +135,17 @@ def test_importing_config_pulls_in_neither_jax_nor_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_directory_of_several_gguf_files_is_ambiguous_and_names_them(tmp_path):
+    for name in ("model-Q4_1.gguf", "model-Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"2 .gguf files \(model-Q4_1.gguf, model-Q8_0.gguf\); "
+                                         r"pass the path of the one to serve"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
+def test_a_file_that_is_not_gguf_is_no_checkpoint(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no config.json \(nor a .gguf file\)"):
+        ModelConfig.from_pretrained(tmp_path / "model.safetensors")

@@ -22,6 +22,7 @@ from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.sampling_rows import MAX_LOGIT_BIAS_ENTRIES, MAX_MIN_TOKENS_BANNED_IDS
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.testing.compilation import CompilationCounter
+from jaxserve.tokenizer_utils import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ def enable_persistent_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"no tokenizer could be loaded from {path} ({error}); pass "
-                         "skip_tokenizer_init=True to serve token ids only") from error
 
 
 class LLMEngine:

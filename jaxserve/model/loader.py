@@ -1,4 +1,4 @@
-"""Checkpoint -> model: HF safetensors mapped onto the parameters a model declares.
+"""Checkpoint -> model: HF safetensors or a GGUF file, mapped onto the parameters a model declares.
 
 The model is built abstractly (shapes only, no initialiser runs); every `nnx.Param` is then
 filled from the tensor its `hf_name` metadata names, transposed when `hf_transpose` says so,
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
+from jaxserve.model.gguf_reader import GGUFCheckpointReader, find_gguf_file
 from jaxserve.model.safetensors_reader import SafetensorsReader
 from jaxserve.parallel.sharding import DEFAULT_RULES, logical_sharding
 
@@ -32,7 +33,8 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
     """
     abstract = build_model(model_config, attention_backend=attention_backend, abstract=True)
     graphdef, state = nnx.split(abstract)
-    reader = SafetensorsReader(model_dir)
+    gguf_file = find_gguf_file(model_dir)
+    reader = SafetensorsReader(model_dir) if gguf_file is None else GGUFCheckpointReader(gguf_file)
     dtype = np.dtype(jnp.dtype(model_config.dtype))
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     num_params = len(jax.tree.leaves(state, is_leaf=is_variable))
@@ -48,8 +50,8 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
     return nnx.merge(graphdef, state)
 
 
-def _load_tensor(reader: SafetensorsReader, variable: nnx.Variable, dtype: np.dtype,
-                 mesh: Mesh | None, rules) -> jax.Array:
+def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx.Variable,
+                 dtype: np.dtype, mesh: Mesh | None, rules) -> jax.Array:
     """One parameter: read, check the shape, transpose, cast, place."""
     meta = variable.get_metadata()
     name, transpose, axes = meta.get("hf_name"), meta.get("hf_transpose", False), meta.get("axes")
