@@ -13,6 +13,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
+from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags  # noqa: E402
+
+apply_preferred_cpu_flags()  # test the CPU configuration the engine serves with
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.outputs import RequestOutput
+from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
 from jaxserve.sampling_params import SamplingParams
 
 PromptType = str | dict
@@ -35,6 +36,7 @@ class LLM:
                  tensor_parallel_size: int = 1, attention_backend: str | None = None,
                  skip_tokenizer_init: bool = False, compilation_cache_dir: str | None = None,
                  long_prefill_token_threshold: int = 0, progress: bool = True):
+        apply_preferred_cpu_flags()
         model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = min(2048, model_config.max_model_len)

@@ -1,0 +1,50 @@
+"""The reference itself, both formulations, against a plain numpy loop on NaN-poisoned pools."""
+
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention
+
+
+def numpy_attention(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *,
+                    sm_scale, sliding_window=None, soft_cap=None):
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    group = q.shape[1] // num_kv_heads
+    out = np.zeros_like(q)
+    qsl = np.asarray(query_start_loc)
+    for b, length in enumerate(np.asarray(seq_lens)):
+        slots = [(page_indices[b][p // page_size], p % page_size) for p in range(length)]
+        k = np.stack([k_pages[:, page, slot] for page, slot in slots], 1) if slots else None
+        v = np.stack([v_pages[:, page, slot] for page, slot in slots], 1) if slots else None
+        q_len = qsl[b + 1] - qsl[b]
+        for i, t in enumerate(range(qsl[b], qsl[b + 1])):
+            pos = length - q_len + i
+            seen = np.arange(length) <= pos
+            if sliding_window:
+                seen &= np.arange(length) > pos - sliding_window
+            for n in range(q.shape[1]):
+                s = k[n // group] @ q[t, n] * sm_scale
+                if soft_cap:
+                    s = soft_cap * np.tanh(s / soft_cap)
+                s = np.where(seen, s, -np.inf)
+                p = np.exp(s - s.max())
+                out[t, n] = (p / p.sum()) @ np.where(seen[:, None], v[n // group], 0)
+    return out
+
+
+@pytest.mark.parametrize("block_q", [0, 16, 4])
+@pytest.mark.parametrize("q_lens,kv_lens", [
+    ([1, 1, 1, 1], [1, 16, 17, 70]),           # decode
+    ([40, 3, 17], [40, 35, 50]),               # prefill chunks and prefix hits
+    ([0, 5, 0, 33], [0, 30, 0, 33]),           # padding sequences between real ones
+])
+@pytest.mark.parametrize("options", [{}, dict(sliding_window=20), dict(soft_cap=2.0)])
+def test_both_formulations_match_numpy(make_batch, block_q, q_lens, kv_lens, options):
+    batch = make_batch(q_lens, kv_lens, num_heads=4, num_kv_heads=2, head_dim=16,
+                       num_tokens=sum(q_lens) + 5)
+    got = np.asarray(ragged_paged_attention(*batch, sm_scale=0.3, pages_per_chunk=2,
+                                            block_q=block_q, **options))
+    want = numpy_attention(*batch, sm_scale=0.3, **options)
+    np.testing.assert_allclose(got[:sum(q_lens)], want[:sum(q_lens)], atol=2e-5)
+    assert np.all(got[sum(q_lens):] == 0)  # padding tokens
