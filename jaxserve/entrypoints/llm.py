@@ -12,19 +12,12 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxserve.engine.engine_args import create_engine_config
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.outputs import RequestOutput
-from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
 from jaxserve.sampling_params import SamplingParams
 
 PromptType = str | dict
-
-
-def _default_backend() -> str:
-    import jax
-
-    return "reference" if jax.default_backend() == "cpu" else "pallas"
 
 
 class LLM:
@@ -35,28 +28,19 @@ class LLM:
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  tensor_parallel_size: int = 1, attention_backend: str | None = None,
                  skip_tokenizer_init: bool = False, compilation_cache_dir: str | None = None,
-                 long_prefill_token_threshold: int = 0, progress: bool = True):
-        apply_preferred_cpu_flags()
-        model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = min(2048, model_config.max_model_len)
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size must be 1 for now, got {tensor_parallel_size}")
-        config = EngineConfig(
-            model_config=model_config,
-            cache_config=CacheConfig(block_size=block_size,
-                                     enable_prefix_caching=enable_prefix_caching,
-                                     num_gpu_blocks_override=num_gpu_blocks_override,
-                                     gpu_memory_utilization=gpu_memory_utilization,
-                                     kv_cache_memory_bytes=kv_cache_memory_bytes),
-            scheduler_config=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                max_model_len=model_config.max_model_len,
-                long_prefill_token_threshold=long_prefill_token_threshold),
-            attention_backend=attention_backend or _default_backend(), seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            compilation_cache_dir=compilation_cache_dir,
-            skip_tokenizer_init=skip_tokenizer_init)
+                 long_prefill_token_threshold: int = 0, scheduling_policy: str = "fcfs",
+                 progress: bool = True):
+        config = create_engine_config(
+            model, dtype=dtype, seed=seed, block_size=block_size, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size, attention_backend=attention_backend,
+            skip_tokenizer_init=skip_tokenizer_init, compilation_cache_dir=compilation_cache_dir,
+            long_prefill_token_threshold=long_prefill_token_threshold,
+            scheduling_policy=scheduling_policy)
         self.llm_engine = LLMEngine(config, progress=progress)
 
     def get_tokenizer(self):

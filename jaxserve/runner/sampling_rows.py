@@ -43,7 +43,8 @@ class SamplingRows:
     def set_row(self, row: int, params, eos_ids: tuple[int, ...], prompt_len: int,
                 seed: int) -> None:
         self.temperature[row] = params.temperature
-        self.top_k[row] = params.top_k if params.top_k > 0 else self.vocab_size
+        top_k = params.top_k if params.top_k > 0 else self.vocab_size
+        self.top_k[row] = min(top_k, self.vocab_size)
         self.top_p[row], self.min_p[row] = params.top_p, params.min_p
         self.presence[row] = params.presence_penalty
         self.frequency[row] = params.frequency_penalty
@@ -60,7 +61,9 @@ class SamplingRows:
         self.bias_ids[row, :len(bias)] = list(bias)
         self.bias_values[row, :len(bias)] = list(bias.values())
         self.has_bias[row] = bool(bias)
-        banned = sorted(set(eos_ids) | set(params.all_stop_token_ids)) if params.min_tokens else []
+        # Ids past the vocabulary can never be sampled: nothing to ban.
+        banned = sorted(i for i in set(eos_ids) | params.all_stop_token_ids
+                        if i < self.vocab_size) if params.min_tokens else []
         self.banned_ids[row] = self.vocab_size
         self.banned_ids[row, :len(banned)] = banned
 

@@ -141,3 +141,11 @@ def test_n_samples_share_the_prompt_blocks_through_the_prefix_cache(qwen2_llm):
                        use_tqdm=False)
     # Samples 1 and 2 hit 4 blocks each: a hit never covers the last prompt token's block.
     assert qwen2_llm.get_metrics()["prefix_cache_hits"] - before == 2 * 64
+
+
+def test_extreme_but_valid_parameters_do_not_break_the_engine(qwen2_llm):
+    prompt = _ids(random_prompts([6], seed=17))
+    params = SamplingParams(temperature=1.0, top_k=10**12, min_tokens=2, max_tokens=4,
+                            stop_token_ids=[10**9], seed=1)
+    out = qwen2_llm.generate(prompt, params, use_tqdm=False)[0]
+    assert out.finished and len(out.outputs[0].token_ids) >= 2

@@ -1,0 +1,58 @@
+"""One place that turns user-facing engine options into a validated `EngineConfig`.
+
+Both the offline `LLM` and `jaxserve serve` call `create_engine_config` with the same
+vLLM-named options, so defaults and checks cannot drift apart. It also applies the
+preferred XLA:CPU flags, which must happen before JAX creates its CPU client.
+"""
+
+from __future__ import annotations
+
+from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
+
+# With no explicit budget, a step computes at most this many tokens (vLLM's chunked-prefill
+# default), never more than the context.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def default_attention_backend() -> str:
+    import jax
+
+    return "reference" if jax.default_backend() == "cpu" else "pallas"
+
+
+def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
+                         block_size: int = 16, max_model_len: int | None = None,
+                         max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                         enable_prefix_caching: bool = True,
+                         num_gpu_blocks_override: int | None = None,
+                         kv_cache_memory_bytes: int | None = None,
+                         gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+                         attention_backend: str | None = None,
+                         skip_tokenizer_init: bool = False,
+                         compilation_cache_dir: str | None = None,
+                         long_prefill_token_threshold: int = 0,
+                         scheduling_policy: str = "fcfs",
+                         max_num_waiting: int | None = None) -> EngineConfig:
+    """Reads the model's config and builds every part; ValueError names a bad option."""
+    apply_preferred_cpu_flags()
+    if tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size must be 1 for now, got {tensor_parallel_size}")
+    model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
+    max_len = model_config.max_model_len
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_len)
+    return EngineConfig(
+        model_config=model_config,
+        cache_config=CacheConfig(block_size=block_size,
+                                 enable_prefix_caching=enable_prefix_caching,
+                                 num_gpu_blocks_override=num_gpu_blocks_override,
+                                 gpu_memory_utilization=gpu_memory_utilization,
+                                 kv_cache_memory_bytes=kv_cache_memory_bytes),
+        scheduler_config=SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            max_model_len=max_len, long_prefill_token_threshold=long_prefill_token_threshold,
+            policy=scheduling_policy, max_num_waiting=max_num_waiting),
+        attention_backend=attention_backend or default_attention_backend(), seed=seed,
+        tensor_parallel_size=tensor_parallel_size, compilation_cache_dir=compilation_cache_dir,
+        skip_tokenizer_init=skip_tokenizer_init)

@@ -1,0 +1,248 @@
+"""Servers for the tests: a real `jaxserve serve` subprocess, or the app over a script.
+
+`start_server(*flags)` launches the tiny qwen2 checkpoint with small engine budgets (a few
+seconds of warm-up, cached on disk for the session) and waits for /health; `ServerProcess`
+knows its URL, reads /metrics, and stops the process (checking how it exited).
+`scripted.serve(test)` runs `await test(client, engine)` against `build_app` in-process over
+`ScriptedEngine`, which answers every prompt with one fixed text and made-up logprobs.
+"""
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from jaxserve.core.scheduler import WaitingQueueFullError
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.entrypoints.openai.api_server import build_app
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+SMALL_ENGINE = ("--max-num-seqs", "16", "--max-num-batched-tokens", "128")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, checkpoint, flags, *, log_path, cache_dir):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "jaxserve.entrypoints.cli", "serve", str(checkpoint),
+               "--port", str(self.port), "--compilation-cache-dir", str(cache_dir), *flags]
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"the server was not ready after {timeout} s:\n{self.log()}")
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None,
+                headers: dict | None = None) -> tuple[int, object]:
+        """(status, parsed JSON or text) of one raw HTTP request."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode()
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics by name, summed over labels, and by `name{reason}` for
+        samples labelled with a finished_reason."""
+        _, text = self.request("GET", "/metrics")
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+                reason = sample.labels.get("finished_reason")
+                if reason is not None:
+                    samples[f"{sample.name}{{{reason}}}"] = sample.value
+        return samples
+
+    def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
+        """The metrics once no request runs or waits and no KV block is held."""
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics = self.metrics()
+            idle = (metrics["jaxserve:num_requests_running"] == 0
+                    and metrics["jaxserve:num_requests_waiting"] == 0
+                    and metrics["jaxserve:kv_cache_usage_perc"] == 0)
+            if idle or time.monotonic() > deadline:
+                return metrics
+            time.sleep(0.05)
+
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Sends `sig` (None: none, it was sent already) and returns the exit status; kills
+        the process if it has not exited after `timeout` seconds."""
+        if self.process.poll() is None and sig is not None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jaxserve-compilation-cache")
+
+
+@pytest.fixture(scope="session")
+def start_server(engine_checkpoint, compilation_cache_dir, tmp_path_factory):
+    """`start_server(*flags) -> ServerProcess` serving the tiny qwen2 checkpoint, ready."""
+    def start(*flags: str) -> ServerProcess:
+        log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+        server = ServerProcess(engine_checkpoint("qwen2"), [*SMALL_ENGINE, *flags],
+                               log_path=log_path, cache_dir=compilation_cache_dir)
+        server.wait_ready()
+        return server
+
+    return start
+
+
+ANSWER = " the quick brown fox"
+TOP_LOGPROBS = (-0.25, -1.5, -math.inf)  # ranks 1, 2, 3; the chosen token is rank 2
+
+
+class ScriptedEngine:
+    """Answers every prompt with ANSWER, one token per step, with made-up logprobs; can
+    pause (steps do nothing), fail (a step raises) and cap its live requests."""
+
+    def __init__(self, tokenizer, *, max_waiting=None):
+        self.tokenizer = tokenizer
+        self.model_config = types.SimpleNamespace(max_model_len=64, vocab_size=len(tokenizer))
+        self.answer_ids = tokenizer.encode(ANSWER)
+        self.live = {}
+        self.max_waiting = max_waiting
+        self.fail = threading.Event()
+        self.paused = threading.Event()
+
+    def position(self, chosen):
+        decode = self.tokenizer.decode
+        entries = {chosen: Logprob(TOP_LOGPROBS[1], 2, decode([chosen]))}
+        for rank, (tid, lp) in enumerate(zip((7, chosen, 9), TOP_LOGPROBS), 1):
+            entries.setdefault(tid, Logprob(lp, rank, decode([tid])))
+        return entries
+
+    def add_request(self, request_id, ids, params, *, prompt=None, **kwargs):
+        if self.max_waiting is not None and len(self.live) >= self.max_waiting:
+            raise WaitingQueueFullError("2 requests are already waiting")
+        prompt_lps = None
+        if params.prompt_logprobs is not None:
+            prompt_lps = [None] + [self.position(t) for t in ids[1:]]
+        samples = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
+                                    [] if params.logprobs is not None else None)
+                   for i in range(params.n)]
+        self.live[request_id] = (RequestOutput(request_id, prompt, ids, prompt_lps, samples,
+                                               False), params)
+
+    def abort_request(self, request_ids):
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.live.pop(request_id, None)
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def step(self):
+        if self.fail.is_set():
+            raise RuntimeError("device fell over")
+        if self.paused.is_set():
+            time.sleep(0.005)
+            return []
+        outputs = []
+        for request_id, (output, params) in list(self.live.items()):
+            for sample in output.outputs:
+                token = self.answer_ids[len(sample.token_ids)]
+                sample.token_ids.append(token)
+                sample.text = self.tokenizer.decode(sample.token_ids)
+                if sample.logprobs is not None:
+                    sample.logprobs.append(self.position(token))
+                if len(sample.token_ids) == min(params.max_tokens, len(self.answer_ids)):
+                    sample.finish_reason = "length"
+            output.finished = all(s.finish_reason for s in output.outputs)
+            if output.finished:
+                del self.live[request_id]
+            outputs.append(output)
+        return outputs
+
+    def get_stats(self):
+        return {"num_running": len(self.live)}
+
+
+class ScriptedApp:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.answer = ANSWER
+
+    def engine(self, **kwargs) -> ScriptedEngine:
+        return ScriptedEngine(self.tokenizer, **kwargs)
+
+    def serve(self, test, *, app_kwargs=None, **engine_kwargs):
+        """`await test(client, engine)` against a fresh app over a fresh ScriptedEngine."""
+        engine = self.engine(**engine_kwargs)
+        async_engine = AsyncEngine(engine)
+
+        async def main():
+            app = build_app(async_engine, served_model_names=["scripted"], **(app_kwargs or {}))
+            client = TestClient(TestServer(app, handler_cancellation=True))
+            await client.start_server()
+            try:
+                return await asyncio.wait_for(test(client, engine), 20)
+            finally:
+                await client.close()
+
+        try:
+            return asyncio.run(main())
+        finally:
+            async_engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def scripted():
+    """The ScriptedApp over the test BPE tokenizer (trained once per session)."""
+    from jaxserve.testing.tokenizer import build_tokenizer
+
+    return ScriptedApp(build_tokenizer())
