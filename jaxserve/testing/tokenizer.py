@@ -3,11 +3,14 @@
 Test and benchmark checkpoints need text in and text out without any download: this trains
 a `tokenizers` BPE on a few paragraphs (ASCII, accented Latin, CJK and emoji, so multi-byte
 characters get split across tokens), wraps it as a `PreTrainedTokenizerFast` and saves it.
+Vocabularies larger than those paragraphs allow (benchmark models) also train on a
+deterministic corpus of pseudo-words made of syllables, sized to the vocabulary.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -24,6 +27,13 @@ Café, naïve, résumé, façade, jalapeño, Zürich, São Paulo, Ångström.
 Emoji: 🙂 🚀 🎉 ❤️ 👍🏽 and symbols like € £ ¥ © ™ → ∑ ∞.
 def f(x):\n    return x * 2  # code, with indentation and symbols {}[]()<>=+-*/
 """
+
+# Up to this size the tokenizer trains on _CORPUS alone (the tests' tokenizers stay as they were).
+_MAX_VOCAB_WITHOUT_SYNTHETIC = 512
+_ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t",
+           "v", "w", "x", "z", "br", "ch", "dr", "fl", "gr", "kr", "pl", "sh", "st", "th", "tr")
+_NUCLEI = ("a", "e", "i", "o", "u", "y", "ai", "ea", "ee", "ie", "oo", "ou")
+_CODAS = ("", "", "", "n", "r", "s", "t", "l", "m", "ng", "st", "ck")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -44,12 +54,32 @@ def build_tokenizer(vocab_size: int = 320):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    corpus = [_CORPUS] * 4
+    if vocab_size > _MAX_VOCAB_WITHOUT_SYNTHETIC:
+        corpus += _synthetic_corpus(vocab_size)
+    bpe.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         additional_special_tokens=list(_SPECIAL_TOKENS[1:]))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _synthetic_corpus(vocab_size: int, seed: int = 0) -> list[str]:
+    """Lines of pseudo-words with Zipf-like counts: enough distinct pairs for the merges."""
+    rng = random.Random(seed)
+    words = set()
+    while len(words) < 2 * vocab_size:
+        syllables = rng.randint(1, 4)
+        words.add("".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+                          for _ in range(syllables)))
+    ranked = sorted(words)
+    rng.shuffle(ranked)
+    lines = []
+    for rank, word in enumerate(ranked):
+        count = max(1, 2000 // (rank + 1))
+        lines.append(" ".join([word] * count))
+    return lines
 
 
 def save_tokenizer(model_dir: str | os.PathLike, vocab_size: int = 320):
