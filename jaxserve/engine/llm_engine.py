@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 import logging
 
 from jaxserve.config import EngineConfig
@@ -48,7 +49,8 @@ class LLMEngine:
             enable_persistent_cache(config.compilation_cache_dir)
         self.compilations = CompilationCounter()
         self.runner = ModelRunner(self.model_config, config.cache_config, config.scheduler_config,
-                                  attention_backend=config.attention_backend, seed=config.seed)
+                                  attention_backend=config.attention_backend, seed=config.seed,
+                                  tensor_parallel_size=config.tensor_parallel_size)
         if warm_up:
             self.runner.warm_up(progress=progress)
         self.num_warm_up_compilations = self.compilations.count
@@ -70,6 +72,7 @@ class LLMEngine:
         if self.output_processor.has(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate(prompt_token_ids, params)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy ints welcome
         child_ids = ([request_id] if params.n == 1
                      else [f"{i}_{request_id}" for i in range(params.n)])
         self.output_processor.add(request_id, prompt, prompt_token_ids, child_ids, params)
@@ -98,7 +101,8 @@ class LLMEngine:
         if len(prompt_token_ids) >= max_len:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; max_model_len={max_len} "
                              "leaves no room for an output token")
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        bad = [t for t in prompt_token_ids if isinstance(t, bool)
+               or not (isinstance(t, numbers.Integral) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt_token_ids must be in [0, {vocab}), got {bad[0]!r}")
         bias = params.logit_bias or {}

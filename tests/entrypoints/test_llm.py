@@ -76,3 +76,12 @@ def test_skip_tokenizer_init_serves_token_ids(tiny_checkpoint, engine_kwargs):
 def test_a_directory_without_tokenizer_asks_for_skip_tokenizer_init(tiny_checkpoint):
     with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
         LLM(str(tiny_checkpoint("llama")), progress=False)
+
+
+def test_numpy_token_ids_are_accepted(qwen2_llm):
+    import numpy as np
+
+    ids = np.array([5, 6, 7], dtype=np.int64)
+    out = qwen2_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=2),
+                             use_tqdm=False)[0]
+    assert out.prompt_token_ids == [5, 6, 7] and out.finished
