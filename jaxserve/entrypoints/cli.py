@@ -1,4 +1,5 @@
-"""The `jaxserve` command: `serve [MODEL]` (the OpenAI server) and `generate MODEL --prompt`.
+"""The `jaxserve` command: `serve [MODEL]` (the OpenAI server), `generate MODEL --prompt`
+and `convert MODEL OUT` (an Orbax checkpoint that `serve OUT` restores onto its mesh).
 
 Flags carry vLLM's names and defaults where they apply. MODEL is a local directory or
 `.gguf` file, a Hugging Face repo id (fetched with `snapshot_download`, which honours
@@ -26,6 +27,12 @@ _DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16":
 
 class ModelNotFoundError(RuntimeError):
     """MODEL is neither a local path nor a repo the hub (or its cache) could provide."""
+
+
+def _default_cache_dir() -> str:
+    """Where compiled programs persist between starts ($XDG_CACHE_HOME/jaxserve/jax)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "jaxserve", "jax")
 
 
 def parse_size(text: str) -> int:
@@ -73,8 +80,9 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="chunk prompts longer than this (0 = only the step budget)")
     g.add_argument("--attention-backend", choices=["reference", "pallas"], default=None,
                    help="default: reference on CPU, pallas on GPU/TPU")
-    g.add_argument("--compilation-cache-dir", default=None,
-                   help="JAX persistent compilation cache: later starts compile nothing")
+    g.add_argument("--compilation-cache-dir", default=_default_cache_dir(),
+                   help="JAX persistent compilation cache, so later starts compile nothing "
+                        "(default: %(default)s; '' turns it off)")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -114,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
+    convert = commands.add_parser("convert", help="save MODEL's params (GGUF dequantized) as "
+                                  "a sharded Orbax checkpoint that serve/LLM restore directly")
+    convert.add_argument("model", help="local path or HF repo id")
+    convert.add_argument("out", help="directory to write")
+    convert.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                         help="devices to shard the params over (serve with the same size)")
+    convert.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
+    convert.add_argument("--log-level", default="info",
+                         choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -157,7 +174,7 @@ def build_engine(model_path: str, args: argparse.Namespace):
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
-        compilation_cache_dir=args.compilation_cache_dir,
+        compilation_cache_dir=args.compilation_cache_dir or None,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         scheduling_policy=args.scheduling_policy, max_num_waiting=args.max_num_waiting)
     model_config = config.model_config
@@ -219,13 +236,22 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from jaxserve.model.orbax_checkpoint import convert_checkpoint
+
+    out = convert_checkpoint(resolve_model(args.model), args.out, dtype=_DTYPES[args.dtype],
+                             tensor_parallel_size=args.tensor_parallel_size)
+    print(out, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(args.log_level.upper())
     try:
-        return {"serve": serve, "generate": generate}[args.command](args)
+        return {"serve": serve, "generate": generate, "convert": convert}[args.command](args)
     except (ModelNotFoundError, FileNotFoundError, ValueError) as error:
         print(f"jaxserve {args.command}: error: {error}", file=sys.stderr)
         return 2
