@@ -48,13 +48,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def child(args) -> None:
     """One engine start (and the workload with --run-workload); results to --child."""
+    from jaxserve.testing.compilation import CompilationCounter
+
+    counter = CompilationCounter()
+    with counter.track():  # the counter counts inside track() only: all of this process
+        _run_child(args, counter)
+
+
+def _run_child(args, counter) -> None:
     from jaxserve.core.buckets import pad_to_bucket
     from jaxserve.engine.engine_args import create_engine_config
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.sampling_params import SamplingParams
-    from jaxserve.testing.compilation import CompilationCounter
 
-    counter = CompilationCounter()
     t0 = time.perf_counter()
     config = create_engine_config(
         args.model, dtype=args.dtype, seed=args.seed, max_num_seqs=args.max_num_seqs,

@@ -52,7 +52,8 @@ class LLMEngine:
                                   attention_backend=config.attention_backend, seed=config.seed,
                                   tensor_parallel_size=config.tensor_parallel_size)
         if warm_up:
-            self.runner.warm_up(progress=progress)
+            with self.compilations.track():
+                self.runner.warm_up(progress=progress)
         self.num_warm_up_compilations = self.compilations.count
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config,
                                    num_blocks=self.runner.num_blocks)
@@ -129,7 +130,8 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduled)
+        with self.compilations.track():  # counts this engine's compilations only
+            sampled = self.runner.execute(scheduled)
         updates = self.scheduler.update_from_output(scheduled, sampled)
         return self._finish_step(updates, sampled)
 

@@ -21,16 +21,27 @@ class CompilationError(RuntimeError):
 
 
 class CompilationCounter:
-    """Counts compilations from construction until `close()`; thread-safe."""
+    """Counts the compilations its owner triggers: those inside `track()` on the calling
+    thread, so that two engines in one process never count each other's. Thread-safe."""
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._tracking = threading.local()
         self.count = 0
         self.seconds = 0.0
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
+    @contextlib.contextmanager
+    def track(self):
+        depth = getattr(self._tracking, "depth", 0)
+        self._tracking.depth = depth + 1
+        try:
+            yield self
+        finally:
+            self._tracking.depth = depth
+
     def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == COMPILE_EVENT:
+        if event == COMPILE_EVENT and getattr(self._tracking, "depth", 0):
             with self._lock:
                 self.count += 1
                 self.seconds += duration

@@ -12,10 +12,23 @@ def test_counter_counts_each_new_shape_once():
     five, six = np.ones(5, np.float32), np.ones(6, np.float32)
     counter = CompilationCounter()
     try:
-        f(five), f(five), f(six)
+        with counter.track():
+            f(five), f(five), f(six)
     finally:
         counter.close()
     assert counter.count == 2
+
+
+def test_counter_ignores_compilations_outside_its_track_block():
+    g = jax.jit(lambda x: x / 5)
+    mine, other = CompilationCounter(), CompilationCounter()
+    try:
+        with mine.track():
+            g(np.ones(7, np.float32))
+        g(np.ones(8, np.float32))
+    finally:
+        mine.close(), other.close()
+    assert (mine.count, other.count) == (1, 0)
 
 
 def test_forbid_compilation_allows_cached_calls_and_rejects_new_shapes():
