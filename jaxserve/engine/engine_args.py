@@ -36,9 +36,17 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
                          max_num_waiting: int | None = None) -> EngineConfig:
     """Reads the model's config and builds every part; ValueError names a bad option."""
     apply_preferred_cpu_flags()
-    if tensor_parallel_size != 1:
-        raise ValueError(f"tensor_parallel_size must be 1 for now, got {tensor_parallel_size}")
     model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
+    if isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
+        import jax
+
+        from jaxserve.parallel.tensor_parallel import check_tensor_parallel
+
+        check_tensor_parallel(model_config.num_heads, model_config.num_kv_heads,
+                              tensor_parallel_size)
+        if tensor_parallel_size > len(jax.devices()):
+            raise ValueError(f"tensor_parallel_size {tensor_parallel_size} exceeds the "
+                             f"{len(jax.devices())} devices")
     max_len = model_config.max_model_len
     if max_num_batched_tokens is None:
         max_num_batched_tokens = min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_len)

@@ -72,6 +72,11 @@ def _engine_flags() -> argparse.ArgumentParser:
                    "a fixed budget; overrides --gpu-memory-utilization)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices to shard the model over")
+    g.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host: the jax.distributed coordinator (generate only)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: processes in the job")
+    g.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
     g.add_argument("--seed", type=int, default=0, help="seed of requests that bring none")
     g.add_argument("--max-num-waiting", type=int, default=None,
                    help="queue cap: further requests get 503 (default: no cap)")
@@ -165,7 +170,11 @@ def build_engine(model_path: str, args: argparse.Namespace):
     """An LLMEngine from the engine flags: loads weights, then compiles (progress bars)."""
     from jaxserve.engine.engine_args import create_engine_config
     from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.parallel.distributed import initialize_distributed
 
+    if initialize_distributed(args.distributed_coordinator, args.num_processes,
+                              args.process_id) and args.command == "serve":
+        raise ValueError("multi-host serve is not supported yet (use generate)")
     config = create_engine_config(
         model_path, dtype=_DTYPES[args.dtype], seed=args.seed, block_size=args.block_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -231,6 +240,8 @@ def generate(args: argparse.Namespace) -> int:
     finished = {}
     while engine.has_unfinished_requests():
         finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    if args.process_id:  # multi-host: every process holds the answers; the first prints
+        return 0
     for request_id in request_ids:
         print(finished[request_id].outputs[0].text, flush=True)
     return 0

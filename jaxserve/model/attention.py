@@ -3,12 +3,14 @@
 `write_kv` scatters the new K/V rows of all T tokens into one layer's key and value pools
 through `slot_mapping` (padding tokens land in the null block 0). `paged_attention` calls
 the chosen backend: the pure-jnp reference or the Pallas kernels. Host code says *block*,
-kernels say *page*: this module is the only place that translates between the two.
+kernels say *page*: this module is the only place that translates between the two. Under
+tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` over KV heads.
 """
 
 import jax
 
 from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.parallel.tensor_parallel import model_axis_size, shard_over_heads
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference
 
 ATTENTION_BACKENDS = ("reference", "pallas")
@@ -21,6 +23,14 @@ def write_kv(k_pool,        # [K, L, S, H] one layer's key pool
              slot_mapping,  # [T] int32 block_id * S + offset; padding -> slots of block 0
              ) -> tuple[jax.Array, jax.Array]:
     """Both pools with token t's K/V stored at slot `slot_mapping[t]` of every KV head."""
+    if model_axis_size() > 1:
+        sharded = shard_over_heads(_write_kv, num_head_args=2, num_pool_args=2, num_outputs=2,
+                                   pool_outputs=True)
+        return sharded(new_k, new_v, k_pool, v_pool, slot_mapping)
+    return _write_kv(new_k, new_v, k_pool, v_pool, slot_mapping)
+
+
+def _write_kv(new_k, new_v, k_pool, v_pool, slot_mapping):  # one shard's heads
     num_kv_heads, num_blocks, block_size, head_dim = k_pool.shape
 
     def scatter(pool, new):
@@ -41,9 +51,20 @@ def paged_attention(q,        # [T, N, H] queries of this step's tokens (RoPE ap
                     sliding_window: int | None = None,
                     ) -> jax.Array:  # [T, N, H]; zero rows for padding tokens
     """Causal attention of each sequence's new tokens over its blocks, by `backend`."""
-    kwargs = dict(page_indices=metadata.block_tables, seq_lens=metadata.seq_lens,
-                  query_start_loc=metadata.query_start_loc, sm_scale=sm_scale,
-                  sliding_window=sliding_window)
+    def attend(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc):
+        return _attend(q, k_pool, v_pool, backend=backend, page_indices=block_tables,
+                       seq_lens=seq_lens, query_start_loc=query_start_loc, sm_scale=sm_scale,
+                       sliding_window=sliding_window)
+
+    if model_axis_size() > 1:
+        attend = shard_over_heads(attend, num_head_args=1, num_pool_args=2, num_outputs=1,
+                                  pool_outputs=False)
+    return attend(q, k_pool, v_pool, metadata.block_tables, metadata.seq_lens,
+                  metadata.query_start_loc)
+
+
+def _attend(q, k_pool, v_pool, *, backend: str, **kwargs) -> jax.Array:  # [T, N, H]
+    """One shard's (or the whole model's) attention by `backend`."""
     if backend == "reference":
         return reference(q, k_pool, v_pool, **kwargs)
     if backend == "pallas":

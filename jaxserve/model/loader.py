@@ -5,6 +5,8 @@ filled from the tensor its `hf_name` metadata names, transposed when `hf_transpo
 cast to the config dtype and placed with the sharding its logical `axes` give under `mesh`
 (the default device when None). Missing or mis-shaped tensors fail naming the tensor and
 both shapes; checkpoint tensors no parameter asks for (a tied lm_head, say) are ignored.
+Under a mesh whose "model" axis exceeds the KV heads, K/V tensors are replicated into slots.
+A directory `jaxserve convert` wrote is restored by Orbax instead (`orbax_checkpoint`).
 """
 
 import jax
@@ -17,8 +19,10 @@ from tqdm.auto import tqdm
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
 from jaxserve.model.gguf_reader import GGUFCheckpointReader, find_gguf_file
+from jaxserve.model.orbax_checkpoint import is_orbax_checkpoint, restore_model
 from jaxserve.model.safetensors_reader import SafetensorsReader
 from jaxserve.parallel.sharding import DEFAULT_RULES, logical_sharding
+from jaxserve.parallel.tensor_parallel import MODEL_AXIS, replicate_kv_heads, tp_model_config
 
 # Checkpoints smaller than this load without a progress bar.
 _PROGRESS_MIN_BYTES = 256 * 1024 * 1024
@@ -31,7 +35,13 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
 
     Split it once (`graphdef, params = nnx.split(model)`) and step it with `make_forward`.
     """
-    abstract = build_model(model_config, attention_backend=attention_backend, abstract=True)
+    if is_orbax_checkpoint(model_dir):
+        return restore_model(model_dir, model_config, mesh=mesh,
+                             attention_backend=attention_backend, rules=rules)
+    tp = 1 if mesh is None else mesh.shape.get(MODEL_AXIS, 1)
+    built_config = tp_model_config(model_config, tp)
+    kv_factor = built_config.num_kv_heads // model_config.num_kv_heads
+    abstract = build_model(built_config, attention_backend=attention_backend, abstract=True)
     graphdef, state = nnx.split(abstract)
     gguf_file = find_gguf_file(model_dir)
     reader = SafetensorsReader(model_dir) if gguf_file is None else GGUFCheckpointReader(gguf_file)
@@ -42,7 +52,8 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
               disable=reader.total_bytes() < _PROGRESS_MIN_BYTES) as bar:
 
         def load(variable: nnx.Variable) -> nnx.Variable:
-            value = _load_tensor(reader, variable, dtype, mesh, rules)
+            value = _load_tensor(reader, variable, dtype, mesh, rules,
+                                 kv_factor=kv_factor, head_dim=model_config.head_dim)
             bar.update()
             return variable.replace(value)
 
@@ -51,14 +62,19 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
 
 
 def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx.Variable,
-                 dtype: np.dtype, mesh: Mesh | None, rules) -> jax.Array:
-    """One parameter: read, check the shape, transpose, cast, place."""
+                 dtype: np.dtype, mesh: Mesh | None, rules, *, kv_factor: int = 1,
+                 head_dim: int = 0) -> jax.Array:
+    """One parameter: read, check the shape, transpose, cast, replicate KV heads, place."""
     meta = variable.get_metadata()
     name, transpose, axes = meta.get("hf_name"), meta.get("hf_transpose", False), meta.get("axes")
     if name is None or axes is None:
         raise ValueError(f"a {type(variable).__name__} of shape {variable.shape} declares no "
                          "hf_name/axes; build parameters with layers.hf_param")
-    expected = tuple(reversed(variable.shape)) if transpose else tuple(variable.shape)
+    model_shape = list(variable.shape)
+    kv_axis = axes.index("kv_heads") if "kv_heads" in axes else None
+    if kv_axis is not None:
+        model_shape[kv_axis] //= kv_factor  # the checkpoint holds K heads, the model K' slots
+    expected = tuple(reversed(model_shape)) if transpose else tuple(model_shape)
     if name not in reader:
         raise ValueError(f"checkpoint {reader.model_dir} has no tensor {name!r} "
                          f"(the model expects shape {expected})")
@@ -67,4 +83,6 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                          f"the model expects {expected}")
     host = np.array(tensor.T if transpose else tensor, dtype=dtype, order="C")  # one copy
+    if kv_axis is not None and kv_factor > 1:
+        host = replicate_kv_heads(host, kv_axis, kv_factor, head_dim)
     return jax.device_put(host, logical_sharding(axes, host.shape, mesh, rules=rules))

@@ -3,7 +3,9 @@
 On GPU/TPU the budget is the device's free memory times `gpu_memory_utilization`; on CPU
 it is `kv_cache_memory_bytes` (default `CPU_DEFAULT_KV_BYTES`). `num_gpu_blocks_override`
 fixes the block count exactly. The layout of each pool comes from the kernels
-(`kv_pool_shape`); block 0 is the null block that padding reads and writes.
+(`kv_pool_shape`); block 0 is the null block that padding reads and writes. Under tensor
+parallelism each device holds 1/TP of every block (its KV head slots), so one device's
+budget buys TP times the blocks.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class KVCacheSpec:
 
     num_blocks: int  # L, the null block 0 included
     block_size: int  # S tokens per block
-    bytes_per_block: int  # all layers, keys and values
+    bytes_per_block: int  # on one device: all layers, keys and values, its KV head slots
     max_num_seqs_at_full_length: float  # (L - 1) blocks / blocks per max_model_len sequence
 
 
@@ -56,11 +58,12 @@ def _budget_bytes(cache_config: CacheConfig, device: jax.Device) -> tuple[int, b
 
 
 def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
-                  device: jax.Device | None = None) -> KVCacheSpec:
-    """Decides the number of blocks (call after the weights are on the device)."""
+                  device: jax.Device | None = None, *, num_shards: int = 1) -> KVCacheSpec:
+    """Decides the number of blocks (call after the weights are on the device);
+    `num_shards` devices split every block (the KV head slots of `model_config`)."""
     device = device or jax.devices()[0]
     block_size = cache_config.block_size
-    per_block = bytes_per_block(model_config, block_size)
+    per_block = bytes_per_block(model_config, block_size) // num_shards  # on one device
     if cache_config.num_gpu_blocks_override is not None:
         num_blocks = cache_config.num_gpu_blocks_override
     else:

@@ -4,17 +4,21 @@ Programs: one forward per reachable (token bucket, sequence bucket) pair, the KV
 donated; one sampler per (sequence bucket, variant) that applies the LM head to each
 sequence's last hidden state and samples; one prompt-logprobs program per token bucket.
 `warm_up()` compiles them all (tqdm bar) so that serving never compiles; a step does one
-host-to-device put of its inputs and one device-to-host get of its results.
+host-to-device put of its inputs and one device-to-host get of its results. With
+`tensor_parallel_size` > 1, params and pools shard over a ("data", "model") mesh, inputs are
+replicated on it, and every program runs under `jax.set_mesh` (attention uses shard_map).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -23,6 +27,8 @@ from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.model import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.loader import load_model
+from jaxserve.parallel.sharding import make_mesh
+from jaxserve.parallel.tensor_parallel import tp_model_config
 from jaxserve.runner.input_batch import InputBatch, StepInputs
 from jaxserve.runner.kv_cache import allocate_kv_caches, plan_kv_cache
 from jaxserve.runner.programs import make_programs
@@ -40,25 +46,39 @@ def reachable_bucket_pairs(tokens: tuple[int, ...], seqs: tuple[int, ...]) -> li
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
-                 seed: int = 0, model=None):
+                 seed: int = 0, model=None, tensor_parallel_size: int = 1):
         self.model_config = model_config
+        tp = tensor_parallel_size
+        self.mesh = make_mesh(tp) if tp > 1 else None
+        # Replicated inputs on the mesh; None: the default device, as without TP.
+        self.input_sharding = (None if self.mesh is None
+                               else NamedSharding(self.mesh, PartitionSpec()))
         if model is None:
-            model = load_model(model_config.model_dir, model_config,
+            model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
                                attention_backend=attention_backend)
         self.graphdef, self.params = nnx.split(model)
-        self.kv_spec = plan_kv_cache(model_config, cache_config)
-        self.kv_caches = allocate_kv_caches(model_config, self.kv_spec)
+        pool_config = tp_model_config(model_config, tp)  # K' KV head slots
+        self.kv_spec = plan_kv_cache(pool_config, cache_config, num_shards=tp)
+        self.kv_caches = allocate_kv_caches(pool_config, self.kv_spec, mesh=self.mesh)
         self.token_buckets = token_buckets(scheduler_config.max_num_batched_tokens)
         self.seq_buckets = seq_buckets(scheduler_config.max_num_seqs)
         self.batch = InputBatch(
             max_num_seqs=scheduler_config.max_num_seqs, max_model_len=model_config.max_model_len,
             block_size=cache_config.block_size, vocab_size=model_config.vocab_size,
             token_buckets=self.token_buckets, seq_buckets=self.seq_buckets, seed=seed)
-        self.programs = make_programs(self.graphdef)
+        self.programs = make_programs(self.graphdef, mesh=self.mesh)
 
     @property
     def num_blocks(self) -> int:
         return self.kv_spec.num_blocks
+
+    def _put(self, tree):
+        """Host arrays -> device, replicated over the mesh under TP."""
+        return jax.device_put(tree, self.input_sharding)
+
+    def _under_mesh(self):
+        """The context every program is called in: the mesh's, so that shard_map finds it."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     # -- warm-up -----------------------------------------------------------------------
     def warm_up(self, *, progress: bool = True) -> int:
@@ -73,7 +93,8 @@ class ModelRunner:
         sampled_seq_sizes, logprob_token_sizes = set(), set()
         num_programs = len(pairs) + len({b for _, b in pairs}) * len(SAMPLER_VARIANTS) + len(
             {t for t, _ in pairs})
-        with tqdm(total=num_programs, desc="Compiling", disable=not progress) as bar:
+        with (tqdm(total=num_programs, desc="Compiling", disable=not progress) as bar,
+              self._under_mesh()):
             for t, b in pairs:
                 md = AttentionMetadata(
                     slot_mapping=np.arange(t, dtype=np.int32) % self.kv_spec.block_size,
@@ -81,20 +102,20 @@ class ModelRunner:
                     seq_lens=np.zeros(b, np.int32), query_start_loc=np.zeros(b + 1, np.int32),
                     logits_indices=np.zeros(b, np.int32))
                 zeros = np.zeros(t, np.int32)
-                ids, positions, md = jax.device_put((zeros, zeros, md))
+                ids, positions, md = self._put((zeros, zeros, md))
                 hidden_last, hidden_all, self.kv_caches = self.programs.forward(
                     self.params, self.kv_caches, ids, positions, md)
                 bar.update()
                 if b not in sampled_seq_sizes:
                     sampled_seq_sizes.add(b)
                     for variant in SAMPLER_VARIANTS:
-                        tensors = jax.device_put(dummy_tensors(
+                        tensors = self._put(dummy_tensors(
                             variant, b, vocab_size=cfg.vocab_size, max_model_len=cfg.max_model_len))
                         self.programs.sample[variant](self.params, hidden_last, tensors)
                         bar.update()
                 if t not in logprob_token_sizes:
                     logprob_token_sizes.add(t)
-                    targets = jax.device_put(zeros)
+                    targets = self._put(zeros)
                     self.programs.prompt_logprobs(self.params, hidden_all, targets)
                     bar.update()
         jax.block_until_ready(self.kv_caches)
@@ -112,16 +133,17 @@ class ModelRunner:
             rows, self.batch.num_tokens[rows], self.batch.token_ids, num_padded_seqs)
         md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
                                inputs.query_start_loc, inputs.logits_indices)
-        device_in = jax.device_put((inputs.input_ids, inputs.positions, md, tensors))
+        device_in = self._put((inputs.input_ids, inputs.positions, md, tensors))
         input_ids, positions, md, tensors = device_in
-        hidden_last, hidden_all, self.kv_caches = self.programs.forward(
-            self.params, self.kv_caches, input_ids, positions, md)
-        sampled = self.programs.sample[variant](self.params, hidden_last, tensors)
         prompt_req = self._prompt_logprob_requests(out, inputs)
         prompt_result = None
-        if prompt_req:
-            targets = self._prompt_targets(inputs, rows)
-            prompt_result = self.programs.prompt_logprobs(self.params, hidden_all, targets)
+        with self._under_mesh():
+            hidden_last, hidden_all, self.kv_caches = self.programs.forward(
+                self.params, self.kv_caches, input_ids, positions, md)
+            sampled = self.programs.sample[variant](self.params, hidden_last, tensors)
+            if prompt_req:
+                targets = self._put(self._prompt_targets(inputs, rows))
+                prompt_result = self.programs.prompt_logprobs(self.params, hidden_all, targets)
         sampled, prompt_result = jax.device_get((sampled, prompt_result))
         return self._runner_output(out, inputs, sampled, prompt_req, prompt_result)
 

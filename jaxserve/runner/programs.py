@@ -4,6 +4,7 @@ The model is merged from its graphdef inside each program (split once, outside);
 pools are donated to `forward`, so the cache is updated in place. `forward` hands back the
 hidden states of each sequence's last token (for sampling) and of every token (for prompt
 logprobs); the LM head runs in the sampler programs, whose shapes depend on B only.
+Under a mesh the logits are gathered (replicated) before sampling, as with one device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.model import sampler
 from jaxserve.model.forward import compute_logits, run_model
@@ -30,7 +32,12 @@ class Programs:
     prompt_logprobs: Callable
 
 
-def make_programs(graphdef: nnx.GraphDef) -> Programs:
+def make_programs(graphdef: nnx.GraphDef, *, mesh: jax.sharding.Mesh | None = None) -> Programs:
+    def gathered(logits):  # [..., V] sharded over vocab -> replicated on every device
+        if mesh is None:
+            return logits
+        return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+
     def forward(params, kv_caches, input_ids, positions, metadata):
         hidden, kv_caches = run_model(graphdef, params, kv_caches, input_ids, positions,
                                       metadata)  # [T, D]
@@ -38,13 +45,13 @@ def make_programs(graphdef: nnx.GraphDef) -> Programs:
 
     def make_sample(variant: str):
         def sample(params, hidden, tensors):  # hidden [B, D]
-            logits = compute_logits(graphdef, params, hidden)  # [B, V] float32
+            logits = gathered(compute_logits(graphdef, params, hidden))  # [B, V] float32
             greedy = variant == "greedy"
             return sampler.sample(logits, tensors, all_greedy=greedy, with_logprobs=not greedy)
         return jax.jit(sample)
 
     def prompt_logprobs(params, hidden, targets):  # hidden [T, D], targets [T]
-        logits = compute_logits(graphdef, params, hidden)  # [T, V] float32
+        logits = gathered(compute_logits(graphdef, params, hidden))  # [T, V] float32
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jax.numpy.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
         ranks = (logprobs > chosen[:, None]).sum(axis=-1) + 1

@@ -15,6 +15,7 @@ from jaxserve.model.forward import make_forward
 from jaxserve.model.loader import load_model
 from jaxserve.parallel.sharding import (kv_pool_sharding, logical_sharding, logical_to_spec,
                                         make_mesh, no_sharding)
+from jaxserve.parallel.tensor_parallel import tp_model_config
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
 needs_4_devices = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices")
@@ -73,9 +74,10 @@ def test_tensor_parallel_logits_match_a_single_device(tp, tiny_checkpoint, paged
     tokens = [list(range(3, 40)), list(range(50, 60))]
     ids, positions, metadata = paged_step(tokens, [0, 0], [[3, 1, 5], [2]], block_size=16,
                                           num_tokens=64, num_seqs=2, max_blocks=4)
-    shape = kv_pool_shape(config.num_kv_heads, 8, 16, config.head_dim)
 
     def run(mesh):
+        slots = tp_model_config(config, 1 if mesh is None else tp).num_kv_heads
+        shape = kv_pool_shape(slots, 8, 16, config.head_dim)
         model = load_model(path, config, mesh=mesh)
         graphdef, params = nnx.split(model)
         pools = tuple((jax.device_put(jnp.zeros(shape), kv_pool_sharding(shape, mesh)),

@@ -1,0 +1,65 @@
+"""Multi-host through `jaxserve generate --distributed-coordinator`: two processes of two
+CPU devices each run one TP = 4 engine over both and answer as one process with TP = 1.
+
+Cross-process collectives go through gloo; each process runs the same prompts, and the
+first prints. Flags that only make sense together are checked before any device starts.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve.parallel.distributed import initialize_distributed
+
+PROMPTS = ["--prompt", "Hello", "--prompt", "Paged attention is"]
+FLAGS = ["--max-tokens", "6", "--max-num-seqs", "8", "--max-num-batched-tokens", "16",
+         "--max-model-len", "128", "--temperature", "0"]
+
+
+def _start(args, *, devices: int):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "jaxserve.entrypoints.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _answers(stdout: str) -> list[str]:
+    """The printed answers, without the lines gloo itself writes to stdout."""
+    return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_tp4_answer_like_one_process(engine_checkpoint):
+    model = str(engine_checkpoint("qwen2"))
+    single = _start(["generate", model, *PROMPTS, *FLAGS], devices=1)
+    expected, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err
+    coordinator = f"localhost:{_free_port()}"
+    workers = [_start(["generate", model, *PROMPTS, *FLAGS, "-tp", "4",
+                       "--distributed-coordinator", coordinator, "--num-processes", "2",
+                       "--process-id", str(i)], devices=2) for i in range(2)]
+    results = [w.communicate(timeout=300) for w in workers]
+    for worker, (_, err) in zip(workers, results):
+        assert worker.returncode == 0, err
+    answers = [_answers(out) for out, _ in results]
+    assert answers[0] == expected.splitlines() and len(answers[0]) >= 2
+    assert answers[1] == []  # only the first process prints
+
+
+@pytest.mark.parametrize("args, message", [
+    ((None, 2, 0), "need --distributed-coordinator"),
+    (("localhost:1", None, 0), "needs --num-processes"),
+    (("localhost:1", 2, 2), "must be in"),
+])
+def test_partial_distributed_flags_are_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        initialize_distributed(*args)
