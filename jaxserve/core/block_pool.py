@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from jaxserve.core.block_hash import BlockHash
+from .block_hash import BlockHash
 
 ROOT_CACHE_ID = 0  # the parent cache id of a request's first block; real ids start at 1
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxserve.core.block_pool import ROOT_CACHE_ID, BlockPool, KVCacheBlock
-from jaxserve.request import Request
+from .block_pool import ROOT_CACHE_ID, BlockPool, KVCacheBlock
+from ..request import Request
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import heapq
 import itertools
 from collections.abc import Iterator
 
-from jaxserve.request import Request
+from ..request import Request
 
 
 class FCFSQueue:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from jaxserve.config import CacheConfig, SchedulerConfig
-from jaxserve.core.block_hash import append_block_hashes, extra_keys_of
-from jaxserve.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
-from jaxserve.core.request_queue import create_request_queue
-from jaxserve.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
+from ..config import CacheConfig, SchedulerConfig
+from .block_hash import append_block_hashes, extra_keys_of
+from .kv_cache_manager import KVCacheBlocks, KVCacheManager
+from .request_queue import create_request_queue
+from .scheduler_output import (CachedRequestData, ModelRunnerOutput,
                                             NewRequestData, RequestUpdate, SchedulerOutput)
-from jaxserve.core.stop_rules import check_stop
-from jaxserve.request import Request, RequestStatus
+from .stop_rules import check_stop
+from ..request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxserve.sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

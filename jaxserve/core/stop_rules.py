@@ -8,7 +8,7 @@ finishes the request through `Scheduler.finish_requests`.
 
 from __future__ import annotations
 
-from jaxserve.request import Request, RequestStatus
+from ..request import Request, RequestStatus
 
 
 def check_stop(request: Request, token_id: int, max_model_len: int) -> RequestStatus | None:
