@@ -82,7 +82,13 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     if tuple(tensor.shape) != expected:
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                          f"the model expects {expected}")
-    host = np.array(tensor.T if transpose else tensor, dtype=dtype, order="C")  # one copy
+    view = tensor.T if transpose else tensor  # still the memory-mapped bytes
     if kv_axis is not None and kv_factor > 1:
-        host = replicate_kv_heads(host, kv_axis, kv_factor, head_dim)
-    return jax.device_put(host, logical_sharding(axes, host.shape, mesh, rules=rules))
+        host = replicate_kv_heads(np.array(view, dtype=dtype, order="C"), kv_axis, kv_factor,
+                                  head_dim)
+        return jax.device_put(host, logical_sharding(axes, host.shape, mesh, rules=rules))
+    # Each device reads (and casts) only its own shard of the mapped file: the host never
+    # holds a sharded tensor whole.
+    sharding = logical_sharding(axes, view.shape, mesh, rules=rules)
+    return jax.make_array_from_callback(
+        view.shape, sharding, lambda index: np.array(view[index], dtype=dtype, order="C"))
