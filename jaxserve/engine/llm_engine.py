@@ -39,8 +39,11 @@ def enable_persistent_cache(path: str) -> None:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, tokenizer=None, warm_up: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, step_broadcaster=None):
         self.config = config
+        # Multi-host serve: sends each step's SchedulerOutput to the other processes
+        # (`parallel.step_broadcast`); None on one host.
+        self.step_broadcaster = step_broadcaster
         self.model_config = config.model_config
         if tokenizer is None and not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(self.model_config.model_dir)
@@ -112,8 +115,8 @@ class LLMEngine:
                              f"{MAX_LOGIT_BIAS_ENTRIES} are supported")
         if any(t >= vocab for t in bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        if params.min_tokens and (len(params.all_stop_token_ids)
-                                  + len(self.model_config.eos_token_ids)) > MAX_MIN_TOKENS_BANNED_IDS:
+        num_banned = len(params.all_stop_token_ids) + len(self.model_config.eos_token_ids)
+        if params.min_tokens and num_banned > MAX_MIN_TOKENS_BANNED_IDS:
             raise ValueError(f"stop_token_ids: at most {MAX_MIN_TOKENS_BANNED_IDS} ids (with EOS) "
                              "are supported together with min_tokens")
         if params.stop and self.tokenizer is None:
@@ -130,6 +133,8 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        if self.step_broadcaster is not None:
+            self.step_broadcaster.send(scheduled)
         with self.compilations.track():  # counts this engine's compilations only
             sampled = self.runner.execute(scheduled)
         updates = self.scheduler.update_from_output(scheduled, sampled)

@@ -73,7 +73,7 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices to shard the model over")
     g.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-host: the jax.distributed coordinator (generate only)")
+                   help="multi-host: the jax.distributed coordinator")
     g.add_argument("--num-processes", type=int, default=None,
                    help="multi-host: processes in the job")
     g.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
@@ -172,9 +172,7 @@ def build_engine(model_path: str, args: argparse.Namespace):
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.parallel.distributed import initialize_distributed
 
-    if initialize_distributed(args.distributed_coordinator, args.num_processes,
-                              args.process_id) and args.command == "serve":
-        raise ValueError("multi-host serve is not supported yet (use generate)")
+    initialize_distributed(args.distributed_coordinator, args.num_processes, args.process_id)
     config = create_engine_config(
         model_path, dtype=_DTYPES[args.dtype], seed=args.seed, block_size=args.block_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -207,7 +205,17 @@ def serve(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model)
     names = args.served_model_name or [
         args.model or os.path.splitext(os.path.basename(model_path))[0]]
-    engine = AsyncEngine(build_engine(model_path, args))
+    llm_engine, broadcaster = build_engine(model_path, args), None
+    if args.distributed_coordinator is not None:  # process 0 serves; the others follow it
+        from jaxserve.parallel.step_broadcast import StepBroadcaster, follow
+
+        broadcaster = StepBroadcaster()
+        broadcaster.warm_up()
+        if not broadcaster.is_source:
+            follow(llm_engine.runner, broadcaster)
+            return 0
+        llm_engine.step_broadcaster = broadcaster
+    engine = AsyncEngine(llm_engine)
     try:
         app = build_app(engine, served_model_names=names, model_root=model_path,
                         api_key=args.api_key, chat_template=chat_template,
@@ -217,7 +225,10 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(serve_http(app, args.host, args.port,
                                shutdown_timeout=args.shutdown_timeout))
     finally:
-        engine.shutdown()
+        # Multi-host: wait for a step in flight (its collectives), then let the others go.
+        engine.shutdown(timeout=None if broadcaster else 10.0)
+        if broadcaster is not None:
+            broadcaster.stop()
     logger.info("jaxserve stopped")
     return 0
 

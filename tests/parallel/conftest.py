@@ -1,6 +1,37 @@
-"""Fixtures of the parallel tests: a tiny checkpoint whose heads split over up to 8 ranks."""
+"""Fixtures of the parallel tests: a tiny checkpoint whose heads split over up to 8 ranks,
+and `jaxserve` subprocesses with their own number of CPU devices (multi-host tests)."""
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
+
+
+def _start_jaxserve(args, *, devices: int) -> subprocess.Popen:
+    """`python -m jaxserve.entrypoints.cli ARGS` on `devices` CPU devices, output piped."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "jaxserve.entrypoints.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def start_jaxserve():
+    return _start_jaxserve
+
+
+@pytest.fixture
+def free_port():
+    return _free_port
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,6 @@ Cross-process collectives go through gloo; each process runs the same prompts, a
 first prints. Flags that only make sense together are checked before any device starts.
 """
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
 from jaxserve.parallel.distributed import initialize_distributed
@@ -19,32 +14,19 @@ FLAGS = ["--max-tokens", "6", "--max-num-seqs", "8", "--max-num-batched-tokens",
          "--max-model-len", "128", "--temperature", "0"]
 
 
-def _start(args, *, devices: int):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, "-m", "jaxserve.entrypoints.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
 def _answers(stdout: str) -> list[str]:
     """The printed answers, without the lines gloo itself writes to stdout."""
     return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_with_tp4_answer_like_one_process(engine_checkpoint):
+def test_two_processes_with_tp4_answer_like_one_process(engine_checkpoint, start_jaxserve,
+                                                       free_port):
     model = str(engine_checkpoint("qwen2"))
-    single = _start(["generate", model, *PROMPTS, *FLAGS], devices=1)
+    single = start_jaxserve(["generate", model, *PROMPTS, *FLAGS], devices=1)
     expected, err = single.communicate(timeout=300)
     assert single.returncode == 0, err
-    coordinator = f"localhost:{_free_port()}"
-    workers = [_start(["generate", model, *PROMPTS, *FLAGS, "-tp", "4",
+    coordinator = f"localhost:{free_port()}"
+    workers = [start_jaxserve(["generate", model, *PROMPTS, *FLAGS, "-tp", "4",
                        "--distributed-coordinator", coordinator, "--num-processes", "2",
                        "--process-id", str(i)], devices=2) for i in range(2)]
     results = [w.communicate(timeout=300) for w in workers]
