@@ -35,6 +35,11 @@ def _default_cache_dir() -> str:
     return os.path.join(root, "jaxserve", "jax")
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value in (None, "") else int(value)
+
+
 def parse_size(text: str) -> int:
     """'8GiB', '512M', '1e9' or '1000000' -> bytes."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
@@ -72,11 +77,15 @@ def _engine_flags() -> argparse.ArgumentParser:
                    "a fixed budget; overrides --gpu-memory-utilization)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices to shard the model over")
-    g.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-host: the jax.distributed coordinator")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help="multi-host: processes in the job")
-    g.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
+    env = os.environ
+    g.add_argument("--distributed-coordinator", metavar="HOST:PORT",
+                   default=env.get("JAX_COORDINATOR_ADDRESS"),
+                   help="multi-host: the jax.distributed coordinator "
+                        "(default: $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   help="multi-host: processes in the job (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="multi-host: this process (default: $JAX_PROCESS_ID)")
     g.add_argument("--seed", type=int, default=0, help="seed of requests that bring none")
     g.add_argument("--max-num-waiting", type=int, default=None,
                    help="queue cap: further requests get 503 (default: no cap)")

@@ -104,3 +104,14 @@ def test_generate_prints_one_answer_per_prompt(engine_checkpoint):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) >= 2
     assert "Compiling" in result.stderr  # the warm-up progress bar
+
+
+def test_multi_host_flags_default_to_the_usual_environment_variables(monkeypatch):
+    from jaxserve.entrypoints.cli import build_parser
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    args = build_parser().parse_args(["serve", "some-model"])
+    assert (args.distributed_coordinator, args.num_processes, args.process_id) == (
+        "10.0.0.1:1234", 4, 2)
