@@ -20,7 +20,8 @@ apply_preferred_cpu_flags()  # test the CPU configuration the engine serves with
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim", "llama_hd64")
+TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim", "llama_hd64",
+                    "qwen2_8heads")
 
 
 def tiny_hf_config(name: str):
@@ -53,6 +54,9 @@ def tiny_hf_config(name: str):
     if name == "llama_hd64":  # head_dim 64, which the Pallas kernels accept; GQA 2:1
         return transformers.LlamaConfig(**{**common, "num_attention_heads": 2,
                                            "num_key_value_heads": 1}, head_dim=64)
+    if name == "qwen2_8heads":  # 8 query heads, 2 KV heads: splits over a mesh of 8
+        return transformers.Qwen2Config(**{**common, "num_attention_heads": 8},
+                                        tie_word_embeddings=True)
     raise ValueError(f"unknown tiny checkpoint {name!r}; known: {TINY_CHECKPOINTS}")
 
 

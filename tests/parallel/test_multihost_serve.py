@@ -1,4 +1,4 @@
-"""Multi-host `jaxserve serve`: two processes of two CPU devices, one TP = 4 mesh over both.
+"""Multi-host `jaxserve serve`: two processes of four CPU devices, one TP = 8 mesh over both.
 
 Process 0 serves HTTP and broadcasts each step's SchedulerOutput; process 1 follows. A
 greedy completion from a token-id prompt (chunked over two prefill steps) must answer as
@@ -17,7 +17,7 @@ from jaxserve import LLM, SamplingParams
 
 
 FLAGS = ["--max-num-seqs", "8", "--max-num-batched-tokens", "16", "--max-model-len", "128",
-         "--compilation-cache-dir", "", "-tp", "4", "--served-model-name", "tiny"]
+         "--compilation-cache-dir", "", "-tp", "8", "--served-model-name", "tiny"]
 PROMPT = [(7 * i + 3) % 300 + 10 for i in range(20)]  # 20 tokens: prefill 16 + 4
 
 
@@ -48,11 +48,11 @@ def _complete(url: str) -> dict:
 
 
 def test_two_processes_serve_like_one_process(engine_checkpoint, start_jaxserve, free_port):
-    model = str(engine_checkpoint("qwen2"))
+    model = str(engine_checkpoint("qwen2_8heads"))
     port, coordinator = free_port(), f"localhost:{free_port()}"
     processes = [start_jaxserve(["serve", model, *FLAGS, "--port", str(port),
                          "--distributed-coordinator", coordinator, "--num-processes", "2",
-                         "--process-id", str(i)], devices=2) for i in range(2)]
+                         "--process-id", str(i)], devices=4) for i in range(2)]
     try:
         llm = LLM(model, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=128,
                   progress=False)
