@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim", "llama_hd64",
-                    "qwen2_8heads")
+                    "qwen2_8heads", "mixtral")
 
 
 def tiny_hf_config(name: str):
@@ -57,6 +57,9 @@ def tiny_hf_config(name: str):
     if name == "qwen2_8heads":  # 8 query heads, 2 KV heads: splits over a mesh of 8
         return transformers.Qwen2Config(**{**common, "num_attention_heads": 8},
                                         tie_word_embeddings=True)
+    if name == "mixtral":  # sparse MoE: 4 experts, top-2
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                          tie_word_embeddings=False)
     raise ValueError(f"unknown tiny checkpoint {name!r}; known: {TINY_CHECKPOINTS}")
 
 

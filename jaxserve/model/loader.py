@@ -6,6 +6,7 @@ cast to the config dtype and placed with the sharding its logical `axes` give un
 (the default device when None). Missing or mis-shaped tensors fail naming the tensor and
 both shapes; checkpoint tensors no parameter asks for (a tied lm_head, say) are ignored.
 Under a mesh whose "model" axis exceeds the KV heads, K/V tensors are replicated into slots.
+A parameter with `hf_stack=E` (MoE experts) stacks E tensors named by its `{expert}` template.
 A directory `jaxserve convert` wrote is restored by Orbax instead (`orbax_checkpoint`).
 """
 
@@ -70,6 +71,8 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     if name is None or axes is None:
         raise ValueError(f"a {type(variable).__name__} of shape {variable.shape} declares no "
                          "hf_name/axes; build parameters with layers.hf_param")
+    if meta.get("hf_stack") is not None:
+        return _load_stacked(reader, variable, dtype, mesh, rules)
     model_shape = list(variable.shape)
     kv_axis = axes.index("kv_heads") if "kv_heads" in axes else None
     if kv_axis is not None:
@@ -92,3 +95,24 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     sharding = logical_sharding(axes, view.shape, mesh, rules=rules)
     return jax.make_array_from_callback(
         view.shape, sharding, lambda index: np.array(view[index], dtype=dtype, order="C"))
+
+
+def _load_stacked(reader, variable: nnx.Variable, dtype: np.dtype, mesh: Mesh | None,
+                  rules) -> jax.Array:
+    """An [E, ...] parameter from E checkpoint tensors named by its `{expert}` template."""
+    meta = variable.get_metadata()
+    slice_shape = tuple(variable.shape[1:])
+    expected = tuple(reversed(slice_shape)) if meta.get("hf_transpose") else slice_shape
+    parts = []
+    for expert in range(meta["hf_stack"]):
+        name = meta["hf_name"].format(expert=expert)
+        if name not in reader:
+            raise ValueError(f"checkpoint {reader.model_dir} has no tensor {name!r} "
+                             f"(the model expects shape {expected})")
+        tensor = reader.get(name)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the "
+                             f"checkpoint, the model expects {expected}")
+        parts.append(np.asarray(tensor.T if meta.get("hf_transpose") else tensor, dtype=dtype))
+    host = np.stack(parts)  # [E, ...]
+    return jax.device_put(host, logical_sharding(meta["axes"], host.shape, mesh, rules=rules))

@@ -11,6 +11,7 @@ import importlib
 _MODELS: tuple[tuple[str, str], ...] = (
     ("LlamaForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
     ("MistralForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
+    ("MixtralForCausalLM", "jaxserve.model.mixtral:MixtralForCausalLM"),
     ("Qwen2ForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
     ("Qwen3ForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
 )
