@@ -91,7 +91,12 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Embedding, decoder layers, final norm; `compute_logits` applies the LM head."""
+    """Embedding, decoder layers, final norm; `compute_logits` applies the LM head.
+
+    Families that differ only in their decoder layer (Mixtral) set `decoder_layer_class`.
+    """
+
+    decoder_layer_class = LlamaDecoderLayer
 
     def __init__(self, config: ModelConfig, *, attention_backend: str = "reference",
                  rngs: nnx.Rngs):
@@ -102,7 +107,7 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
                                   hf_name="model.embed_tokens.weight")
         self.layers = nnx.List([
-            LlamaDecoderLayer(config, i, attention_backend=attention_backend, rngs=rngs)
+            self.decoder_layer_class(config, i, attention_backend=attention_backend, rngs=rngs)
             for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                             hf_name="model.norm.weight")

@@ -78,13 +78,7 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     if kv_axis is not None:
         model_shape[kv_axis] //= kv_factor  # the checkpoint holds K heads, the model K' slots
     expected = tuple(reversed(model_shape)) if transpose else tuple(model_shape)
-    if name not in reader:
-        raise ValueError(f"checkpoint {reader.model_dir} has no tensor {name!r} "
-                         f"(the model expects shape {expected})")
-    tensor = reader.get(name)
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, "
-                         f"the model expects {expected}")
+    tensor = _read_checked(reader, name, expected)
     view = tensor.T if transpose else tensor  # still the memory-mapped bytes
     if kv_axis is not None and kv_factor > 1:
         host = replicate_kv_heads(np.array(view, dtype=dtype, order="C"), kv_axis, kv_factor,
@@ -97,6 +91,18 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
         view.shape, sharding, lambda index: np.array(view[index], dtype=dtype, order="C"))
 
 
+def _read_checked(reader, name: str, expected: tuple[int, ...]):
+    """The checkpoint tensor `name`; ValueError naming it when missing or mis-shaped."""
+    if name not in reader:
+        raise ValueError(f"checkpoint {reader.model_dir} has no tensor {name!r} "
+                         f"(the model expects shape {expected})")
+    tensor = reader.get(name)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, "
+                         f"the model expects {expected}")
+    return tensor
+
+
 def _load_stacked(reader, variable: nnx.Variable, dtype: np.dtype, mesh: Mesh | None,
                   rules) -> jax.Array:
     """An [E, ...] parameter from E checkpoint tensors named by its `{expert}` template."""
@@ -105,14 +111,7 @@ def _load_stacked(reader, variable: nnx.Variable, dtype: np.dtype, mesh: Mesh | 
     expected = tuple(reversed(slice_shape)) if meta.get("hf_transpose") else slice_shape
     parts = []
     for expert in range(meta["hf_stack"]):
-        name = meta["hf_name"].format(expert=expert)
-        if name not in reader:
-            raise ValueError(f"checkpoint {reader.model_dir} has no tensor {name!r} "
-                             f"(the model expects shape {expected})")
-        tensor = reader.get(name)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the "
-                             f"checkpoint, the model expects {expected}")
+        tensor = _read_checked(reader, meta["hf_name"].format(expert=expert), expected)
         parts.append(np.asarray(tensor.T if meta.get("hf_transpose") else tensor, dtype=dtype))
     host = np.stack(parts)  # [E, ...]
     return jax.device_put(host, logical_sharding(meta["axes"], host.shape, mesh, rules=rules))

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import ATTENTION_BACKENDS
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import Embed, Linear, RMSNorm
+from jaxserve.model.layers import RMSNorm
 from jaxserve.model.llama import KVCache, LlamaAttention, LlamaForCausalLM
 from jaxserve.model.moe import SparseMoE
 
@@ -53,19 +52,4 @@ class MixtralDecoderLayer(nnx.Module):
 class MixtralForCausalLM(LlamaForCausalLM):
     """Llama's embedding, final norm, LM head and step; Mixtral decoder layers."""
 
-    def __init__(self, config: ModelConfig, *, attention_backend: str = "reference",
-                 rngs: nnx.Rngs):
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
-                             f"got {attention_backend!r}")
-        dtype = jnp.dtype(config.dtype)
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
-                                  hf_name="model.embed_tokens.weight")
-        self.layers = nnx.List([
-            MixtralDecoderLayer(config, i, attention_backend=attention_backend, rngs=rngs)
-            for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                            hf_name="model.norm.weight")
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            config.hidden_size, config.vocab_size, hf_name="lm_head", axes=("embed", "vocab"),
-            use_bias=False, dtype=dtype, rngs=rngs)
+    decoder_layer_class = MixtralDecoderLayer
