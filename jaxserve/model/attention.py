@@ -10,7 +10,7 @@ tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` o
 import jax
 
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.parallel.tensor_parallel import model_axis_size, shard_over_heads
+from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size, shard_over_heads
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference
 
 ATTENTION_BACKENDS = ("reference", "pallas")
@@ -49,18 +49,28 @@ def paged_attention(q,        # [T, N, H] queries of this step's tokens (RoPE ap
                     backend: str,
                     sm_scale: float,
                     sliding_window: int | None = None,
+                    alibi_slopes=None,  # [N] float32 ALiBi slope of every query head, or None
                     ) -> jax.Array:  # [T, N, H]; zero rows for padding tokens
-    """Causal attention of each sequence's new tokens over its blocks, by `backend`."""
-    def attend(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc):
+    """Causal attention of each sequence's new tokens over its blocks, by `backend`.
+
+    Under tensor parallelism each rank attends with its own N / TP query heads, so it takes
+    the slopes of those heads: the slice at its rank's head offset.
+    """
+    sharded = model_axis_size() > 1
+
+    def attend(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, slopes):
+        if slopes is not None and sharded:  # slopes [N] -> this rank's [N / TP]
+            start = jax.lax.axis_index(MODEL_AXIS) * q.shape[1]
+            slopes = jax.lax.dynamic_slice_in_dim(slopes, start, q.shape[1])
         return _attend(q, k_pool, v_pool, backend=backend, page_indices=block_tables,
                        seq_lens=seq_lens, query_start_loc=query_start_loc, sm_scale=sm_scale,
-                       sliding_window=sliding_window)
+                       sliding_window=sliding_window, alibi_slopes=slopes)
 
-    if model_axis_size() > 1:
+    if sharded:
         attend = shard_over_heads(attend, num_head_args=1, num_pool_args=2, num_outputs=1,
                                   pool_outputs=False)
     return attend(q, k_pool, v_pool, metadata.block_tables, metadata.seq_lens,
-                  metadata.query_start_loc)
+                  metadata.query_start_loc, alibi_slopes)
 
 
 def _attend(q, k_pool, v_pool, *, backend: str, **kwargs) -> jax.Array:  # [T, N, H]

@@ -35,7 +35,7 @@ def default_backend(x: jax.Array | None = None) -> str:
 
 
 def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *,
-                 backend: str) -> None:
+                 backend: str, alibi_slopes=None) -> None:
     """Raises ValueError naming the first static mismatch between the arguments."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
@@ -65,6 +65,9 @@ def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
         if x.dtype != q.dtype:
             raise ValueError(f"{name} dtype {x.dtype} != q dtype {q.dtype}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
+        raise ValueError(f"alibi_slopes shape {tuple(alibi_slopes.shape)} != ({num_heads},) "
+                         f"(one slope per q head)")
     if backend == "reference":
         return
     if head_dim not in _HEAD_DIMS:
@@ -86,6 +89,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
     interpret: bool = False,
     backend: str | None = None,
     block_q: int | None = None,
@@ -99,7 +103,9 @@ def ragged_paged_attention(
 ) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
     """Causal attention of each sequence's new tokens over its paged context.
 
-    Semantics are the reference's (`reference_attention`). `backend` is "gpu" (Pallas
+    Semantics are the reference's (`reference_attention`), ALiBi included: with
+    `alibi_slopes`, head `n` adds `alibi_slopes[n] * (key_pos - query_pos)` to its scores.
+    `backend` is "gpu" (Pallas
     Triton), "tpu" (Pallas Mosaic) or "reference" (pure jnp); None picks by the platform of
     `q` or of JAX's default backend, the reference on CPU. `interpret=True` runs a kernel
     on CPU. Tuning knobs (None: the kernel's default), per backend: gpu `block_q`,
@@ -122,9 +128,11 @@ def ragged_paged_attention(
         raise ValueError(f"sliding_window {sliding_window} must be positive")
     if soft_cap is not None and soft_cap <= 0:
         raise ValueError(f"soft_cap {soft_cap} must be positive")
-    check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, backend=backend)
+    check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, backend=backend,
+                 alibi_slopes=alibi_slopes)
     args = (q, k_pages, v_pages, page_indices, seq_lens, query_start_loc)
-    kwargs = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap)
+    kwargs = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
+                  alibi_slopes=alibi_slopes)
     if backend == "reference":
         return reference_attention(*args, **kwargs, **knobs)
     kernel = gpu.ragged_paged_attention if backend == "gpu" else tpu.ragged_paged_attention

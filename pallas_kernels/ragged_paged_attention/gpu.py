@@ -46,9 +46,11 @@ def _kernel(q_ref,       # [T, N, H]
             pages_ref,   # [B, pages_per_seq] int32
             lens_ref,    # [B] int32
             qsl_ref,     # [B+1] int32
-            *out_refs,   # o [T, N, H]; or o [NS, T, N, H] f32 and lse [NS, T, N] f32
+            *refs,       # alibi [N] f32 if `alibi`; then o [T, N, H], or o [NS, T, N, H] f32
+                         # and lse [NS, T, N] f32
             sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-            block_q: int, group_pad: int, block_n: int, num_splits: int):
+            alibi: bool, block_q: int, group_pad: int, block_n: int, num_splits: int):
+    alibi_ref, out_refs = (refs[0], refs[1:]) if alibi else (None, refs)
     num_tokens, num_heads, head_dim = q_ref.shape
     num_kv_heads, _, page_size, _ = k_ref.shape
     num_seqs = lens_ref.shape[0]
@@ -84,6 +86,9 @@ def _kernel(q_ref,       # [T, N, H]
     dims = jnp.arange(head_dim, dtype=jnp.int32)
     q = plgpu.load(q_ref.at[tok[:, None], head[:, None], dims[None, :]],
                    mask=row_ok[:, None], other=0)  # [BM, H]
+    if alibi:  # each row's slope, in log2 units like the scores
+        slope = plgpu.load(alibi_ref.at[head], mask=lax.rem(rows, group_pad) < group,
+                           other=0) * _LOG2E  # [BM]
     # Triton takes a float32 dot at DEFAULT precision as TF32 (~1e-3 error): ask for IEEE.
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
@@ -102,6 +107,8 @@ def _kernel(q_ref,       # [T, N, H]
             s = s * (sm_scale * _LOG2E)
         else:
             s = (soft_cap * _LOG2E) * jnp.tanh(s * (sm_scale / soft_cap))
+        if alibi:
+            s = s + slope[:, None] * (kv_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
         mask = kv_ok[None, :] & (kv_pos[None, :] <= q_pos[:, None])
         if sliding_window is not None:
             mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
@@ -178,6 +185,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
     block_q: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
@@ -209,7 +217,8 @@ def ragged_paged_attention(
     num_blocks = num_tokens // block_q + num_seqs + 1  # + 1: the padding tokens' run
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        block_q=block_q, group_pad=group_pad, block_n=cfg["block_n"], num_splits=num_splits)
+        alibi=alibi_slopes is not None, block_q=block_q, group_pad=group_pad,
+        block_n=cfg["block_n"], num_splits=num_splits)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
@@ -223,7 +232,8 @@ def ragged_paged_attention(
                                              num_stages=cfg["num_stages"]),
         interpret=interpret,
         name="ragged_paged_attention_gpu",
-    )(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc)
+    )(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc,
+      *(() if alibi_slopes is None else (alibi_slopes.astype(jnp.float32),)))
     if num_splits == 1:
         return out
     return _merge_splits(*out).astype(q.dtype)

@@ -37,11 +37,12 @@ def token_sequence_ids(query_start_loc,  # [B+1] int32
     return jnp.minimum(seq_id, num_seqs - 1), valid
 
 
-def _softmax_step(carry, qg, k, v, kv_pos, q_pos, *, sliding_window, soft_cap):
+def _softmax_step(carry, qg, k, v, kv_pos, q_pos, *, sliding_window, soft_cap, alibi):
     """One online-softmax update over a chunk of C context positions.
 
     qg [Q, K, G, H]; k, v [K, Q, C, H] (one context per query row) or [K, C, H] (one
     context shared by all rows); kv_pos [C]; q_pos [Q] (-1: the row sees nothing);
+    alibi [K, G] float32 slopes or None;
     carry = (running max [Q, K, G], running sum [Q, K, G], accumulator [Q, K, G, H]).
     """
     m, l, acc = carry
@@ -52,6 +53,9 @@ def _softmax_step(carry, qg, k, v, kv_pos, q_pos, *, sliding_window, soft_cap):
     s = jnp.einsum("qkgh,kch->qkgc" if shared else "qkgh,kqch->qkgc", qg, k.astype(jnp.float32))
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
+    if alibi is not None:  # slope * (key position - query position): <= 0 where kept
+        distance = (kv_pos[None, :] - q_pos[:, None]).astype(jnp.float32)  # [Q, C]
+        s = s + alibi[None, :, :, None] * distance[:, None, None, :]
     s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
@@ -145,6 +149,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
     pages_per_chunk: int = 8,
     block_q: int | None = None,
 ) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
@@ -153,8 +158,10 @@ def ragged_paged_attention(
     Token `t` of sequence `b` sits at position `seq_lens[b] - (query_start_loc[b+1] - t)` of
     its context and attends to positions `<=` its own (and `> pos - sliding_window` when a
     window is set). GQA: query head `n` reads KV head `n // (N // K)`. With `soft_cap`, scores
-    become `soft_cap * tanh(score / soft_cap)` before the softmax. `block_q` picks the
-    formulation: 0 per token, > 0 per query block of that size, None by the shapes.
+    become `soft_cap * tanh(score / soft_cap)` before the softmax. With `alibi_slopes`, head
+    `n` then adds `alibi_slopes[n] * (key_pos - query_pos)` (ALiBi: BLOOM, Baichuan-13B).
+    `block_q` picks the formulation: 0 per token, > 0 per query block of that size, None by
+    the shapes.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
@@ -165,7 +172,9 @@ def ragged_paged_attention(
         num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
     if block_q is None:
         block_q = _BLOCK_Q if num_tokens >= _BLOCKED_MIN_TOKENS_PER_SEQ * num_seqs else 0
-    opts = dict(chunk=chunk, sliding_window=sliding_window, soft_cap=soft_cap)
+    alibi = (None if alibi_slopes is None else
+             alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, num_heads // num_kv_heads))
+    opts = dict(chunk=chunk, sliding_window=sliding_window, soft_cap=soft_cap, alibi=alibi)
     args = (qg, k_pages, v_pages, pages, seq_lens, query_start_loc)
     out = _per_block(*args, block_q=block_q, **opts) if block_q else _per_token(*args, **opts)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

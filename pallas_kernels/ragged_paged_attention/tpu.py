@@ -27,15 +27,19 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
             q_ref,            # [M, H] (VMEM) rows g * BQ + t
             k_hbm,            # [K, P, S, H] (HBM)
             v_hbm,            # [K, P, S, H] (HBM)
-            o_ref,            # [M, H] (VMEM)
-            k_buf,            # [2, PP, S, H] double buffer
-            v_buf,            # [2, PP, S, H]
-            sems,             # DMA semaphores [2 (k, v), 2 (slot)]
-            m_ref,            # [M, H] f32 running max, equal along H
-            l_ref,            # [M, H] f32 running sum, equal along H
-            acc_ref,          # [M, H] f32
-            *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-            group: int):
+            *refs,            # [alibi_ref] if `alibi`, o_ref, k_buf, v_buf, sems, m, l, acc
+            sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+            alibi: bool, group: int):
+    # alibi_ref [M, BKV] f32 (VMEM): the slope of each row's head, equal along BKV
+    alibi_ref, refs = (refs[0], refs[1:]) if alibi else (None, refs)
+    (o_ref,    # [M, H] (VMEM)
+     k_buf,    # [2, PP, S, H] double buffer
+     v_buf,    # [2, PP, S, H]
+     sems,     # DMA semaphores [2 (k, v), 2 (slot)]
+     m_ref,    # [M, H] f32 running max, equal along H
+     l_ref,    # [M, H] f32 running sum, equal along H
+     acc_ref,  # [M, H] f32
+     ) = refs
     kv_head, block = pl.program_id(0), pl.program_id(1)
     num_rows, head_dim = q_ref.shape
     _, pages_per_block, page_size, _ = k_buf.shape
@@ -99,6 +103,8 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
             s = soft_cap * jnp.tanh(s * (sm_scale / soft_cap))
         kv_pos = i * block_kv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         q_pos = t0 + shift + (lax.broadcasted_iota(jnp.int32, s.shape, 0) & (block_q - 1))
+        if alibi:
+            s = s + alibi_ref[...] * (kv_pos - q_pos).astype(jnp.float32)
         mask = (kv_pos <= q_pos) & (kv_pos < kv_hi)
         if sliding_window is not None:
             mask &= kv_pos > q_pos - sliding_window
@@ -159,6 +165,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
     block_q: int | None = None,
     pages_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
@@ -194,14 +201,23 @@ def ragged_paged_attention(
     kv_buf = pltpu.VMEM((2, pages_per_block, page_size, head_dim), k_pages.dtype)
     f32_tile = pltpu.VMEM((num_rows, head_dim), jnp.float32)
     kernel = functools.partial(_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, group=group)
+                               sliding_window=sliding_window, alibi=alibi_slopes is not None,
+                               group=group)
+    in_specs, inputs = [tile, pool, pool], [q_blocks, k_pages, v_pages]
+    if alibi_slopes is not None:  # row g * BQ + t of KV head k: head k * G + g's slope
+        block_kv = pages_per_block * page_size
+        row_slopes = jnp.repeat(alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, group),
+                                block_q, axis=1)  # [K, M]
+        inputs.append(jnp.broadcast_to(row_slopes[:, :, None],
+                                       (num_kv_heads, num_rows, block_kv)))  # [K, M, BKV]
+        in_specs.append(pl.BlockSpec((None, num_rows, block_kv), lambda k, j, *_: (k, 0, 0)))
     out_blocks = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(num_kv_heads, num_blocks),
-            in_specs=[tile, pool, pool],
+            in_specs=in_specs,
             out_specs=tile,
             scratch_shapes=[kv_buf, kv_buf, pltpu.SemaphoreType.DMA((2, 2)),
                             f32_tile, f32_tile, f32_tile]),
@@ -209,8 +225,7 @@ def ragged_paged_attention(
             dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=vmem_limit_bytes),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="ragged_paged_attention_tpu",
-    )(block_seq, block_start, seq_lens, query_start_loc, page_indices,
-      q_blocks, k_pages, v_pages)
+    )(block_seq, block_start, seq_lens, query_start_loc, page_indices, *inputs)
 
     out = out_blocks.reshape(num_kv_heads, num_blocks, group, block_q, head_dim)
     out = out.transpose(1, 3, 0, 2, 4).reshape(num_blocks * block_q, num_heads, head_dim)

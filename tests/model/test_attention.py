@@ -74,4 +74,4 @@ def test_pallas_backend_calls_the_public_kernel_entry_interpreted_on_cpu(monkeyp
     assert kwargs.pop("query_start_loc") is metadata.query_start_loc
     # On CPU the GPU kernel runs interpreted; elsewhere the entry picks by platform.
     on_cpu = dict(backend="gpu", interpret=True) if jax.default_backend() == "cpu" else {}
-    assert kwargs == dict(sm_scale=0.5, sliding_window=3, **on_cpu)
+    assert kwargs == dict(sm_scale=0.5, sliding_window=3, alibi_slopes=None, **on_cpu)

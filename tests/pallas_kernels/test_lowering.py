@@ -65,6 +65,16 @@ def test_tpu_kernel_lowers_for_tpu_at_each_page_size(page_size):
                                         sliding_window=256, soft_cap=30.0)
 
 
+def test_kernels_with_alibi_slopes_lower_for_cuda_and_tpu():
+    args = _abstract_args("qwen2.5-1.5b", "mixed") + (jax.ShapeDtypeStruct((12,), jnp.float32),)
+
+    def with_alibi(kernel):
+        return lambda *a, **kw: kernel(*a[:-1], alibi_slopes=a[-1], **kw)
+
+    assert TRITON_CALL in _export(with_alibi(gpu.ragged_paged_attention), "cuda", args)
+    assert "tpu_custom_call" in _export(with_alibi(tpu.ragged_paged_attention), "tpu", args)
+
+
 def test_gpu_kernel_float32_dots_are_ieee_not_tf32(monkeypatch):
     """Triton runs a float32 dot at DEFAULT precision as TF32 (~1e-3 error, seen on H100)."""
     from jax._src.pallas.triton import pallas_call_registration as registration

@@ -62,6 +62,34 @@ def test_kernel_knobs_and_options_match_reference(backend, knobs, extras, make_b
     _check(out, ref, batch, jnp.float32)
 
 
+# name: (q_lens, kv_lens, num_tokens, heads (N, K), page_size, knobs per kernel)
+ALIBI_CASES = {
+    "mixed_with_prefix_hits_mha": ([1, 9, 4, 0], [31, 9, 20, 0], 16, (4, 4), 16,
+                                   dict(gpu=dict(), tpu=dict())),
+    "decode_gqa_splits": ([1, 1, 2], [40, 17, 33], 8, (4, 2), 16,
+                          dict(gpu=dict(num_splits=2, block_n=16), tpu=dict(pages_per_block=1))),
+}
+
+
+@pytest.mark.parametrize("case", list(ALIBI_CASES))
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_kernel_with_alibi_matches_reference(backend, case, make_batch):
+    q_lens, kv_lens, num_tokens, (n, k), page_size, knobs = ALIBI_CASES[case]
+    batch = make_batch(q_lens, kv_lens, num_heads=n, num_kv_heads=k, page_size=page_size,
+                       num_tokens=num_tokens)
+    slopes = jnp.asarray(2.0 ** -np.arange(1, n + 1), jnp.float32)  # [N]
+    ref = rpa.reference_attention(*batch, sm_scale=0.125, alibi_slopes=slopes)
+    out = KERNELS[backend](*batch, sm_scale=0.125, alibi_slopes=slopes, interpret=True,
+                           **knobs[backend])
+    _check(out, ref, batch, jnp.float32)
+
+
+def test_entry_point_names_an_alibi_slopes_mismatch(make_batch):
+    batch = make_batch([1], [3])  # 4 q heads
+    with pytest.raises(ValueError, match=re.escape("alibi_slopes shape (3,) != (4,)")):
+        rpa.ragged_paged_attention(*batch, sm_scale=1.0, alibi_slopes=jnp.ones(3))
+
+
 @pytest.mark.parametrize("group", [3, 5, 7])
 def test_gpu_kernel_pads_odd_gqa_groups(group, make_batch):
     batch = make_batch([1, 3], [18, 3], num_heads=group, num_kv_heads=1)

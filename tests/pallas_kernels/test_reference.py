@@ -1,4 +1,7 @@
-"""The reference itself, both formulations, against a plain numpy loop on NaN-poisoned pools."""
+"""The reference itself, both formulations, against a plain numpy loop on NaN-poisoned pools.
+
+ALiBi: each head adds `slope * (key_pos - query_pos)` to its scores in both formulations.
+"""
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attenti
 
 
 def numpy_attention(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *,
-                    sm_scale, sliding_window=None, soft_cap=None):
+                    sm_scale, sliding_window=None, soft_cap=None, alibi_slopes=None):
     q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
     num_kv_heads, _, page_size, head_dim = k_pages.shape
     group = q.shape[1] // num_kv_heads
@@ -27,6 +30,8 @@ def numpy_attention(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc
                 s = k[n // group] @ q[t, n] * sm_scale
                 if soft_cap:
                     s = soft_cap * np.tanh(s / soft_cap)
+                if alibi_slopes is not None:
+                    s = s + float(alibi_slopes[n]) * (np.arange(length) - pos)
                 s = np.where(seen, s, -np.inf)
                 p = np.exp(s - s.max())
                 out[t, n] = (p / p.sum()) @ np.where(seen[:, None], v[n // group], 0)
@@ -48,3 +53,23 @@ def test_both_formulations_match_numpy(make_batch, block_q, q_lens, kv_lens, opt
     want = numpy_attention(*batch, sm_scale=0.3, **options)
     np.testing.assert_allclose(got[:sum(q_lens)], want[:sum(q_lens)], atol=2e-5)
     assert np.all(got[sum(q_lens):] == 0)  # padding tokens
+
+
+@pytest.mark.parametrize("block_q", [0, 16, 4])
+@pytest.mark.parametrize("q_lens,kv_lens", [
+    ([1, 1, 1, 1], [1, 16, 17, 70]),           # decode
+    ([40, 3, 0, 17], [40, 35, 0, 50]),         # prefill chunks, prefix hits, a padding seq
+])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_alibi_matches_numpy_in_both_formulations(make_batch, block_q, q_lens, kv_lens,
+                                                  num_kv_heads):
+    batch = make_batch(q_lens, kv_lens, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16,
+                       num_tokens=sum(q_lens) + 5)
+    slopes = np.array([0.5, 0.25, 0.0625, 0.03], np.float32)  # [N]
+    got = np.asarray(ragged_paged_attention(*batch, sm_scale=0.3, pages_per_chunk=2,
+                                            block_q=block_q, alibi_slopes=slopes))
+    want = numpy_attention(*batch, sm_scale=0.3, alibi_slopes=slopes)
+    np.testing.assert_allclose(got[:sum(q_lens)], want[:sum(q_lens)], atol=2e-5)
+    assert np.all(got[sum(q_lens):] == 0)  # padding tokens
+    plain = np.asarray(ragged_paged_attention(*batch, sm_scale=0.3, block_q=block_q))
+    assert np.abs(plain - got)[:sum(q_lens)].max() > 1e-2  # the bias changes the output
