@@ -54,6 +54,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]  # generating any of these ends a request
     bos_token_id: int | None  # the tokenizer's start token, if it has one
     dtype: str  # resolved "float32" | "bfloat16" | "float16": params and activations
+    # MLA (DeepSeek-V2): the pool keeps one latent row of kv_lora_rank + qk_rope_head_dim
+    # values per token instead of K/V heads; None for every other family.
+    kv_latent_dim: int | None = None
+    # MoE expert stacks shard on E over the "model" mesh axis (vLLM's enable_expert_parallel)
+    # instead of on their MLP width; the loader's rules and the MoE block both read it.
+    enable_expert_parallel: bool = False
     # The transformers config, kept for model-specific fields; not part of equality.
     hf_config: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
@@ -73,6 +79,10 @@ class ModelConfig:
         _model_check(self.dtype in _MODEL_DTYPES, "dtype", f"one of {_MODEL_DTYPES}", self.dtype)
         _model_check(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
                      "None or a positive integer", self.sliding_window)
+        _model_check(self.kv_latent_dim is None or self.kv_latent_dim > 0, "kv_latent_dim",
+                     "None or a positive integer", self.kv_latent_dim)
+        _model_check(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel",
+                     "a bool", self.enable_expert_parallel)
         _model_check(len(self.layer_sliding_windows) == self.num_layers, "layer_sliding_windows",
                      f"one entry per layer ({self.num_layers})", self.layer_sliding_windows)
         _model_check_rope_scaling(self.rope_scaling)
@@ -88,8 +98,6 @@ class ModelConfig:
         (`platform` defaults to jax's default backend). `max_model_len=None` serves the full
         context.
         """
-        import transformers  # heavy: only when a model is actually loaded
-
         from jaxserve.model.gguf_reader import find_gguf_file, gguf_hf_config
 
         path = os.fspath(model_dir)
@@ -100,7 +108,7 @@ class ModelConfig:
             raise FileNotFoundError(f"ModelConfig.model_dir: no config.json (nor a .gguf file) "
                                     f"in {path!r}")
         else:
-            hf = transformers.AutoConfig.from_pretrained(path)
+            hf = _read_hf_config(path)
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:
             raise ValueError(f"ModelConfig.architecture: {path}/config.json lists no `architectures`")
@@ -111,6 +119,8 @@ class ModelConfig:
         windows = _hf_layer_windows(hf)
         bias = bool(getattr(hf, "attention_bias", False))
         qwen2 = architectures[0] == "Qwen2ForCausalLM"  # q/k/v always biased, o never
+        if architectures[0] == "Qwen2MoeForCausalLM":  # q/k/v biased unless qkv_bias=False
+            qwen2 = bool(getattr(hf, "qkv_bias", True))
         return cls(
             model_dir=path,
             architecture=architectures[0],
@@ -136,8 +146,32 @@ class ModelConfig:
             eos_token_ids=_hf_eos_token_ids(hf, path),
             bos_token_id=getattr(hf, "bos_token_id", None),
             dtype=_model_resolve_dtype(dtype, platform),
+            kv_latent_dim=(hf.kv_lora_rank + hf.qk_rope_head_dim
+                           if getattr(hf, "kv_lora_rank", None) else None),
             hf_config=hf,
         )
+
+
+# Checkpoints whose config.json transformers cannot read without trust_remote_code.
+_BAICHUAN_ARCHITECTURES = ("BaichuanForCausalLM", "BaiChuanForCausalLM")
+
+
+def _read_hf_config(path: str):
+    """transformers' AutoConfig, or for Baichuan (model_type "baichuan", unknown to
+    transformers) a plain `PretrainedConfig` of config.json, with `max_position_embeddings`
+    taken from 13B's `model_max_length` and silu / untied defaults filled in."""
+    import transformers
+
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    architectures = raw.get("architectures") or [""]
+    if raw.get("model_type") != "baichuan" and architectures[0] not in _BAICHUAN_ARCHITECTURES:
+        return transformers.AutoConfig.from_pretrained(path)
+    raw.setdefault("max_position_embeddings", raw.get("model_max_length", 4096))
+    raw.setdefault("hidden_act", "silu")
+    raw.setdefault("tie_word_embeddings", False)
+    raw.pop("auto_map", None)  # the remote code we do not run
+    return transformers.PretrainedConfig(**raw)
 
 
 def _model_check(ok: bool, name: str, expected: str, value: object) -> None:

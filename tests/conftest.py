@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 TINY_CHECKPOINTS = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim", "llama_hd64",
-                    "qwen2_8heads", "mixtral")
+                    "qwen2_8heads", "mixtral", "qwen2_moe", "deepseek_v2",
+                    "deepseek_v2_lite")
 
 
 def tiny_hf_config(name: str):
@@ -60,6 +61,29 @@ def tiny_hf_config(name: str):
     if name == "mixtral":  # sparse MoE: 4 experts, top-2
         return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
                                           tie_word_embeddings=False)
+    if name == "qwen2_moe":  # 4 experts top-2 + gated shared expert; layer 1 dense
+        return transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=48,
+                                           shared_expert_intermediate_size=96,
+                                           norm_topk_prob=False, mlp_only_layers=[1],
+                                           tie_word_embeddings=False)
+    if name.startswith("deepseek_v2"):  # MLA + DeepSeekMoE: layer 0 dense, 1-2 MoE
+        mla = dict(common, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+                   moe_intermediate_size=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                   qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                   num_experts_per_tok=2, first_k_dense_replace=1, tie_word_embeddings=False)
+        if name == "deepseek_v2":  # q LoRA, YaRN with mscale, group-limited routing
+            return transformers.DeepseekV2Config(
+                **mla, q_lora_rank=24, n_shared_experts=2, topk_method="group_limited_greedy",
+                n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                     original_max_position_embeddings=64, mscale=0.707,
+                                     mscale_all_dim=0.707, beta_fast=32, beta_slow=1))
+        # V2-Lite's shape: no q LoRA, greedy top-k, one shared expert, plain RoPE
+        return transformers.DeepseekV2Config(
+            **mla, q_lora_rank=None, n_shared_experts=1, topk_method="greedy", n_group=1,
+            topk_group=1, routed_scaling_factor=1.0,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0))
     raise ValueError(f"unknown tiny checkpoint {name!r}; known: {TINY_CHECKPOINTS}")
 
 

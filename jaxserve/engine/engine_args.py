@@ -7,6 +7,8 @@ preferred XLA:CPU flags, which must happen before JAX creates its CPU client.
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
 
@@ -33,10 +35,14 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
                          compilation_cache_dir: str | None = None,
                          long_prefill_token_threshold: int = 0,
                          scheduling_policy: str = "fcfs",
-                         max_num_waiting: int | None = None) -> EngineConfig:
+                         max_num_waiting: int | None = None,
+                         enable_expert_parallel: bool = False) -> EngineConfig:
     """Reads the model's config and builds every part; ValueError names a bad option."""
     apply_preferred_cpu_flags()
     model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
+    if enable_expert_parallel is not False:  # MoE experts split over "model", not their width
+        model_config = dataclasses.replace(model_config,
+                                           enable_expert_parallel=enable_expert_parallel)
     if isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
         import jax
 

@@ -77,6 +77,9 @@ def _engine_flags() -> argparse.ArgumentParser:
                    "a fixed budget; overrides --gpu-memory-utilization)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices to shard the model over")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: split the experts over the tensor-parallel devices "
+                        "instead of each expert's MLP width")
     env = os.environ
     g.add_argument("--distributed-coordinator", metavar="HOST:PORT",
                    default=env.get("JAX_COORDINATOR_ADDRESS"),
@@ -192,7 +195,8 @@ def build_engine(model_path: str, args: argparse.Namespace):
         tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
         compilation_cache_dir=args.compilation_cache_dir or None,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
-        scheduling_policy=args.scheduling_policy, max_num_waiting=args.max_num_waiting)
+        scheduling_policy=args.scheduling_policy, max_num_waiting=args.max_num_waiting,
+        enable_expert_parallel=args.enable_expert_parallel)
     model_config = config.model_config
     max_len = model_config.max_model_len
     logger.info("loading %s (%s, max_model_len=%d)", model_path, model_config.dtype, max_len)

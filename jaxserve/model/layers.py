@@ -87,19 +87,26 @@ class MLP(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Rotary:
-    """Rotary position embedding (HF's rotate-half layout) with the HF scaling variants."""
+    """Rotary position embedding with the HF scaling variants; pairs (i, i + H/2) rotate
+    (HF's rotate-half layout), or (2i, 2i + 1) when `interleaved` (DeepSeek-V2's complex form)."""
 
-    head_dim: int  # H: every pair (i, i + H/2) of a head rotates by position * inv_freq[i]
+    head_dim: int  # H: pair i of a head rotates by position * inv_freq[i]
     theta: float  # base wavelength
     # sorted (key, value) items of the normalized rope_scaling dict; None for plain RoPE
     scaling: tuple[tuple[str, object], ...] | None = None
+    interleaved: bool = False
 
     def __call__(self, x, positions):  # [T, n, H], [T] int32 -> [T, n, H]
         inv_freq, attention_factor = rope_frequencies(self.head_dim, self.theta, self.scaling)
         angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)  # [T, H/2]
         cos = (jnp.cos(angles) * attention_factor)[:, None, :]  # [T, 1, H/2]
         sin = (jnp.sin(angles) * attention_factor)[:, None, :]
-        x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [T, n, H/2] each
+        xf = x.astype(jnp.float32)
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [T, n, H/2] each
+            out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [T, n, H/2, 2]
+            return out.reshape(x.shape).astype(x.dtype)
+        x1, x2 = jnp.split(xf, 2, axis=-1)  # [T, n, H/2] each
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         return out.astype(x.dtype)
 

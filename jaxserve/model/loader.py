@@ -7,6 +7,8 @@ cast to the config dtype and placed with the sharding its logical `axes` give un
 both shapes; checkpoint tensors no parameter asks for (a tied lm_head, say) are ignored.
 Under a mesh whose "model" axis exceeds the KV heads, K/V tensors are replicated into slots.
 A parameter with `hf_stack=E` (MoE experts) stacks E tensors named by its `{expert}` template.
+`hf_rows=(start, stop, total)`: the parameter is rows [start, stop) of a fused tensor (Baichuan's
+W_pack); `hf_normalize_axis=a`: its vectors along model axis `a` are L2-normalised (NormHead).
 A directory `jaxserve convert` wrote is restored by Orbax instead (`orbax_checkpoint`).
 """
 
@@ -22,7 +24,8 @@ from jaxserve.model.forward import build_model
 from jaxserve.model.gguf_reader import GGUFCheckpointReader, find_gguf_file
 from jaxserve.model.orbax_checkpoint import is_orbax_checkpoint, restore_model
 from jaxserve.model.safetensors_reader import SafetensorsReader
-from jaxserve.parallel.sharding import DEFAULT_RULES, logical_sharding
+from jaxserve.parallel.expert_parallel import sharding_rules
+from jaxserve.parallel.sharding import logical_sharding
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, replicate_kv_heads, tp_model_config
 
 # Checkpoints smaller than this load without a progress bar.
@@ -31,11 +34,14 @@ _PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None,
                attention_backend: str = "reference",
-               rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES) -> nnx.Module:
+               rules: tuple[tuple[str, str | None], ...] | None = None) -> nnx.Module:
     """The model of `model_config.architecture` with its weights from `model_dir`.
 
+    `rules` None: the sharding rules `model_config.enable_expert_parallel` selects.
     Split it once (`graphdef, params = nnx.split(model)`) and step it with `make_forward`.
     """
+    if rules is None:
+        rules = sharding_rules(expert_parallel=model_config.enable_expert_parallel)
     if is_orbax_checkpoint(model_dir):
         return restore_model(model_dir, model_config, mesh=mesh,
                              attention_backend=attention_backend, rules=rules)
@@ -78,7 +84,11 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     if kv_axis is not None:
         model_shape[kv_axis] //= kv_factor  # the checkpoint holds K heads, the model K' slots
     expected = tuple(reversed(model_shape)) if transpose else tuple(model_shape)
-    tensor = _read_checked(reader, name, expected)
+    if meta.get("hf_rows") is None:
+        tensor = _read_checked(reader, name, expected)
+    else:  # rows [start, stop) of a fused [total, ...] checkpoint tensor
+        start, stop, total = meta["hf_rows"]
+        tensor = _read_checked(reader, name, (total, *expected[1:]))[start:stop]
     view = tensor.T if transpose else tensor  # still the memory-mapped bytes
     if kv_axis is not None and kv_factor > 1:
         host = replicate_kv_heads(np.array(view, dtype=dtype, order="C"), kv_axis, kv_factor,
@@ -87,8 +97,19 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     # Each device reads (and casts) only its own shard of the mapped file: the host never
     # holds a sharded tensor whole.
     sharding = logical_sharding(axes, view.shape, mesh, rules=rules)
-    return jax.make_array_from_callback(
-        view.shape, sharding, lambda index: np.array(view[index], dtype=dtype, order="C"))
+    norm_axis = meta.get("hf_normalize_axis")
+    if norm_axis is None:
+        return jax.make_array_from_callback(
+            view.shape, sharding, lambda index: np.array(view[index], dtype=dtype, order="C"))
+
+    def normalized(index):  # the shard's vectors whole along `norm_axis`, then its slice
+        whole = tuple(slice(None) if a == norm_axis else i for a, i in enumerate(index))
+        block = np.asarray(view[whole], np.float32)
+        block = block / np.maximum(np.linalg.norm(block, axis=norm_axis, keepdims=True), 1e-12)
+        part = tuple(i if a == norm_axis else slice(None) for a, i in enumerate(index))
+        return np.array(block[part], dtype=dtype, order="C")
+
+    return jax.make_array_from_callback(view.shape, sharding, normalized)
 
 
 def _read_checked(reader, name: str, expected: tuple[int, ...]):

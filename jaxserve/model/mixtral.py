@@ -25,7 +25,8 @@ def mixtral_moe(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMoE
                      renormalize=True, router_name=f"{prefix}.gate",
                      expert_names=tuple(f"{prefix}.experts.{{expert}}.{w}.weight"
                                         for w in ("w1", "w3", "w2")),
-                     dtype=jnp.dtype(config.dtype), rngs=rngs)
+                     dtype=jnp.dtype(config.dtype), rngs=rngs,
+                     expert_parallel=config.enable_expert_parallel)
 
 
 class MixtralDecoderLayer(nnx.Module):

@@ -9,10 +9,14 @@ import importlib
 
 # HF architecture name -> "module:Class" implementing it.
 _MODELS: tuple[tuple[str, str], ...] = (
+    ("BaiChuanForCausalLM", "jaxserve.model.baichuan:BaichuanForCausalLM"),
+    ("BaichuanForCausalLM", "jaxserve.model.baichuan:BaichuanForCausalLM"),
+    ("DeepseekV2ForCausalLM", "jaxserve.model.deepseek_v2:DeepseekV2ForCausalLM"),
     ("LlamaForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
     ("MistralForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
     ("MixtralForCausalLM", "jaxserve.model.mixtral:MixtralForCausalLM"),
     ("Qwen2ForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
+    ("Qwen2MoeForCausalLM", "jaxserve.model.qwen2_moe:Qwen2MoeForCausalLM"),
     ("Qwen3ForCausalLM", "jaxserve.model.llama:LlamaForCausalLM"),
 )
 

@@ -22,7 +22,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "model"),
     ("head_dim", None),
     ("mlp", "model"),
-    ("experts", None),  # MoE expert stacks: replicated for now (expert parallelism later)
+    ("experts", None),  # MoE stacks split on F ("mlp"); expert_parallel.py's rules split E
     ("norm", None),
     ("blocks", None),
     ("block_size", None),

@@ -3,14 +3,15 @@
 On GPU/TPU the budget is the device's free memory times `gpu_memory_utilization`; on CPU
 it is `kv_cache_memory_bytes` (default `CPU_DEFAULT_KV_BYTES`). `num_gpu_blocks_override`
 fixes the block count exactly. The layout of each pool comes from the kernels
-(`kv_pool_shape`); block 0 is the null block that padding reads and writes. Under tensor
+(`kv_pool_shape`, or `latent_pool_shape` for MLA models); block 0 is the null block that padding reads and writes. Under tensor
 parallelism each device holds 1/TP of every block (its KV head slots), so one device's
-budget buys TP times the blocks.
+budget buys TP times the blocks; an MLA latent pool is replicated, so it buys the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import CacheConfig, ModelConfig
-from jaxserve.parallel.sharding import kv_pool_sharding
+from jaxserve.parallel.sharding import kv_pool_sharding, no_sharding
+from pallas_kernels.mla_paged_attention import latent_pool_shape
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,30 @@ class KVCacheSpec:
 
     num_blocks: int  # L, the null block 0 included
     block_size: int  # S tokens per block
-    bytes_per_block: int  # on one device: all layers, keys and values, its KV head slots
+    bytes_per_block: int  # on one device: all layers, all pools, its KV head slots
     max_num_seqs_at_full_length: float  # (L - 1) blocks / blocks per max_model_len sequence
 
 
-def bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
+def layer_pool_shapes(model_config: ModelConfig, num_blocks: int,
+                      block_size: int) -> tuple[tuple[int, ...], ...]:
+    """The pools of one layer: a key pool and a value pool `[K, L, S, H]` each, or for MLA
+    (`kv_latent_dim` set) one latent pool `[L, S, R + Hr]` (`latent_pool_shape`)."""
+    if model_config.kv_latent_dim is not None:
+        return (latent_pool_shape(num_blocks, block_size, model_config.kv_latent_dim),)
+    shape = kv_pool_shape(model_config.num_kv_heads, num_blocks, block_size,
+                          model_config.head_dim)
+    return (shape, shape)
+
+
+def bytes_per_block(model_config: ModelConfig, block_size: int, *, num_shards: int = 1) -> int:
+    """Bytes one block costs on one device, all layers: K/V pools split over `num_shards`
+    devices by KV head slots; an MLA latent pool is replicated on every device."""
     itemsize = jnp.dtype(model_config.dtype).itemsize
-    return (2 * model_config.num_layers * model_config.num_kv_heads * block_size
-            * model_config.head_dim * itemsize)
+    per_layer = sum(math.prod(shape) for shape in
+                    layer_pool_shapes(model_config, 1, block_size)) * itemsize
+    if model_config.kv_latent_dim is None:
+        per_layer //= num_shards
+    return model_config.num_layers * per_layer
 
 
 def _budget_bytes(cache_config: CacheConfig, device: jax.Device) -> tuple[int, bool]:
@@ -63,7 +81,7 @@ def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
     `num_shards` devices split every block (the KV head slots of `model_config`)."""
     device = device or jax.devices()[0]
     block_size = cache_config.block_size
-    per_block = bytes_per_block(model_config, block_size) // num_shards  # on one device
+    per_block = bytes_per_block(model_config, block_size, num_shards=num_shards)
     if cache_config.num_gpu_blocks_override is not None:
         num_blocks = cache_config.num_gpu_blocks_override
     else:
@@ -83,12 +101,21 @@ def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
     return spec
 
 
+def _replicated(mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
+    if mesh is None:
+        return no_sharding()
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def allocate_kv_caches(model_config: ModelConfig, spec: KVCacheSpec, *,
                        mesh: jax.sharding.Mesh | None = None):
-    """One zeroed (key, value) pool pair per layer, each `kv_pool_shape(...)`, placed
-    (committed) with the pool sharding, exactly as every step returns them."""
-    shape = kv_pool_shape(model_config.num_kv_heads, spec.num_blocks, spec.block_size,
-                          model_config.head_dim)
+    """One tuple of zeroed pools per layer (`layer_pool_shapes`: key and value, or MLA's
+    latent pool), placed (committed) with the pool sharding, exactly as every step returns
+    them: K/V pools shard over KV heads, a latent pool is replicated."""
     dtype = jnp.dtype(model_config.dtype)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_pool_sharding(shape, mesh))
-    return tuple((make(), make()) for _ in range(model_config.num_layers))
+    shapes = layer_pool_shapes(model_config, spec.num_blocks, spec.block_size)
+    makers = {shape: jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=(
+        kv_pool_sharding(shape, mesh) if len(shape) == 4 else _replicated(mesh)))
+        for shape in set(shapes)}  # one program per distinct pool shape
+    return tuple(tuple(makers[shape]() for shape in shapes)
+                 for _ in range(model_config.num_layers))

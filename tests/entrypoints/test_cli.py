@@ -25,6 +25,9 @@ def test_serve_flags_have_vllm_names_and_defaults():
     assert args.enable_prefix_caching is True and args.max_num_batched_tokens is None
     assert (args.max_logprobs, args.seed, args.tensor_parallel_size) == (20, 0, 1)
     assert args.served_model_name is None and args.api_key is None
+    assert args.enable_expert_parallel is False
+    assert cli.build_parser().parse_args(
+        ["serve", "m", "-tp", "2", "--enable-expert-parallel"]).enable_expert_parallel is True
 
 
 def test_serve_flags_parse_sizes_lengths_and_negations():

@@ -1,0 +1,154 @@
+"""DeepSeek-V2: MLA over a latent pool and DeepSeekMoE, against transformers.
+
+Two tiny checkpoints: "deepseek_v2" (q LoRA, YaRN with mscale, group-limited routing with a
+scaling factor, two shared experts) and "deepseek_v2_lite" (V2-Lite's shape: no q LoRA,
+greedy routing, plain RoPE); both have a dense first layer. Ragged prompts prefill together
+on shuffled blocks of NaN-poisoned latent pools, then decode, within 1e-4 of HF's float32
+logits; `LLM.generate` with prefix caching, chunked prefill and preemption gives HF's
+greedy tokens. The pool holds R + Hr values per token per layer, not K/V heads.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.model.forward import make_forward
+from jaxserve.model.loader import load_model
+from jaxserve.runner.kv_cache import bytes_per_block, layer_pool_shapes
+
+PROMPT_LENS = (1, 15, 17, 40)
+NUM_DECODE = 4
+BLOCK_SIZE = 16
+NUM_BLOCKS = 24
+MAX_BLOCKS = 4  # block-table width: (40 + 4) / 16 rounded up
+NUM_SEQS = 8  # the sequence bucket: four padding sequences
+PREFILL_TOKENS = 128
+DECODE_TOKENS = 8
+FLOAT32_MAX_ERROR = 1e-4
+FAMILIES = ("deepseek_v2", "deepseek_v2_lite")
+
+
+def _sequences() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 256, n + NUM_DECODE, dtype=np.int32) for n in PROMPT_LENS]
+
+
+def _hf_logits(path) -> list[np.ndarray]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return [model(torch.from_numpy(seq[None].astype(np.int64))).logits[0].numpy()
+                for seq in _sequences()]
+
+
+def paged_logits_error(path, paged_step) -> float:
+    """Max |logit - HF logit| over every prompt token and NUM_DECODE decode steps."""
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    graphdef, params = nnx.split(load_model(path, config))
+    sequences, expected = _sequences(), _hf_logits(path)
+    free = list(np.random.default_rng(1).permutation(np.arange(1, NUM_BLOCKS)))
+    tables = [[int(free.pop()) for _ in range(-(-(n + NUM_DECODE) // BLOCK_SIZE))]
+              for n in PROMPT_LENS]
+    layout = dict(block_size=BLOCK_SIZE, num_seqs=NUM_SEQS, max_blocks=MAX_BLOCKS)
+    kv_caches = tuple(tuple(jnp.full(shape, jnp.nan) for shape in
+                            layer_pool_shapes(config, NUM_BLOCKS, BLOCK_SIZE))
+                      for _ in range(config.num_layers))  # NaN: unwritten slots poison
+    diffs = []
+    with jax.default_matmul_precision("highest"):
+        ids, positions, metadata = paged_step([s[:n] for s, n in zip(sequences, PROMPT_LENS)],
+                                              [0] * len(PROMPT_LENS), tables,
+                                              num_tokens=PREFILL_TOKENS, **layout)
+        logits, kv_caches = make_forward(graphdef, all_token_logits=True)(
+            params, kv_caches, ids, positions, metadata)
+        for b, n in enumerate(PROMPT_LENS):
+            start = metadata.query_start_loc[b]
+            diffs.append(np.abs(np.asarray(logits)[start:start + n] - expected[b][:n]))
+        decode = make_forward(graphdef)
+        for step in range(NUM_DECODE):
+            done = [n + step for n in PROMPT_LENS]
+            ids, positions, metadata = paged_step([s[d:d + 1] for s, d in zip(sequences, done)],
+                                                  done, tables, num_tokens=DECODE_TOKENS,
+                                                  **layout)
+            logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
+            diffs += [np.abs(np.asarray(logits)[b] - expected[b][d])[None]
+                      for b, d in enumerate(done)]
+    diffs = np.concatenate(diffs)  # [prompt tokens + decoded tokens, V]
+    assert np.isfinite(diffs).all()
+    return float(diffs.max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deepseek_v2_paged_prefill_and_decode_match_transformers(family, tiny_checkpoint,
+                                                                 paged_step):
+    error = paged_logits_error(tiny_checkpoint(family), paged_step)
+    print(f"{family} float32: max |logit error| {error:.2e}")
+    assert error < FLOAT32_MAX_ERROR
+
+
+def test_the_pool_stores_one_latent_row_per_token(tiny_checkpoint):
+    config = ModelConfig.from_pretrained(tiny_checkpoint("deepseek_v2"), dtype="bfloat16")
+    assert config.kv_latent_dim == 32 + 8  # kv_lora_rank + qk_rope_head_dim
+    assert layer_pool_shapes(config, NUM_BLOCKS, BLOCK_SIZE) == ((NUM_BLOCKS, BLOCK_SIZE, 40),)
+    # 3 layers x 16 tokens x 40 values x 2 bytes, the same on every device under TP
+    assert bytes_per_block(config, BLOCK_SIZE) == 3 * 16 * 40 * 2
+    assert bytes_per_block(config, BLOCK_SIZE, num_shards=4) == 3 * 16 * 40 * 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deepseek_v2_greedy_tokens_equal_transformers_with_caching_chunking_and_preemption(
+        family, engine_checkpoint, engine_kwargs):
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.testing.hf_reference import hf_greedy, random_prompts
+
+    path = engine_checkpoint(family)
+    prefix = random_prompts([40], seed=1)[0]
+    prompts = [prefix + tail for tail in random_prompts([1, 9, 20, 33], seed=2)]
+    prompts += random_prompts([5, 50], seed=3)
+    llm = LLM(str(path), **{**engine_kwargs, "max_num_batched_tokens": 32,
+                            "num_gpu_blocks_override": 12, "max_num_seqs": 8,
+                            "max_model_len": 128})
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 16)
+    metrics = llm.get_metrics()
+    assert metrics["num_preemptions"] > 0
+    assert metrics["prefix_cache_hits"] > 0
+
+
+# Public config.json values of the two released models (attention shapes only matter here).
+RELEASED = {
+    "DeepSeek-V2-Lite": dict(hidden_size=2048, num_hidden_layers=27, num_attention_heads=16,
+                             q_lora_rank=None, n_routed_experts=64, n_group=1, topk_group=1),
+    "DeepSeek-V2": dict(hidden_size=5120, num_hidden_layers=60, num_attention_heads=128,
+                        q_lora_rank=1536, n_routed_experts=160, n_group=8, topk_group=3),
+}
+
+
+@pytest.mark.parametrize("name,latent_bytes,per_head_bytes", [
+    ("DeepSeek-V2-Lite", 31_104, 276_480), ("DeepSeek-V2", 69_120, 4_915_200)])
+def test_kv_bytes_per_token_of_the_released_models(name, latent_bytes, per_head_bytes,
+                                                   tmp_path):
+    import transformers
+
+    hf = transformers.DeepseekV2Config(
+        **RELEASED[name], num_key_value_heads=RELEASED[name]["num_attention_heads"],
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        vocab_size=102400, max_position_embeddings=163840, architectures=[
+            "DeepseekV2ForCausalLM"], rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=40.0,
+            original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707,
+            beta_fast=32, beta_slow=1))
+    hf.save_pretrained(tmp_path)
+    config = ModelConfig.from_pretrained(tmp_path, dtype="bfloat16", max_model_len=4096)
+    per_token = bytes_per_block(config, BLOCK_SIZE) // BLOCK_SIZE
+    # A per-head layout would keep N keys of nope + rope and N values of v_head_dim.
+    per_head = config.num_layers * config.num_heads * (128 + 64 + 128) * 2
+    print(f"{name}: {per_token} B/token latent vs {per_head} B/token per-head K/V "
+          f"({per_head / per_token:.1f}x)")
+    assert (per_token, per_head) == (latent_bytes, per_head_bytes)
