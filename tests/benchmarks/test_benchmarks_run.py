@@ -1,38 +1,43 @@
-"""The throughput benchmark runs end to end on a tiny random checkpoint, for both backends.
+"""The throughput benchmark runs end to end on a tiny random checkpoint (jaxserve and hf).
 
 The checkpoint maker and the benchmark run as subprocesses, exactly as documented; the
-request sampler and vLLM's static-batching rule are checked directly as plain functions.
+request samplers and vLLM's static-batching rule are checked directly as plain functions.
+`hf-cb` and `vllm` never run here; only the message for a missing vLLM venv is checked.
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it
     return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=True)
+                          capture_output=True, text=True, timeout=120, check=check)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/benchmark_throughput.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark_throughput",
-                                                  BENCHMARKS / "benchmark_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    """The throughput benchmark's request and batching functions, from its sibling modules
+    (benchmarks/ is not a package: its scripts import each other by name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    names = ("throughput_workloads", "throughput_hf")
+    try:
+        workloads, hf = (importlib.import_module(name) for name in names)
+        yield types.SimpleNamespace(**vars(workloads), hf_batches=hf.hf_batches)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +86,38 @@ def test_hf_batches_close_at_the_batch_size_and_at_2048_tokens(bench):
     # The third request would make max(prompt) + max(output) = 1500 + 600 > 2048.
     mixed = [request(1000, 500), request(1500, 100), request(100, 600), request(10, 10)]
     assert bench.hf_batches(mixed, max_batch_size=8) == [[0, 1], [2, 3]]
+
+
+def test_sharegpt_like_requests_follow_the_seed_and_the_shipped_histogram(bench, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    kwargs = dict(num_prompts=400, seed=5, max_model_len=1024)
+    requests = bench.sample_sharegpt_like_requests(tokenizer, **kwargs)
+    assert requests == bench.sample_sharegpt_like_requests(tokenizer, **kwargs)
+    hist = bench.load_length_histogram()
+    low, high = hist["input_len"]["bin_edges"][0], hist["input_len"]["bin_edges"][-1]
+    assert all(low <= len(r.prompt_token_ids) < high and r.output_len >= 4
+               and len(r.prompt_token_ids) + r.output_len <= 1024 for r in requests)
+    mean_in = sum(len(r.prompt_token_ids) for r in requests) / len(requests)
+    assert 0.6 * hist["input_len"]["mean"] < mean_in < 1.4 * hist["input_len"]["mean"]
+    fixed = bench.sample_sharegpt_like_requests(tokenizer, num_prompts=5, seed=5, output_len=7)
+    assert [r.output_len for r in fixed] == [7] * 5
+
+
+def test_throughput_benchmark_runs_the_sharegpt_like_workload(tiny_model_dir, tmp_path):
+    out = tmp_path / "result.json"
+    _run("benchmark_throughput.py", "--backend", "jaxserve", "--model", str(tiny_model_dir),
+         "--dataset-name", "sharegpt-like", "--num-prompts", "3", "--sharegpt-output-len", "3",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--output-json", str(out))
+    result = json.loads(out.read_text())
+    assert result["num_requests"] == 3 and result["total_output_tokens"] == 9
+    assert result["total_num_tokens"] > 9 + 3 * 3 and result["output_tokens_per_second"] > 0
+
+
+def test_vllm_backend_without_its_venv_says_how_to_make_it(tiny_model_dir, tmp_path):
+    done = _run("benchmark_throughput.py", "--backend", "vllm", "--model", str(tiny_model_dir),
+                "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+                "--vllm-venv", str(tmp_path / "no-such-venv"), check=False)
+    assert done.returncode == 2
+    assert "setup_vllm_cpu.sh" in done.stderr and "Traceback" not in done.stderr
