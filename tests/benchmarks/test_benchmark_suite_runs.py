@@ -60,6 +60,10 @@ def test_prefix_caching_benchmark_hits_the_shared_prefix(tiny_model, tmp_path):
     assert cases[("no shared prefix", True)]["hit_rate"] == 0.0
     assert cases[("shared 40", False)]["hit_rate"] is None
     assert all(c["compilations_while_measured"] == 0 for c in cases.values())
+    # the caching code was timed: with the cache off it only checks the flag
+    on, off = (cases[("no shared prefix", c)]["caching_host_share"] for c in (True, False))
+    assert on > off >= 0
+    assert 0 < json.loads(out.read_text())["summary"]["zero_hit_caching_host_share"] < 0.5
 
 
 def test_kv_memory_benchmark_reports_utilization_and_concurrency(tmp_path):
