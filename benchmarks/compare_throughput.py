@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench_common import print_table, write_json
+from bench_common import print_table, save_plot, write_json
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--vllm-binds", nargs="+", default=["auto"],
                    help="VLLM_CPU_OMP_THREADS_BIND values to try (e.g. auto 0-1)")
     p.add_argument("--output-json")
+    p.add_argument("--plot", default=None,
+                   help="PNG: median output tokens/s of each configuration, runs as dots")
     args, common = p.parse_known_args(argv)
     common = ["--model", args.model, *common]
     todo = configs(args)
@@ -121,6 +123,18 @@ def main(argv=None) -> dict:
     results = {"medians_output_tok_s": medians, "ratios": ratios, "notes": notes,
                "runs": runs, "common_args": common, "repeats": args.repeats}
     write_json(args.output_json, results)
+
+    def draw(ax):
+        labels = [label for label in todo if runs[label]]
+        ax.bar(range(len(labels)), [medians[label] for label in labels], color="#8fb3d9")
+        for i, label in enumerate(labels):
+            ax.plot([i] * len(runs[label]),
+                    [r["output_tokens_per_second"] for r in runs[label]], "k.")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_ylabel("output tokens/s (median, runs as dots)")
+        ax.set_title("offline throughput, same model and requests")
+
+    save_plot(args.plot, draw)
     return results
 
 

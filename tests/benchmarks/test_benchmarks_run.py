@@ -48,20 +48,26 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("backend", ["hf", "jaxserve"])
-def test_throughput_benchmark_writes_positive_rates(tiny_model_dir, tmp_path, backend):
-    out = tmp_path / "result.json"
-    done = _run("benchmark_throughput.py", "--backend", backend, "--model", str(tiny_model_dir),
+def test_comparison_runs_each_backend_skips_a_missing_vllm_and_plots(tiny_model_dir, tmp_path):
+    out, plot = tmp_path / "compare.json", tmp_path / "compare.png"
+    done = _run("compare_throughput.py", "--model", str(tiny_model_dir), "--repeats", "1",
+                "--backends", "jaxserve", "hf", "vllm", "--hf-batch-sizes", "4",
+                "--vllm-dtypes", "float32", "--vllm-venv", str(tmp_path / "no-such-venv"),
                 "--dataset-name", "random", "--num-prompts", "6", "--input-len", "12",
                 "--output-len", "6", "--random-range-ratio", "0.5", "--seed", "1",
-                "--hf-max-batch-size", "4", "--num-threads", "1", "--max-num-seqs", "8",
-                "--max-num-batched-tokens", "32", "--output-json", str(out))
+                "--num-threads", "1", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
+                "--output-json", str(out), "--plot", str(plot))
     assert done.stdout.splitlines()[0].split()[:2] == ["backend", "requests/s"]
     result = json.loads(out.read_text())
-    assert result["backend"] == backend and result["num_requests"] == 6
-    for field in ("requests_per_second", "tokens_per_second", "output_tokens_per_second",
-                  "elapsed_time"):
-        assert result[field] > 0, field
+    assert set(result["medians_output_tok_s"]) == {"jaxserve", "hf batch 4"}
+    for label, (run,) in ((k, v) for k, v in result["runs"].items() if v):
+        assert run["num_requests"] == 6, label
+        for field in ("requests_per_second", "tokens_per_second", "output_tokens_per_second",
+                      "elapsed_time"):
+            assert run[field] > 0, (label, field)
+    assert "setup_vllm_cpu.sh" in result["notes"]["vllm float32"]
+    assert result["ratios"]["hf batch"]["ratio"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_random_requests_follow_the_seed_and_the_length_range(bench, tiny_model_dir):
