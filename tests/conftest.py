@@ -200,3 +200,84 @@ def qwen2_llm(engine_checkpoint):
     from jaxserve import LLM
 
     return LLM(str(engine_checkpoint("qwen2")), **ENGINE_KWARGS)
+
+
+# The paged parity run the model-family tests share: ragged prompts of these lengths prefill
+# together in one step on shuffled blocks of NaN-poisoned pools, then decode a few steps.
+PARITY_PROMPT_LENS = (1, 15, 17, 40)
+PARITY_NUM_DECODE = 4
+
+
+def parity_sequences(vocab: int = 256) -> list[np.ndarray]:
+    """Per prompt: its tokens plus the PARITY_NUM_DECODE tokens fed while decoding."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, n + PARITY_NUM_DECODE, dtype=np.int32)
+            for n in PARITY_PROMPT_LENS]
+
+
+def paged_logit_errors(path, sequences: list[np.ndarray], expected: list[np.ndarray],
+                       ) -> np.ndarray:  # [prompt tokens + decoded tokens, V]
+    """|logits - expected| of every prompt token (one ragged prefill, T = 128, B = 8) and of
+    every decoded token (T = 8), float32, through the model's own pools (`layer_pool_shapes`)
+    filled with NaN so that any read of an unwritten slot shows."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxserve.config import ModelConfig
+    from jaxserve.model.forward import make_forward
+    from jaxserve.model.loader import load_model
+    from jaxserve.runner.kv_cache import layer_pool_shapes
+
+    block_size, num_blocks = 16, 24
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    graphdef, params = nnx.split(load_model(path, config))
+    free = list(np.random.default_rng(1).permutation(np.arange(1, num_blocks)))
+    tables = [[int(free.pop()) for _ in range(-(-len(s) // block_size))] for s in sequences]
+    layout = dict(block_size=block_size, num_seqs=8, max_blocks=max(map(len, tables)))
+    kv_caches = tuple(tuple(jnp.full(shape, jnp.nan) for shape in
+                            layer_pool_shapes(config, num_blocks, block_size))
+                      for _ in range(config.num_layers))
+    diffs = []
+    with jax.default_matmul_precision("highest"):
+        ids, positions, metadata = make_paged_step(
+            [s[:n] for s, n in zip(sequences, PARITY_PROMPT_LENS)], [0] * len(sequences),
+            tables, num_tokens=128, **layout)
+        logits, kv_caches = make_forward(graphdef, all_token_logits=True)(
+            params, kv_caches, ids, positions, metadata)
+        for b, n in enumerate(PARITY_PROMPT_LENS):
+            start = metadata.query_start_loc[b]
+            diffs.append(np.abs(np.asarray(logits)[start:start + n] - expected[b][:n]))
+        decode = make_forward(graphdef)
+        for step in range(PARITY_NUM_DECODE):
+            done = [n + step for n in PARITY_PROMPT_LENS]
+            ids, positions, metadata = make_paged_step(
+                [s[d:d + 1] for s, d in zip(sequences, done)], done, tables, num_tokens=8,
+                **layout)
+            logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
+            diffs += [np.abs(np.asarray(logits)[b] - expected[b][d])[None]
+                      for b, d in enumerate(done)]
+    return np.concatenate(diffs)
+
+
+def hf_float32_logits(path, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    """transformers' own float32 logits of each whole sequence (eager attention)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return [model(torch.from_numpy(seq[None].astype(np.int64))).logits[0].numpy()
+                for seq in sequences]
+
+
+@pytest.fixture(scope="session")
+def paged_parity():
+    """`paged_parity.sequences(vocab)`, `.hf_logits(path, sequences)` and
+    `.errors(path, sequences, expected)`: the shared paged parity run (see above)."""
+    import types
+
+    return types.SimpleNamespace(sequences=parity_sequences, hf_logits=hf_float32_logits,
+                                 errors=paged_logit_errors, prompt_lens=PARITY_PROMPT_LENS,
+                                 num_decode=PARITY_NUM_DECODE)

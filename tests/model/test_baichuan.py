@@ -13,26 +13,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.baichuan import BaichuanForCausalLM, alibi_slopes, position_embedding
-from jaxserve.model.forward import make_forward
-from jaxserve.model.loader import load_model
 from jaxserve.model.registry import model_class
-from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
-PROMPT_LENS = (1, 15, 17, 40)
-NUM_DECODE = 4
-BLOCK_SIZE = 16
-NUM_BLOCKS = 24
-MAX_BLOCKS = 4  # block-table width: (40 + 4) / 16 rounded up
-NUM_SEQS = 8
-PREFILL_TOKENS = 128
-DECODE_TOKENS = 8
 FLOAT32_MAX_ERROR = 1e-4
 NUM_GREEDY = 12
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
@@ -186,44 +173,6 @@ def numpy_alibi_greedy(w, prompts, max_tokens: int) -> list[list[int]]:
     return outputs
 
 
-def _sequences(vocab: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    return [rng.integers(3, vocab, n + NUM_DECODE, dtype=np.int32) for n in PROMPT_LENS]
-
-
-def _paged_logit_errors(path, sequences, expected, paged_step) -> np.ndarray:
-    """|logits - expected| of every prompt token (one ragged prefill) and decoded token."""
-    config = ModelConfig.from_pretrained(path, dtype="float32")
-    graphdef, params = nnx.split(load_model(path, config))
-    free = list(np.random.default_rng(1).permutation(np.arange(1, NUM_BLOCKS)))
-    tables = [[int(free.pop()) for _ in range(-(-(n + NUM_DECODE) // BLOCK_SIZE))]
-              for n in PROMPT_LENS]
-    layout = dict(block_size=BLOCK_SIZE, num_seqs=NUM_SEQS, max_blocks=MAX_BLOCKS)
-    shape = kv_pool_shape(config.num_kv_heads, NUM_BLOCKS, BLOCK_SIZE, config.head_dim)
-    kv_caches = tuple((jnp.full(shape, jnp.nan), jnp.full(shape, jnp.nan))
-                      for _ in range(config.num_layers))  # NaN: unwritten slots poison
-    diffs = []
-    with jax.default_matmul_precision("highest"):
-        ids, positions, metadata = paged_step([s[:n] for s, n in zip(sequences, PROMPT_LENS)],
-                                              [0] * len(PROMPT_LENS), tables,
-                                              num_tokens=PREFILL_TOKENS, **layout)
-        logits, kv_caches = make_forward(graphdef, all_token_logits=True)(
-            params, kv_caches, ids, positions, metadata)
-        for b, n in enumerate(PROMPT_LENS):
-            start = metadata.query_start_loc[b]
-            diffs.append(np.abs(np.asarray(logits)[start:start + n] - expected[b][:n]))
-        decode = make_forward(graphdef)
-        for step in range(NUM_DECODE):
-            done = [n + step for n in PROMPT_LENS]
-            ids, positions, metadata = paged_step([s[d:d + 1] for s, d in zip(sequences, done)],
-                                                  done, tables, num_tokens=DECODE_TOKENS,
-                                                  **layout)
-            logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
-            diffs += [np.abs(np.asarray(logits)[b] - expected[b][d])[None]
-                      for b, d in enumerate(done)]
-    return np.concatenate(diffs)  # [prompt tokens + decoded tokens, V]
-
-
 def _engine_prompts(vocab: int) -> list[list[int]]:
     from jaxserve.testing.hf_reference import random_prompts
 
@@ -273,27 +222,19 @@ def test_position_embedding_without_the_key_follows_the_hidden_size(alibi_checkp
 
 
 def test_rope_paged_logits_match_transformers_llama_with_a_normalised_head(
-        rope_checkpoints, paged_step):
-    import torch
-    import transformers
-
+        rope_checkpoints, paged_parity):
     baichuan, oracle = rope_checkpoints
-    sequences = _sequences(320)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        oracle, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        expected = [model(torch.from_numpy(s[None].astype(np.int64))).logits[0].numpy()
-                    for s in sequences]
-    diffs = _paged_logit_errors(baichuan, sequences, expected, paged_step)
+    sequences = paged_parity.sequences(320)
+    diffs = paged_parity.errors(baichuan, sequences, paged_parity.hf_logits(oracle, sequences))
     print(f"baichuan rope float32: max |logit error| {diffs.max():.2e}")
     assert np.isfinite(diffs).all() and diffs.max() < FLOAT32_MAX_ERROR
 
 
-def test_alibi_paged_logits_match_a_numpy_model(alibi_checkpoint, paged_step):
+def test_alibi_paged_logits_match_a_numpy_model(alibi_checkpoint, paged_parity):
     path, weights = alibi_checkpoint
-    sequences = _sequences(ALIBI_SHAPE["vocab_size"])
+    sequences = paged_parity.sequences(ALIBI_SHAPE["vocab_size"])
     expected = [numpy_alibi_logits(weights, s) for s in sequences]
-    diffs = _paged_logit_errors(path, sequences, expected, paged_step)
+    diffs = paged_parity.errors(path, sequences, expected)
     print(f"baichuan alibi float32: max |logit error| {diffs.max():.2e}")
     assert np.isfinite(diffs).all() and diffs.max() < FLOAT32_MAX_ERROR
 

@@ -8,87 +8,26 @@ logits; `LLM.generate` with prefix caching, chunked prefill and preemption gives
 greedy tokens. The pool holds R + Hr values per token per layer, not K/V heads.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.forward import make_forward
-from jaxserve.model.loader import load_model
 from jaxserve.runner.kv_cache import bytes_per_block, layer_pool_shapes
 
-PROMPT_LENS = (1, 15, 17, 40)
-NUM_DECODE = 4
 BLOCK_SIZE = 16
 NUM_BLOCKS = 24
-MAX_BLOCKS = 4  # block-table width: (40 + 4) / 16 rounded up
-NUM_SEQS = 8  # the sequence bucket: four padding sequences
-PREFILL_TOKENS = 128
-DECODE_TOKENS = 8
 FLOAT32_MAX_ERROR = 1e-4
 FAMILIES = ("deepseek_v2", "deepseek_v2_lite")
 
 
-def _sequences() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    return [rng.integers(3, 256, n + NUM_DECODE, dtype=np.int32) for n in PROMPT_LENS]
-
-
-def _hf_logits(path) -> list[np.ndarray]:
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return [model(torch.from_numpy(seq[None].astype(np.int64))).logits[0].numpy()
-                for seq in _sequences()]
-
-
-def paged_logits_error(path, paged_step) -> float:
-    """Max |logit - HF logit| over every prompt token and NUM_DECODE decode steps."""
-    config = ModelConfig.from_pretrained(path, dtype="float32")
-    graphdef, params = nnx.split(load_model(path, config))
-    sequences, expected = _sequences(), _hf_logits(path)
-    free = list(np.random.default_rng(1).permutation(np.arange(1, NUM_BLOCKS)))
-    tables = [[int(free.pop()) for _ in range(-(-(n + NUM_DECODE) // BLOCK_SIZE))]
-              for n in PROMPT_LENS]
-    layout = dict(block_size=BLOCK_SIZE, num_seqs=NUM_SEQS, max_blocks=MAX_BLOCKS)
-    kv_caches = tuple(tuple(jnp.full(shape, jnp.nan) for shape in
-                            layer_pool_shapes(config, NUM_BLOCKS, BLOCK_SIZE))
-                      for _ in range(config.num_layers))  # NaN: unwritten slots poison
-    diffs = []
-    with jax.default_matmul_precision("highest"):
-        ids, positions, metadata = paged_step([s[:n] for s, n in zip(sequences, PROMPT_LENS)],
-                                              [0] * len(PROMPT_LENS), tables,
-                                              num_tokens=PREFILL_TOKENS, **layout)
-        logits, kv_caches = make_forward(graphdef, all_token_logits=True)(
-            params, kv_caches, ids, positions, metadata)
-        for b, n in enumerate(PROMPT_LENS):
-            start = metadata.query_start_loc[b]
-            diffs.append(np.abs(np.asarray(logits)[start:start + n] - expected[b][:n]))
-        decode = make_forward(graphdef)
-        for step in range(NUM_DECODE):
-            done = [n + step for n in PROMPT_LENS]
-            ids, positions, metadata = paged_step([s[d:d + 1] for s, d in zip(sequences, done)],
-                                                  done, tables, num_tokens=DECODE_TOKENS,
-                                                  **layout)
-            logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
-            diffs += [np.abs(np.asarray(logits)[b] - expected[b][d])[None]
-                      for b, d in enumerate(done)]
-    diffs = np.concatenate(diffs)  # [prompt tokens + decoded tokens, V]
-    assert np.isfinite(diffs).all()
-    return float(diffs.max())
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deepseek_v2_paged_prefill_and_decode_match_transformers(family, tiny_checkpoint,
-                                                                 paged_step):
-    error = paged_logits_error(tiny_checkpoint(family), paged_step)
-    print(f"{family} float32: max |logit error| {error:.2e}")
-    assert error < FLOAT32_MAX_ERROR
+                                                                 paged_parity):
+    path = tiny_checkpoint(family)
+    sequences = paged_parity.sequences()
+    diffs = paged_parity.errors(path, sequences, paged_parity.hf_logits(path, sequences))
+    print(f"{family} float32: max |logit error| {diffs.max():.2e}")
+    assert np.isfinite(diffs).all() and diffs.max() < FLOAT32_MAX_ERROR
 
 
 def test_the_pool_stores_one_latent_row_per_token(tiny_checkpoint):

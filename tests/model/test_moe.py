@@ -15,20 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.config import ModelConfig
-from jaxserve.model.forward import make_forward
-from jaxserve.model.loader import load_model
 from jaxserve.model.moe import SharedExpert, SparseMoE
-from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
-PROMPT_LENS = (1, 15, 17, 40)
-NUM_DECODE = 4
-BLOCK_SIZE = 16
-NUM_BLOCKS = 24
-MAX_BLOCKS = 4  # block-table width: (40 + 4) / 16 rounded up
-NUM_SEQS = 8  # the sequence bucket: four padding sequences
-PREFILL_TOKENS = 128  # the token bucket of the prefill step (73 real tokens)
-DECODE_TOKENS = 8
 FLOAT32_MAX_ERROR = 1e-4
 
 
@@ -102,55 +90,11 @@ def test_group_limited_routing_picks_only_from_the_best_groups():
     np.testing.assert_allclose(np.sort(np.asarray(weights)[0]), [0.12, 0.5, 0.6], rtol=1e-5)
 
 
-def _sequences() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    return [rng.integers(3, 256, n + NUM_DECODE, dtype=np.int32) for n in PROMPT_LENS]
-
-
-def _hf_logits(path) -> list[np.ndarray]:
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return [model(torch.from_numpy(seq[None].astype(np.int64))).logits[0].numpy()
-                for seq in _sequences()]
-
-
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_moe_paged_prefill_and_decode_match_transformers(tiny_checkpoint, paged_step, family):
+def test_moe_paged_prefill_and_decode_match_transformers(tiny_checkpoint, paged_parity, family):
     path = tiny_checkpoint(family)
-    config = ModelConfig.from_pretrained(path, dtype="float32")
-    graphdef, params = nnx.split(load_model(path, config))
-    sequences, expected = _sequences(), _hf_logits(path)
-    free = list(np.random.default_rng(1).permutation(np.arange(1, NUM_BLOCKS)))
-    tables = [[int(free.pop()) for _ in range(-(-(n + NUM_DECODE) // BLOCK_SIZE))]
-              for n in PROMPT_LENS]
-    layout = dict(block_size=BLOCK_SIZE, num_seqs=NUM_SEQS, max_blocks=MAX_BLOCKS)
-    shape = kv_pool_shape(config.num_kv_heads, NUM_BLOCKS, BLOCK_SIZE, config.head_dim)
-    kv_caches = tuple((jnp.full(shape, jnp.nan), jnp.full(shape, jnp.nan))
-                      for _ in range(config.num_layers))  # NaN: unwritten slots poison
-    diffs = []
-    with jax.default_matmul_precision("highest"):
-        ids, positions, metadata = paged_step([s[:n] for s, n in zip(sequences, PROMPT_LENS)],
-                                              [0] * len(PROMPT_LENS), tables,
-                                              num_tokens=PREFILL_TOKENS, **layout)
-        logits, kv_caches = make_forward(graphdef, all_token_logits=True)(
-            params, kv_caches, ids, positions, metadata)
-        for b, n in enumerate(PROMPT_LENS):
-            start = metadata.query_start_loc[b]
-            diffs.append(np.abs(np.asarray(logits)[start:start + n] - expected[b][:n]))
-        decode = make_forward(graphdef)
-        for step in range(NUM_DECODE):
-            done = [n + step for n in PROMPT_LENS]
-            ids, positions, metadata = paged_step([s[d:d + 1] for s, d in zip(sequences, done)],
-                                                  done, tables, num_tokens=DECODE_TOKENS,
-                                                  **layout)
-            logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
-            diffs += [np.abs(np.asarray(logits)[b] - expected[b][d])[None]
-                      for b, d in enumerate(done)]
-    diffs = np.concatenate(diffs)  # [prompt tokens + decoded tokens, V]
+    sequences = paged_parity.sequences()
+    diffs = paged_parity.errors(path, sequences, paged_parity.hf_logits(path, sequences))
     print(f"{family} float32: max |logit error| {diffs.max():.2e}, mean {diffs.mean():.2e}")
     assert np.isfinite(diffs).all() and diffs.max() < FLOAT32_MAX_ERROR
 
