@@ -17,7 +17,7 @@ from flax import nnx
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention import paged_attention, write_kv
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import MLP, Linear, RMSNorm, Rotary
+from jaxserve.model.layers import Linear, Rotary
 from jaxserve.model.llama import KVCache, LlamaDecoderLayer, LlamaForCausalLM
 
 POSITION_EMBEDDINGS = ("rope", "alibi")
@@ -118,19 +118,7 @@ class BaichuanAttention(nnx.Module):
 class BaichuanDecoderLayer(LlamaDecoderLayer):
     """Llama's pre-norm residual block around Baichuan's attention."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
-        prefix = f"model.layers.{layer}"
-        dtype = jnp.dtype(config.dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                                       hf_name=f"{prefix}.input_layernorm.weight")
-        self.self_attn = BaichuanAttention(config, layer, attention_backend=attention_backend,
-                                           rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-            hf_name=f"{prefix}.post_attention_layernorm.weight")
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, hf_name=f"{prefix}.mlp",
-                       use_bias=False, dtype=dtype, rngs=rngs)
+    attention_class = BaichuanAttention
 
 
 class BaichuanForCausalLM(LlamaForCausalLM):

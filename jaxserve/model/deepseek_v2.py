@@ -20,8 +20,8 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import MLP, Linear, RMSNorm, Rotary
-from jaxserve.model.llama import LlamaForCausalLM
+from jaxserve.model.layers import Linear, RMSNorm, Rotary
+from jaxserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, dense_mlp
 from jaxserve.model.mla_attention import mla_paged_attention, write_latent
 from jaxserve.model.moe import SharedExpert, SparseMoE
 
@@ -139,31 +139,16 @@ def deepseek_moe(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMo
         dtype=dtype, rngs=rngs)
 
 
-class DeepseekV2DecoderLayer(nnx.Module):
-    """Pre-norm residual block: x + mla(norm(x)), then x + (moe or mlp)(norm(x))."""
+class DeepseekV2DecoderLayer(LlamaDecoderLayer):
+    """Llama's block around MLA; DeepSeekMoE after the first `first_k_dense_replace` layers."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
+    attention_class = DeepseekV2Attention
+
+    def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
         hf = config.hf_config
-        prefix = f"model.layers.{layer}"
-        norm = dict(eps=config.rms_norm_eps, dtype=jnp.dtype(config.dtype))
-        self.input_layernorm = RMSNorm(config.hidden_size,
-                                       hf_name=f"{prefix}.input_layernorm.weight", **norm)
-        self.self_attn = DeepseekV2Attention(config, layer, attention_backend=attention_backend,
-                                             rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, hf_name=f"{prefix}.post_attention_layernorm.weight", **norm)
         if layer >= hf.first_k_dense_replace and hf.n_routed_experts:
-            self.mlp = deepseek_moe(config, layer, rngs=rngs)
-        else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size,
-                           hf_name=f"{prefix}.mlp", use_bias=config.mlp_bias,
-                           dtype=jnp.dtype(config.dtype), rngs=rngs)
-
-    def __call__(self, x, positions, kv_cache: LatentCache, metadata: AttentionMetadata):
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
-        x = x + attn  # [T, D]
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+            return deepseek_moe(config, layer, rngs=rngs)
+        return dense_mlp(config, layer, rngs=rngs)
 
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):

@@ -68,7 +68,13 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Every family here shares this block: one sets `attention_class` (Baichuan, DeepSeek-V2)
+    and/or overrides `make_mlp` (the MoE families), and keeps the norms and residuals.
+    """
+
+    attention_class = LlamaAttention
 
     def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
                  rngs: nnx.Rngs):
@@ -76,18 +82,27 @@ class LlamaDecoderLayer(nnx.Module):
         dtype = jnp.dtype(config.dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                                        hf_name=f"{prefix}.input_layernorm.weight")
-        self.self_attn = LlamaAttention(config, layer, attention_backend=attention_backend,
-                                        rngs=rngs)
+        self.self_attn = self.attention_class(config, layer, attention_backend=attention_backend,
+                                              rngs=rngs)
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
             hf_name=f"{prefix}.post_attention_layernorm.weight")
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, hf_name=f"{prefix}.mlp",
-                       use_bias=config.mlp_bias, dtype=dtype, rngs=rngs)
+        self.mlp = self.make_mlp(config, layer, rngs=rngs)
 
-    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
+    def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
+        """Layer `layer`'s feed-forward block ([T, D] -> [T, D]): the dense gated MLP."""
+        return dense_mlp(config, layer, rngs=rngs)
+
+    def __call__(self, x, positions, kv_cache, metadata: AttentionMetadata):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
         x = x + attn  # [T, D]
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+def dense_mlp(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> MLP:
+    """The dense gated MLP of width `intermediate_size` at `model.layers.{layer}.mlp`."""
+    return MLP(config.hidden_size, config.intermediate_size, hf_name=f"model.layers.{layer}.mlp",
+               use_bias=config.mlp_bias, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
 
 class LlamaForCausalLM(nnx.Module):

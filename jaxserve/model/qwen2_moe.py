@@ -13,9 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import MLP, RMSNorm
-from jaxserve.model.llama import KVCache, LlamaAttention, LlamaForCausalLM
+from jaxserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, dense_mlp
 from jaxserve.model.moe import SharedExpert, SparseMoE
 
 
@@ -41,31 +39,13 @@ def qwen2_moe_block(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> Spars
                      expert_parallel=config.enable_expert_parallel)
 
 
-class Qwen2MoeDecoderLayer(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), the mlp sparse
-    or dense by layer."""
+class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
+    """Llama's block (Qwen2 attention); the feed-forward sparse or dense by layer."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
-        prefix = f"model.layers.{layer}"
-        dtype = jnp.dtype(config.dtype)
-        norm = dict(eps=config.rms_norm_eps, dtype=dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size,
-                                       hf_name=f"{prefix}.input_layernorm.weight", **norm)
-        self.self_attn = LlamaAttention(config, layer, attention_backend=attention_backend,
-                                        rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, hf_name=f"{prefix}.post_attention_layernorm.weight", **norm)
+    def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
         if is_sparse_layer(config.hf_config, layer):
-            self.mlp = qwen2_moe_block(config, layer, rngs=rngs)
-        else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size,
-                           hf_name=f"{prefix}.mlp", use_bias=False, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, positions, kv_cache: KVCache, metadata: AttentionMetadata):
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
-        x = x + attn  # [T, D]
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+            return qwen2_moe_block(config, layer, rngs=rngs)
+        return dense_mlp(config, layer, rngs=rngs)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):

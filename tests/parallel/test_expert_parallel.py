@@ -83,9 +83,9 @@ def engines(request, tiny_checkpoint):
 
 
 def _moe(engine):
-    """Layer 0's MoE params (Mixtral's block_sparse_moe, Qwen2-MoE's mlp)."""
+    """Layer 0's MoE params."""
     layer = engine.llm_engine.runner.params["layers"][0]
-    return layer["block_sparse_moe"] if "block_sparse_moe" in layer else layer["mlp"]
+    return layer["mlp"]
 
 
 def _shard_shape(array):
