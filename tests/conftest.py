@@ -281,3 +281,29 @@ def paged_parity():
     return types.SimpleNamespace(sequences=parity_sequences, hf_logits=hf_float32_logits,
                                  errors=paged_logit_errors, prompt_lens=PARITY_PROMPT_LENS,
                                  num_decode=PARITY_NUM_DECODE)
+
+
+@pytest.fixture(scope="session")
+def assert_greedy_parity(engine_checkpoint, engine_kwargs):
+    """`assert_greedy_parity(family)`: `LLM.generate` on prompts sharing a 40-token prefix,
+    in 32-token chunks, on a 12-block pool, gives transformers' greedy tokens, with
+    prefix-cache hits and preemptions (> 0) on the way."""
+    def check(family: str) -> None:
+        from jaxserve import LLM, SamplingParams
+        from jaxserve.testing.hf_reference import hf_greedy, random_prompts
+
+        path = engine_checkpoint(family)
+        prefix = random_prompts([40], seed=1)[0]
+        prompts = [prefix + tail for tail in random_prompts([1, 9, 20, 33], seed=2)]
+        prompts += random_prompts([5, 50], seed=3)
+        llm = LLM(str(path), **{**engine_kwargs, "max_num_batched_tokens": 32,
+                                "num_gpu_blocks_override": 12, "max_num_seqs": 8,
+                                "max_model_len": 128})
+        greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 16)
+        metrics = llm.get_metrics()
+        assert metrics["num_preemptions"] > 0
+        assert metrics["prefix_cache_hits"] > 0
+
+    return check

@@ -41,23 +41,8 @@ def test_the_pool_stores_one_latent_row_per_token(tiny_checkpoint):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deepseek_v2_greedy_tokens_equal_transformers_with_caching_chunking_and_preemption(
-        family, engine_checkpoint, engine_kwargs):
-    from jaxserve import LLM, SamplingParams
-    from jaxserve.testing.hf_reference import hf_greedy, random_prompts
-
-    path = engine_checkpoint(family)
-    prefix = random_prompts([40], seed=1)[0]
-    prompts = [prefix + tail for tail in random_prompts([1, 9, 20, 33], seed=2)]
-    prompts += random_prompts([5, 50], seed=3)
-    llm = LLM(str(path), **{**engine_kwargs, "max_num_batched_tokens": 32,
-                            "num_gpu_blocks_override": 12, "max_num_seqs": 8,
-                            "max_model_len": 128})
-    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 16)
-    metrics = llm.get_metrics()
-    assert metrics["num_preemptions"] > 0
-    assert metrics["prefix_cache_hits"] > 0
+        family, assert_greedy_parity):
+    assert_greedy_parity(family)
 
 
 # Public config.json values of the two released models (attention shapes only matter here).
