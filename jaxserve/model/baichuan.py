@@ -15,10 +15,8 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import paged_attention, write_kv
-from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.layers import Linear, Rotary
-from jaxserve.model.llama import KVCache, LlamaDecoderLayer, LlamaForCausalLM
+from jaxserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 POSITION_EMBEDDINGS = ("rope", "alibi")
 _BAICHUAN2_VOCAB_SIZE = 125696  # vLLM's test for a Baichuan2 (NormHead) checkpoint
@@ -70,8 +68,8 @@ class PackedLinear(nnx.Module):
         return jnp.dot(x, self.kernel[...])
 
 
-class BaichuanAttention(nnx.Module):
-    """Multi-head self-attention from W_pack, with RoPE or ALiBi, over the paged KV cache."""
+class BaichuanAttention(LlamaAttention):
+    """Llama's attention step with q, k, v read from W_pack and RoPE or ALiBi positions."""
 
     def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
                  rngs: nnx.Rngs):
@@ -94,25 +92,10 @@ class BaichuanAttention(nnx.Module):
         self.rotary = Rotary(head_dim, config.rope_theta) if rope else None
         # [N] slopes of all heads (TP slices them per rank); a tuple: static, not a param
         self.alibi = None if rope else tuple(float(s) for s in alibi_slopes(heads))
+        self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.sliding_window = None
         self.attention_backend = attention_backend
-
-    def __call__(self, x,          # [T, D]
-                 positions,         # [T] int32
-                 kv_cache: KVCache,
-                 metadata: AttentionMetadata,
-                 ) -> tuple[jax.Array, KVCache]:  # [T, D], updated pools
-        num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
-        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        if self.rotary is not None:
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        k_pool, v_pool = write_kv(*kv_cache, k, v, metadata.slot_mapping)
-        slopes = None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)  # [N]
-        out = paged_attention(q, k_pool, v_pool, metadata, backend=self.attention_backend,
-                              sm_scale=self.head_dim ** -0.5, alibi_slopes=slopes)  # [T, N, H]
-        return self.o_proj(out.reshape(num_tokens, -1)), (k_pool, v_pool)
 
 
 class BaichuanDecoderLayer(LlamaDecoderLayer):

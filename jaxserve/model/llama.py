@@ -19,7 +19,8 @@ KVCache = tuple[jax.Array, jax.Array]  # ([K, L, S, H] key pool, [K, L, S, H] va
 
 
 class LlamaAttention(nnx.Module):
-    """GQA self-attention over the paged KV cache of one layer."""
+    """GQA self-attention over the paged KV cache of one layer (RoPE, or ALiBi when a
+    subclass sets `alibi` and no `rotary`)."""
 
     def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
                  rngs: nnx.Rngs):
@@ -46,6 +47,7 @@ class LlamaAttention(nnx.Module):
                              None if scaling is None else tuple(sorted(scaling.items())))
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.sliding_window = config.layer_sliding_windows[layer]
+        self.alibi = None  # ALiBi slopes of the N heads (Baichuan-13B), a static tuple
         self.attention_backend = attention_backend
 
     def __call__(self, x,          # [T, D]
@@ -59,11 +61,14 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if self.rotary is not None:  # None: positions come from ALiBi instead
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         k_pool, v_pool = write_kv(*kv_cache, k, v, metadata.slot_mapping)
+        slopes = None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)  # [N]
         out = paged_attention(q, k_pool, v_pool, metadata, backend=self.attention_backend,
                               sm_scale=self.head_dim ** -0.5,
-                              sliding_window=self.sliding_window)  # [T, N, H]
+                              sliding_window=self.sliding_window,
+                              alibi_slopes=slopes)  # [T, N, H]
         return self.o_proj(out.reshape(num_tokens, -1)), (k_pool, v_pool)
 
 
