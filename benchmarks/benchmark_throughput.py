@@ -36,7 +36,8 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
               max_model_len=args.max_model_len,
               enable_prefix_caching=args.enable_prefix_caching,
               kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-              compilation_cache_dir=args.compilation_cache_dir, progress=False)
+              compilation_cache_dir=args.compilation_cache_dir,
+              attention_backend=args.attention_backend, progress=False)
     startup = time.perf_counter() - start  # loading and compiling every bucket
 
     def generate(batch: list[BenchRequest], max_tokens: int | None = None) -> float:
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None, help="jaxserve, vllm")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                         help="jaxserve: KV pool size (default: the engine's choice)")
+    parser.add_argument("--attention-backend", choices=("cpu", "pallas", "reference"),
+                        default=None, help="jaxserve: attention kernel (default: by platform)")
     parser.add_argument("--compilation-cache-dir", default=None,
                         help="jaxserve: JAX's persistent compilation cache (faster restarts)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,

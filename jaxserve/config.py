@@ -331,7 +331,7 @@ def _check_config_field(cls_name: str, ok: bool, name: str, expected: str, value
 
 # --- EngineConfig ------------------------------------------------------------------------
 
-_ATTENTION_BACKENDS = ("reference", "pallas")
+_ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +341,8 @@ class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
-    attention_backend: str  # "reference" (pure jnp, CPU default) | "pallas" (GPU/TPU default)
+    # "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp)
+    attention_backend: str
     seed: int = 0  # seeds of requests that bring none are drawn from this
     tensor_parallel_size: int = 1  # devices the model is sharded over ("model" mesh axis)
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache; None = off

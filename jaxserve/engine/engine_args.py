@@ -8,9 +8,12 @@ preferred XLA:CPU flags, which must happen before JAX creates its CPU client.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
+
+logger = logging.getLogger(__name__)
 
 # With no explicit budget, a step computes at most this many tokens (vLLM's chunked-prefill
 # default), never more than the context.
@@ -18,9 +21,18 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 def default_attention_backend() -> str:
+    """"pallas" on GPU/TPU; on CPU the native kernel, or the reference without a compiler."""
     import jax
 
-    return "reference" if jax.default_backend() == "cpu" else "pallas"
+    if jax.default_backend() != "cpu":
+        return "pallas"
+    from pallas_kernels.ragged_paged_attention import cpu
+
+    if cpu.available():
+        return "cpu"
+    logger.warning("no C++ compiler for the native CPU attention kernel: using the slower "
+                   "pure-jnp reference (install g++ to get it)")
+    return "reference"
 
 
 def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,

@@ -95,8 +95,9 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="chunk prompts longer than this (0 = only the step budget)")
-    g.add_argument("--attention-backend", choices=["reference", "pallas"], default=None,
-                   help="default: reference on CPU, pallas on GPU/TPU")
+    g.add_argument("--attention-backend", choices=["cpu", "pallas", "reference"], default=None,
+                   help="default: cpu (the native kernel) on CPU, pallas on GPU/TPU; "
+                        "reference is pure jnp")
     g.add_argument("--compilation-cache-dir", default=_default_cache_dir(),
                    help="JAX persistent compilation cache, so later starts compile nothing "
                         "(default: %(default)s; '' turns it off)")

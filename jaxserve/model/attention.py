@@ -2,7 +2,8 @@
 
 `write_kv` scatters the new K/V rows of all T tokens into one layer's key and value pools
 through `slot_mapping` (padding tokens land in the null block 0). `paged_attention` calls
-the chosen backend: the pure-jnp reference or the Pallas kernels. Host code says *block*,
+the chosen backend: the pure-jnp reference, the Pallas kernels (GPU/TPU) or the native
+C++ CPU kernel. Host code says *block*,
 kernels say *page*: this module is the only place that translates between the two. Under
 tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` over KV heads.
 """
@@ -13,7 +14,7 @@ from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size, shard_over_heads
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference
 
-ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
 
 
 def write_kv(k_pool,        # [K, L, S, H] one layer's key pool
@@ -77,6 +78,10 @@ def _attend(q, k_pool, v_pool, *, backend: str, **kwargs) -> jax.Array:  # [T, N
     """One shard's (or the whole model's) attention by `backend`."""
     if backend == "reference":
         return reference(q, k_pool, v_pool, **kwargs)
+    if backend == "cpu":
+        from pallas_kernels.ragged_paged_attention import cpu
+
+        return cpu.ragged_paged_attention(q, k_pool, v_pool, **kwargs)
     if backend == "pallas":
         from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 

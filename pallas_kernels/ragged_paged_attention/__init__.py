@@ -2,20 +2,22 @@
 
 The pool layout is declared here, once, because the kernels choose it: per layer one key
 pool and one value pool, each `[K, P, S, H]` (KV heads, pages, page size, head dim): a KV
-head's page is one contiguous `[S, H]` tile (one async copy on TPU, coalesced loads on GPU)
-and TP shards axis 0. `ragged_paged_attention` checks shapes and picks a kernel by platform.
+head's page is one contiguous `[S, H]` tile (one async copy on TPU, coalesced loads on GPU, contiguous rows for the CPU
+kernel) and TP shards axis 0. `ragged_paged_attention` checks shapes and picks a kernel by
+platform: Pallas on GPU and TPU, the native C++ kernel on CPU (the reference without a
+C++ compiler).
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import gpu, tpu
+from pallas_kernels.ragged_paged_attention import cpu, gpu, tpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
 
-BACKENDS = ("gpu", "tpu", "reference")
+BACKENDS = ("gpu", "tpu", "cpu", "reference")
 _KNOBS = {"gpu": ("block_q", "block_n", "num_splits", "num_warps", "num_stages"),
           "tpu": ("block_q", "pages_per_block", "vmem_limit_bytes"),
-          "reference": ("pages_per_chunk",)}
+          "cpu": (), "reference": ("pages_per_chunk",)}
 _HEAD_DIMS = (64, 128, 256)
 
 
@@ -25,13 +27,19 @@ def kv_pool_shape(num_kv_heads: int, num_pages: int, page_size: int, head_dim: i
 
 
 def default_backend(x: jax.Array | None = None) -> str:
-    """"gpu", "tpu" or "reference", from `x`'s devices when concrete, else JAX's default."""
+    """"gpu", "tpu" or "cpu" from `x`'s devices when concrete, else JAX's default platform.
+
+    CPU gets the native kernel when it builds here (a C++ compiler), else "reference".
+    """
     platform = jax.default_backend()
     try:
         platform = next(iter(x.devices())).platform
     except (AttributeError, TypeError):  # None, a numpy array, or a tracer under jit
         pass
-    return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "reference")
+    kernel = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform)
+    if kernel is None:
+        kernel = "cpu" if cpu.available() else "reference"
+    return kernel
 
 
 def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *,
@@ -68,7 +76,7 @@ def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
         raise ValueError(f"alibi_slopes shape {tuple(alibi_slopes.shape)} != ({num_heads},) "
                          f"(one slope per q head)")
-    if backend == "reference":
+    if backend in ("reference", "cpu"):
         return
     if head_dim not in _HEAD_DIMS:
         raise ValueError(f"q head_dim {head_dim} not in {_HEAD_DIMS} ({backend} kernel)")
@@ -106,9 +114,9 @@ def ragged_paged_attention(
     Semantics are the reference's (`reference_attention`), ALiBi included: with
     `alibi_slopes`, head `n` adds `alibi_slopes[n] * (key_pos - query_pos)` to its scores.
     `backend` is "gpu" (Pallas
-    Triton), "tpu" (Pallas Mosaic) or "reference" (pure jnp); None picks by the platform of
-    `q` or of JAX's default backend, the reference on CPU. `interpret=True` runs a kernel
-    on CPU. Tuning knobs (None: the kernel's default), per backend: gpu `block_q`,
+    Triton), "tpu" (Pallas Mosaic), "cpu" (the native C++ kernel) or "reference" (pure
+    jnp); None picks by the platform of `q` or of JAX's default backend (`default_backend`).
+    `interpret=True` runs a Pallas kernel on CPU. Tuning knobs (None: the kernel's default), per backend: gpu `block_q`,
     `block_n`, `num_splits`, `num_warps`, `num_stages`; tpu `block_q`, `pages_per_block`,
     `vmem_limit_bytes`; reference `pages_per_chunk`. Setting another backend's knob is an
     error.
@@ -135,6 +143,8 @@ def ragged_paged_attention(
                   alibi_slopes=alibi_slopes)
     if backend == "reference":
         return reference_attention(*args, **kwargs, **knobs)
+    if backend == "cpu":
+        return cpu.ragged_paged_attention(*args, **kwargs)
     kernel = gpu.ragged_paged_attention if backend == "gpu" else tpu.ragged_paged_attention
     return kernel(*args, **kwargs, interpret=interpret, **knobs)
 

@@ -8,7 +8,7 @@ import pytest
 import jax.numpy as jnp
 
 import pallas_kernels.ragged_paged_attention as rpa
-from pallas_kernels.ragged_paged_attention import gpu, tpu
+from pallas_kernels.ragged_paged_attention import cpu, gpu, tpu
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 KERNELS = {"gpu": gpu.ragged_paged_attention, "tpu": tpu.ragged_paged_attention}
@@ -107,9 +107,9 @@ def test_entry_point_runs_the_named_kernel(make_batch):
         _check(out, ref, batch, jnp.float32)
 
 
-def test_entry_point_picks_reference_on_cpu(make_batch):
+def test_entry_point_picks_the_native_kernel_on_cpu(make_batch):
     batch = make_batch([1], [3])
-    assert rpa.default_backend(batch[0]) == "reference"
+    assert rpa.default_backend(batch[0]) == ("cpu" if cpu.available() else "reference")
     out = rpa.ragged_paged_attention(*batch, sm_scale=1.0)
     _check(out, rpa.reference_attention(*batch, sm_scale=1.0), batch, jnp.float32)
 
