@@ -4,10 +4,12 @@
 holding exactly one and no config.json. `gguf_hf_config(file)` rebuilds the transformers
 config from the file's metadata. `GGUFCheckpointReader` serves tensors by HF name, memory-mapped
 and dequantized to float32 one tensor at a time, with llama.cpp's Q/K row permutation undone.
+All three parse the file once per process (`open_gguf`): parsing costs seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import gguf
@@ -19,6 +21,19 @@ _PERMUTED_ARCHITECTURES = ("llama",)
 _ROPE_SCALING_TYPES = ("none", "linear", "yarn")
 # Optional `{arch}.rope.scaling.*` keys -> transformers' rope_parameters keys (yarn).
 _YARN_KEYS = (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"))
+
+
+def open_gguf(gguf_file) -> gguf.GGUFReader:
+    """The parsed, memory-mapped file; parsed again only when the file changes."""
+    path = os.path.realpath(os.fspath(gguf_file))
+    stat = os.stat(path)
+    return _parse(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    del size, mtime_ns  # part of the cache key only
+    return gguf.GGUFReader(path)
 
 
 def find_gguf_file(path) -> str | None:
@@ -50,7 +65,7 @@ def gguf_hf_config(gguf_file: str):
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    reader = gguf.GGUFReader(gguf_file)
+    reader = open_gguf(gguf_file)
     arch = _value(reader, "general.architecture")
     architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(arch)
     if architecture is None:
@@ -98,7 +113,7 @@ def gguf_hf_config(gguf_file: str):
 
 def gguf_chat_template(gguf_file: str) -> str | None:
     """The chat template in the file's metadata (`tokenizer.chat_template`), if any."""
-    return _value(gguf.GGUFReader(gguf_file), "tokenizer.chat_template")
+    return _value(open_gguf(gguf_file), "tokenizer.chat_template")
 
 
 class GGUFCheckpointReader:
@@ -111,7 +126,7 @@ class GGUFCheckpointReader:
 
     def __init__(self, gguf_file: str):
         self.model_dir = os.fspath(gguf_file)  # named as on SafetensorsReader, for messages
-        self._reader = gguf.GGUFReader(self.model_dir)  # memory-maps the file
+        self._reader = open_gguf(self.model_dir)  # memory-mapped
         self.architecture = _value(self._reader, "general.architecture")
         arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
         if self.architecture not in arch_ids:

@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxserve.config import ModelConfig
+from jaxserve.model import gguf_reader
 from jaxserve.model.forward import make_forward
 from jaxserve.model.gguf_reader import (GGUFCheckpointReader, find_gguf_file,
                                        llama3_rope_from_factors)
@@ -296,3 +297,15 @@ def test_tokenizer_chat_template_and_eos_come_from_the_gguf_metadata(tiny_gguf, 
 def test_gguf_without_tokenizer_asks_for_skip_tokenizer_init(tiny_gguf):
     with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
         load_tokenizer(tiny_gguf("llama_hd64"))
+
+
+def test_config_tokenizer_and_weights_parse_the_file_once(tiny_gguf, monkeypatch):
+    path = tiny_gguf("qwen2", with_tokenizer=True)
+    parses = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or real(*a, **k))
+    gguf_reader._parse.cache_clear()
+    gguf_reader.gguf_hf_config(path)
+    gguf_reader.gguf_chat_template(path)
+    gguf_reader.GGUFCheckpointReader(path)
+    assert len(parses) == 1
