@@ -98,6 +98,16 @@ def _truncate(logits,  # [B, V] float32, already divided by temperature
     return jnp.full_like(logits, -jnp.inf).at[rows, order].set(sorted_logits)
 
 
+def argmax(x):  # [B, V] -> [B] int32
+    """jnp.argmax over the last axis (first maximal index; a NaN counts as the maximum),
+    as two plain reductions: XLA:CPU runs argmax's variadic (value, index) reduce about
+    5x slower ([64, 32000] float32: 8.8 ms vs 1.7 ms)."""
+    top = jnp.max(x, axis=-1, keepdims=True)  # [B, 1]; NaN when the row holds one
+    hit = (x == top) | jnp.isnan(x)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def _random_sample(logits,  # [B, V] float32 after truncation
                    t: SamplingTensors) -> jax.Array:
     """Exponential race (argmax of p / Exp(1)), keyed by (seed, output length) per row."""
@@ -107,7 +117,7 @@ def _random_sample(logits,  # [B, V] float32 after truncation
 
     noise = jax.vmap(row_noise)(t.seeds, t.output_lens)  # [B, V]
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.argmax(probs / noise, axis=-1).astype(jnp.int32)
+    return argmax(probs / noise)
 
 
 def sample(logits,  # [B, V] float32 raw logits
@@ -117,10 +127,10 @@ def sample(logits,  # [B, V] float32 raw logits
     """Samples one token per row. `all_greedy` skips everything but argmax (t may be None)."""
     if all_greedy:
         processed = logits if t is None else apply_penalties(logits, t)
-        token_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+        token_ids = argmax(processed)
     else:
         processed = apply_penalties(logits, t)
-        greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+        greedy_ids = argmax(processed)
         is_greedy = t.temperature < 1e-5
         temp = jnp.where(is_greedy, 1.0, t.temperature)[:, None]
         random_ids = _random_sample(_truncate(processed / temp, t), t)

@@ -36,6 +36,17 @@ def test_all_greedy_fast_path_is_argmax(logits):
     np.testing.assert_array_equal(out.token_ids, logits.argmax(-1))
 
 
+def test_argmax_takes_the_first_maximum_and_a_nan_like_jnp_argmax():
+    x = np.array([[1.0, 3.0, 3.0, 2.0],    # tie: the first index
+                  [-np.inf, -np.inf, -1.0, -np.inf],
+                  [0.0, np.nan, 5.0, np.nan],  # NaN counts as the maximum
+                  [7.0, 7.0, 7.0, 7.0]], np.float32)
+    got = sampler.argmax(jnp.asarray(x))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+    np.testing.assert_array_equal(got, [1, 2, 1, 0])
+
+
 def test_zero_temperature_rows_are_greedy_in_a_mixed_batch(logits):
     t = _tensors(3, temperature=[0.0, 1.0, 0.0])
     out = sampler.sample(jnp.asarray(logits), t, all_greedy=False, with_logprobs=False)
