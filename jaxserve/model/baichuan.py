@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.layers import Linear, Rotary
+from jaxserve.model.layers import Linear, Rotary, dense_dot
 from jaxserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 POSITION_EMBEDDINGS = ("rope", "alibi")
@@ -65,7 +65,7 @@ class PackedLinear(nnx.Module):
                                 hf_transpose=True, axes=axes, hf_rows=rows)  # [in, out]
 
     def __call__(self, x):  # [..., in] -> [..., out]
-        return jnp.dot(x, self.kernel[...])
+        return dense_dot(x, self.kernel[...])
 
 
 class BaichuanAttention(LlamaAttention):

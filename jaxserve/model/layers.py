@@ -4,15 +4,52 @@ Every parameter is an `nnx.Param` that declares, as metadata, its HF checkpoint 
 (`hf_name`), whether the checkpoint stores it transposed (`hf_transpose`, true for Linear
 weights, which torch keeps as [out, in]) and its logical axes (`axes`, for the sharding
 rules). The loader reads only this metadata; models never touch checkpoints themselves.
+Every dense product goes through `dense_dot`, which picks XLA's dot or the native CPU GEMM.
 """
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+def _native_gemm(x, w, preferred_element_type) -> bool:
+    """Whether `dense_dot` runs on the native CPU GEMM (pallas_kernels/cpu/matmul.cc).
+
+    On the CPU platform, when it builds here, outside tensor parallelism (its custom call
+    has no sharding rule), for float32 or bfloat16 operands of one dtype and a result in
+    that dtype or float32. JAXSERVE_CPU_GEMM=xla keeps XLA's dot (for comparisons).
+    """
+    from jaxserve.parallel.tensor_parallel import model_axis_size
+    from pallas_kernels.cpu import matmul
+
+    if os.environ.get("JAXSERVE_CPU_GEMM", "native") == "xla" or jax.default_backend() != "cpu":
+        return False
+    dtype = jnp.dtype(x.dtype)
+    return (dtype == jnp.dtype(w.dtype) and dtype in (jnp.float32, jnp.bfloat16)
+            and preferred_element_type in (None, dtype, jnp.float32)
+            and model_axis_size() == 1 and matmul.available())
+
+
+def dense_dot(x,  # [..., K]
+              w,  # [K, N] ("kn", a Linear kernel) or [N, K] ("nk", a tied embedding)
+              *, w_layout: str = "kn", preferred_element_type=None):  # -> [..., N]
+    """x @ w (or x @ w.T for "nk"): XLA's dot, or the native CPU GEMM (`_native_gemm`).
+
+    The native GEMM accumulates in float32 and returns the operands' dtype; a float32
+    `preferred_element_type` then casts its result.
+    """
+    if _native_gemm(x, w, preferred_element_type):
+        from pallas_kernels.cpu import matmul
+
+        y = matmul.matmul(x, w, w_layout=w_layout)
+        return y if preferred_element_type is None else y.astype(preferred_element_type)
+    spec = "...k,kn->...n" if w_layout == "kn" else "...k,nk->...n"
+    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 
 def hf_param(value: jax.Array, *, hf_name: str, axes: tuple[str | None, ...],
@@ -51,8 +88,8 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], input_ids, axis=0)
 
     def attend(self, hidden):  # [..., D] -> [..., V] float32
-        return jnp.einsum("...d,vd->...v", hidden, self.embedding[...],
-                          preferred_element_type=jnp.float32)
+        return dense_dot(hidden, self.embedding[...], w_layout="nk",
+                         preferred_element_type=jnp.float32)
 
 
 class Linear(nnx.Module):
@@ -66,7 +103,7 @@ class Linear(nnx.Module):
                               axes=(axes[1],)) if use_bias else None)  # [out]
 
     def __call__(self, x, *, preferred_element_type=None):  # [..., in] -> [..., out]
-        y = jnp.dot(x, self.kernel[...], preferred_element_type=preferred_element_type)
+        y = dense_dot(x, self.kernel[...], preferred_element_type=preferred_element_type)
         return y if self.bias is None else y + self.bias[...]
 
 

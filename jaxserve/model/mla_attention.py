@@ -11,6 +11,7 @@ the mesh has a "model" axis > 1.
 import jax
 from jax.sharding import PartitionSpec as P
 
+from jaxserve.model.attention import set_slots
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size
 from pallas_kernels.mla_paged_attention import mla_paged_attention as latent_reference
@@ -21,9 +22,7 @@ def write_latent(pool,          # [L, S, R + Hr] one layer's latent pool
                  slot_mapping,  # [T] int32 block_id * S + offset; padding -> slots of block 0
                  ) -> jax.Array:  # [L, S, R + Hr]
     """The pool with token t's latent row stored at slot `slot_mapping[t]`."""
-    num_blocks, block_size, width = pool.shape
-    flat = pool.reshape(num_blocks * block_size, width)  # [L*S, R + Hr]
-    return flat.at[slot_mapping].set(new.astype(pool.dtype)).reshape(pool.shape)
+    return set_slots(pool, slot_mapping, new)
 
 
 def mla_paged_attention(q_latent,  # [T, N, R] queries times the absorbed W_UK

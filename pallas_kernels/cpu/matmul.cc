@@ -1,0 +1,847 @@
+// y[M, N] = x[M, K] @ W as XLA CPU FFI handlers, float32 accumulation, on the FFI pool.
+//
+// Handlers (registered as "jaxserve_<symbol>"):
+//   matmul_f32_kn   x f32 [M, K], W f32 [K, N] -> y f32 [M, N]
+//   matmul_f32_nk   x f32 [M, K], W f32 [N, K] -> y f32 [M, N]   (y = x @ W^T)
+//   matmul_bf16_kn  x bf16 [M, K], W bf16 [K, N] -> y bf16 [M, N]
+//   matmul_bf16_nk  x bf16 [M, K], W bf16 [N, K] -> y bf16 [M, N]
+// bf16 products are exact in f32 and summed in f32; y is rounded to nearest even once.
+//
+// With AVX-512 the "kn" kernels are register-blocked microkernels of up to 6 rows x 64
+// columns (24 zmm accumulators, W streamed row by row, x broadcast); bf16 uses vdpbf16ps
+// on K-pairs, interleaving two W rows in registers (unpacklo/hi_epi16) and undoing the
+// resulting column permutation once at the store; f32 takes K in blocks of 512. Where it
+// pays (bf16: M >= 256, or K >= 1024 and M >= 32; f32: M >= 256 and K >= 1024) each
+// 64-column panel of W is first packed contiguously (bf16: K-pairs pre-interleaved).
+// "nk" (W [N, K]) with M >= 16 (bf16) / 64 (f32) transposes each 64-row panel of W into
+// that packed kn layout (16x16 in-register transposes) and reuses the kn microkernels;
+// below that, where reading W bounds the product, it accumulates 4 x rows x 6 W rows
+// along K and reduces horizontally. Tails in M, N and K (odd K for bf16 included) use
+// smaller instantiations and masked loads. Work is split into (column panel x row chunk)
+// items claimed from an atomic counter by the calling thread and num_threads - 1 pool
+// tasks, so a busy pool can never deadlock the call. Without AVX-512 (or AVX512_BF16 for
+// bf16) a portable scalar loop nest is used.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Threading: claim work items from an atomic counter; the caller works too and waits.
+
+struct WorkState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// (Threading pays even at M = 1, K = 512, N = 128 here, so there is no size threshold.)
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  if (n <= 0) return;
+  int64_t threads = pool.num_threads();
+  if (threads <= 1 || n == 1) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  auto state = std::make_shared<WorkState>();
+  const F* fp = &f;
+  auto work = [state, fp, n]() {
+    for (;;) {
+      int64_t i = state->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) return;  // late tasks find nothing left and never touch *fp
+      (*fp)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t tasks = std::min<int64_t>(threads, n) - 1;
+  for (int64_t t = 0; t < tasks; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  int spins = 0;
+  while (state->done.load(std::memory_order_acquire) < n) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+    if (++spins > 4096) std::this_thread::yield();
+  }
+}
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splits M into row chunks (multiples of `mr`) so that panels x chunks gives the threads
+// enough items to balance, while a chunk's x rows stay cache-sized.
+int64_t RowChunk(int64_t m, int64_t panels, int64_t mr, int64_t max_rows) {
+  int64_t want_chunks = std::max<int64_t>(1, CeilDiv(8, panels));
+  int64_t rows = CeilDiv(m, want_chunks);
+  rows = CeilDiv(rows, mr) * mr;
+  return std::max<int64_t>(mr, std::min<int64_t>(rows, max_rows / mr * mr));
+}
+
+// ---------------------------------------------------------------------------------------
+// bf16 <-> f32 (portable).
+
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T> inline float ToF32(T v);
+template <> inline float ToF32<float>(float v) { return v; }
+template <> inline float ToF32<uint16_t>(uint16_t v) { return Bf16ToF32(v); }
+template <typename T> inline T FromF32(float v);
+template <> inline float FromF32<float>(float v) { return v; }
+template <> inline uint16_t FromF32<uint16_t>(float v) { return F32ToBf16(v); }
+
+// Portable fallback for rows [m0, m1) x columns [n0, n1).
+template <typename T, bool kNK>
+void ScalarBlock(const T* x, const T* w, T* y, int64_t K, int64_t N, int64_t m0,
+                 int64_t m1, int64_t n0, int64_t n1) {
+  std::vector<float> acc(n1 - n0);
+  for (int64_t m = m0; m < m1; ++m) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    const T* xr = x + m * K;
+    if (kNK) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* wr = w + n * K;
+        float s = 0.0f;
+        for (int64_t k = 0; k < K; ++k) s += ToF32(xr[k]) * ToF32(wr[k]);
+        acc[n - n0] = s;
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        float a = ToF32(xr[k]);
+        const T* wr = w + k * N;
+        for (int64_t n = n0; n < n1; ++n) acc[n - n0] += a * ToF32(wr[n]);
+      }
+    }
+    for (int64_t n = n0; n < n1; ++n) y[m * N + n] = FromF32<T>(acc[n - n0]);
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define JAXSERVE_AVX512 1
+#endif
+
+#ifdef JAXSERVE_AVX512
+
+// The microkernels keep their accumulators in arrays indexed by constant-bound loops; the
+// `#pragma GCC unroll` on every such loop lets GCC keep them in zmm registers (without it
+// g++ 12 stores all of them to the stack on every K step: 4x slower).
+
+inline __mmask16 Mask16(int64_t n) {  // low min(n, 16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+inline __mmask32 Mask32(int64_t n) {
+  return n >= 32 ? static_cast<__mmask32>(0xffffffffu)
+                 : static_cast<__mmask32>((1ull << n) - 1ull);
+}
+
+// ---------------------------------------------------------------------------------------
+// f32, W [K, N]: MR rows x NV*16 columns; the last vector is masked to `ncols`.
+
+// accumulate: add to y's values (a later K block) instead of overwriting them.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void UkrF32KN(const float* x, int64_t ldx,
+                                                    const float* w, int64_t ldw, float* y,
+                                                    int64_t ldy, int64_t K, int64_t ncols,
+                                                    bool accumulate) {
+  __m512 acc[MR][NV];
+  const __mmask16 last = Mask16(ncols - 16 * (NV - 1));
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(v < NV - 1 ? 0xffff : last,
+                                                      y + r * ldy + 16 * v)
+                             : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * ldw;
+    __m512 b[NV];
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV - 1; ++v) b[v] = _mm512_loadu_ps(wk + 16 * v);
+    b[NV - 1] = _mm512_maskz_loadu_ps(last, wk + 16 * (NV - 1));
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(y + r * ldy + 16 * v, acc[r][v]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16 * (NV - 1), last, acc[r][NV - 1]);
+  }
+}
+
+template <int MR>
+inline void DispatchF32KN(const float* x, int64_t ldx, const float* w, int64_t ldw,
+                          float* y, int64_t ldy, int64_t K, int64_t ncols, bool accumulate) {
+  switch (CeilDiv(ncols, 16)) {
+    case 1: return UkrF32KN<MR, 1>(x, ldx, w, ldw, y, ldy, K, ncols, accumulate);
+    case 2: return UkrF32KN<MR, 2>(x, ldx, w, ldw, y, ldy, K, ncols, accumulate);
+    case 3: return UkrF32KN<MR, 3>(x, ldx, w, ldw, y, ldy, K, ncols, accumulate);
+    default: return UkrF32KN<MR, 4>(x, ldx, w, ldw, y, ldy, K, ncols, accumulate);
+  }
+}
+
+constexpr int kMrKN = 6;  // rows per kn microkernel (x 64 columns: 24 accumulators)
+
+constexpr int64_t kKcF32 = 512;  // K block: 6 x rows (12 KiB) stay in L1 under the W stream
+
+// Rows [m0, m1) x columns [n0, n0 + ncols) of y; kPacked: `w` is the panel of n0, [K][64].
+// K is taken in blocks of kKcF32, later blocks adding to y.
+template <bool kPacked = false>
+inline void BlockF32KN(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                       int64_t m0, int64_t m1, int64_t n0, int64_t ncols) {
+  const int64_t ldw = kPacked ? 64 : N;
+  for (int64_t k0 = 0; k0 < K; k0 += kKcF32) {
+    const int64_t kc = std::min<int64_t>(kKcF32, K - k0);
+    const bool acc = k0 > 0;
+    const float* wp = (kPacked ? w : w + n0) + k0 * ldw;
+    int64_t m = m0;
+    for (; m + kMrKN <= m1; m += kMrKN)
+      DispatchF32KN<kMrKN>(x + m * K + k0, K, wp, ldw, y + m * N + n0, N, kc, ncols, acc);
+    const float* xs = x + m * K + k0;
+    float* ys = y + m * N + n0;
+    switch (m1 - m) {
+      case 1: DispatchF32KN<1>(xs, K, wp, ldw, ys, N, kc, ncols, acc); break;
+      case 2: DispatchF32KN<2>(xs, K, wp, ldw, ys, N, kc, ncols, acc); break;
+      case 3: DispatchF32KN<3>(xs, K, wp, ldw, ys, N, kc, ncols, acc); break;
+      case 4: DispatchF32KN<4>(xs, K, wp, ldw, ys, N, kc, ncols, acc); break;
+      case 5: DispatchF32KN<5>(xs, K, wp, ldw, ys, N, kc, ncols, acc); break;
+      default: break;
+    }
+  }
+}
+
+// dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit units; strides in bytes.
+inline void Transpose16x16(const char* src, int64_t lds, char* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  #pragma GCC unroll 16
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  #pragma GCC unroll 16
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], 128-bit chunk q: rows 4i..4i+3 of column 4q + j
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  #pragma GCC unroll 16
+  for (int j = 0; j < 4; ++j) {
+    __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    __m512 b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    __m512 d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_ps(dst + (0 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0x88));
+    _mm512_storeu_ps(dst + (8 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0xDD));
+    _mm512_storeu_ps(dst + (4 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0xDD));
+  }
+}
+#define JAXSERVE_HAVE_TRANSPOSE 1
+
+// ---------------------------------------------------------------------------------------
+// f32, W [N, K]: MR x rows times NR W rows, accumulated along K, reduced at the end.
+
+template <int MR, int NR>
+__attribute__((always_inline)) inline void UkrF32NK(const float* x, int64_t ldx,
+                                                    const float* w, int64_t ldw, float* y,
+                                                    int64_t ldy, int64_t K) {
+  __m512 acc[MR][NR];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 a[MR];
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = _mm512_loadu_ps(x + r * ldx + k);
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) {
+      __m512 b = _mm512_loadu_ps(w + c * ldw + k);
+      __asm__("" : "+v"(b));  // one load per W vector, not one per FMA operand
+      #pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(a[r], b, acc[r][c]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mk = Mask16(K - k);
+    __m512 a[MR];
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = _mm512_maskz_loadu_ps(mk, x + r * ldx + k);
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) {
+      __m512 b = _mm512_maskz_loadu_ps(mk, w + c * ldw + k);
+      #pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(a[r], b, acc[r][c]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+constexpr int kMrNK = 4;  // x rows per nk microkernel
+constexpr int kNrNK = 6;  // W rows per nk microkernel
+
+template <int MR>
+inline void DispatchF32NK(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                          int64_t nrows) {
+  switch (nrows) {
+    case 1: return UkrF32NK<MR, 1>(x, K, w, K, y, N, K);
+    case 2: return UkrF32NK<MR, 2>(x, K, w, K, y, N, K);
+    case 3: return UkrF32NK<MR, 3>(x, K, w, K, y, N, K);
+    case 4: return UkrF32NK<MR, 4>(x, K, w, K, y, N, K);
+    case 5: return UkrF32NK<MR, 5>(x, K, w, K, y, N, K);
+    default: return UkrF32NK<MR, 6>(x, K, w, K, y, N, K);
+  }
+}
+
+inline void BlockF32NK(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                       int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kNrNK) {  // a group of W rows stays in L1 over all x rows
+    int64_t nr = std::min<int64_t>(kNrNK, n1 - n);
+    const float* wn = w + n * K;
+    int64_t m = m0;
+    for (; m + kMrNK <= m1; m += kMrNK)
+      DispatchF32NK<kMrNK>(x + m * K, wn, y + m * N + n, K, N, nr);
+    switch (m1 - m) {
+      case 1: DispatchF32NK<1>(x + m * K, wn, y + m * N + n, K, N, nr); break;
+      case 2: DispatchF32NK<2>(x + m * K, wn, y + m * N + n, K, N, nr); break;
+      case 3: DispatchF32NK<3>(x + m * K, wn, y + m * N + n, K, N, nr); break;
+      default: break;
+    }
+  }
+}
+
+#endif  // JAXSERVE_AVX512
+
+#if defined(JAXSERVE_AVX512) && defined(__AVX512BF16__)
+#define JAXSERVE_AVX512BF16 1
+
+inline __m512i BroadcastPair(const uint16_t* p) {  // (p[0], p[1]) in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline void StoreBf16(uint16_t* dst, __m512 v, int64_t n) {  // n of the 16 lanes
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  if (n >= 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+  } else if (n > 0) {
+    _mm256_mask_storeu_epi16(dst, Mask16(n), h);
+  }
+}
+
+// bf16, W [K, N]: MR rows x NG*32 columns. For a K-pair, rows k and k+1 of a 32-column
+// group interleave into `lo` (columns 0-3, 8-11, 16-19, 24-27) and `hi` (4-7, ...).
+// kPacked: W is a packed panel instead, [ceil(K/2)][64 columns][2] (see PackPanelNK), whose
+// pair rows load as they are, in natural column order.
+template <int MR, int NG, bool kPacked = false>
+__attribute__((always_inline)) inline void UkrBf16KN(const uint16_t* x, int64_t ldx,
+                                                     const uint16_t* w, int64_t ldw,
+                                                     uint16_t* y, int64_t ldy, int64_t K,
+                                                     int64_t ncols) {
+  __m512 acc[MR][2 * NG];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int v = 0; v < 2 * NG; ++v) acc[r][v] = _mm512_setzero_ps();
+  const __mmask32 last = Mask32(ncols - 32 * (NG - 1));
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const uint16_t* w0 = w + k * ldw;
+    const uint16_t* w1 = w0 + ldw;
+    __m512i b[2 * NG];
+    #pragma GCC unroll 16
+    for (int g = 0; kPacked && g < 2 * NG; ++g) b[g] = _mm512_loadu_si512(w + k * 64 + 32 * g);
+    #pragma GCC unroll 16
+    for (int g = 0; !kPacked && g < NG; ++g) {
+      __m512i r0, r1;
+      if (g < NG - 1) {
+        r0 = _mm512_loadu_si512(w0 + 32 * g);
+        r1 = _mm512_loadu_si512(w1 + 32 * g);
+      } else {
+        r0 = _mm512_maskz_loadu_epi16(last, w0 + 32 * g);
+        r1 = _mm512_maskz_loadu_epi16(last, w1 + 32 * g);
+      }
+      b[2 * g] = _mm512_unpacklo_epi16(r0, r1);
+      b[2 * g + 1] = _mm512_unpackhi_epi16(r0, r1);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m512bh a = (__m512bh)BroadcastPair(x + r * ldx + k);
+      #pragma GCC unroll 16
+      for (int v = 0; v < 2 * NG; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, (__m512bh)b[v]);
+    }
+  }
+  if (k < K) {  // odd K: the last row pairs with zeros
+    const uint16_t* w0 = w + k * ldw;
+    __m512i zero = _mm512_setzero_si512();
+    __m512i b[2 * NG];
+    #pragma GCC unroll 16
+    for (int g = 0; kPacked && g < 2 * NG; ++g) b[g] = _mm512_loadu_si512(w + k * 64 + 32 * g);
+    #pragma GCC unroll 16
+    for (int g = 0; !kPacked && g < NG; ++g) {
+      __m512i r0 = g < NG - 1 ? _mm512_loadu_si512(w0 + 32 * g)
+                              : _mm512_maskz_loadu_epi16(last, w0 + 32 * g);
+      b[2 * g] = _mm512_unpacklo_epi16(r0, zero);
+      b[2 * g + 1] = _mm512_unpackhi_epi16(r0, zero);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[r * ldx + k]));
+      #pragma GCC unroll 16
+      for (int v = 0; v < 2 * NG; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, (__m512bh)b[v]);
+    }
+  }
+  const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx1 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    #pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g) {
+      int64_t n = g < NG - 1 ? 32 : ncols - 32 * (NG - 1);
+      __m512 c0 = kPacked ? acc[r][2 * g]
+                          : _mm512_permutex2var_ps(acc[r][2 * g], idx0, acc[r][2 * g + 1]);
+      __m512 c1 = kPacked ? acc[r][2 * g + 1]
+                          : _mm512_permutex2var_ps(acc[r][2 * g], idx1, acc[r][2 * g + 1]);
+      StoreBf16(y + r * ldy + 32 * g, c0, n);
+      StoreBf16(y + r * ldy + 32 * g + 16, c1, n - 16);
+    }
+  }
+}
+
+template <int MR, bool kPacked>
+inline void DispatchBf16KN(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw,
+                           uint16_t* y, int64_t ldy, int64_t K, int64_t ncols) {
+  if (ncols > 32) return UkrBf16KN<MR, 2, kPacked>(x, ldx, w, ldw, y, ldy, K, ncols);
+  return UkrBf16KN<MR, 1, kPacked>(x, ldx, w, ldw, y, ldy, K, ncols);
+}
+
+// Rows [m0, m1) x columns [n0, n0 + ncols) of y; kPacked: `w` is the panel of n0 (ldw unused).
+template <bool kPacked = false>
+inline void BlockBf16KN(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K,
+                        int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t ncols) {
+  const uint16_t* wp = kPacked ? w : w + n0;
+  int64_t m = m0;
+  for (; m + kMrKN <= m1; m += kMrKN)
+    DispatchBf16KN<kMrKN, kPacked>(x + m * K, K, wp, N, y + m * N + n0, N, K, ncols);
+  const uint16_t* xs = x + m * K;
+  uint16_t* ys = y + m * N + n0;
+  switch (m1 - m) {
+    case 1: DispatchBf16KN<1, kPacked>(xs, K, wp, N, ys, N, K, ncols); break;
+    case 2: DispatchBf16KN<2, kPacked>(xs, K, wp, N, ys, N, K, ncols); break;
+    case 3: DispatchBf16KN<3, kPacked>(xs, K, wp, N, ys, N, K, ncols); break;
+    case 4: DispatchBf16KN<4, kPacked>(xs, K, wp, N, ys, N, K, ncols); break;
+    case 5: DispatchBf16KN<5, kPacked>(xs, K, wp, N, ys, N, K, ncols); break;
+    default: break;
+  }
+}
+
+// bf16, W [N, K]: dot products along K, 32 bf16 (16 pairs) per vdpbf16ps.
+template <int MR, int NR>
+__attribute__((always_inline)) inline void UkrBf16NK(const uint16_t* x, int64_t ldx,
+                                                     const uint16_t* w, int64_t ldw,
+                                                     uint16_t* y, int64_t ldy, int64_t K) {
+  __m512 acc[MR][NR];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh a[MR];
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) {
+      __m512i bi = _mm512_loadu_si512(w + c * ldw + k);
+      __asm__("" : "+v"(bi));  // one load per W vector, not one per operand
+      __m512bh b = (__m512bh)bi;
+      #pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a[r], b);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mk = Mask32(K - k);
+    __m512bh a[MR];
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + r * ldx + k);
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) {
+      __m512bh b = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + c * ldw + k);
+      #pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a[r], b);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) y[r * ldy + c] = F32ToBf16(_mm512_reduce_add_ps(acc[r][c]));
+}
+
+template <int MR>
+inline void DispatchBf16NK(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K,
+                           int64_t N, int64_t nrows) {
+  switch (nrows) {
+    case 1: return UkrBf16NK<MR, 1>(x, K, w, K, y, N, K);
+    case 2: return UkrBf16NK<MR, 2>(x, K, w, K, y, N, K);
+    case 3: return UkrBf16NK<MR, 3>(x, K, w, K, y, N, K);
+    case 4: return UkrBf16NK<MR, 4>(x, K, w, K, y, N, K);
+    case 5: return UkrBf16NK<MR, 5>(x, K, w, K, y, N, K);
+    default: return UkrBf16NK<MR, 6>(x, K, w, K, y, N, K);
+  }
+}
+
+inline void BlockBf16NK(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K,
+                        int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kNrNK) {
+    int64_t nr = std::min<int64_t>(kNrNK, n1 - n);
+    const uint16_t* wn = w + n * K;
+    int64_t m = m0;
+    for (; m + kMrNK <= m1; m += kMrNK)
+      DispatchBf16NK<kMrNK>(x + m * K, wn, y + m * N + n, K, N, nr);
+    switch (m1 - m) {
+      case 1: DispatchBf16NK<1>(x + m * K, wn, y + m * N + n, K, N, nr); break;
+      case 2: DispatchBf16NK<2>(x + m * K, wn, y + m * N + n, K, N, nr); break;
+      case 3: DispatchBf16NK<3>(x + m * K, wn, y + m * N + n, K, N, nr); break;
+      default: break;
+    }
+  }
+}
+
+#endif  // JAXSERVE_AVX512 && __AVX512BF16__
+
+// ---------------------------------------------------------------------------------------
+// Drivers: (column panel x row chunk) work items.
+
+template <typename T>
+void BlockKN(const T* x, const T* w, T* y, int64_t K, int64_t N, int64_t m0, int64_t m1,
+             int64_t n0, int64_t ncols);
+template <typename T>
+void BlockNK(const T* x, const T* w, T* y, int64_t K, int64_t N, int64_t m0, int64_t m1,
+             int64_t n0, int64_t n1);
+
+// The kn microkernels on a packed panel (see PackPanel32), where the SIMD kernels exist.
+template <typename T>
+constexpr bool kHavePacked = false;
+template <typename T>
+void BlockKNPacked(const T* x, const T* w, T* y, int64_t K, int64_t N, int64_t m0, int64_t m1,
+                   int64_t n0, int64_t ncols);
+#ifdef JAXSERVE_AVX512
+template <>
+constexpr bool kHavePacked<float> = true;
+template <>
+void BlockKNPacked<float>(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                          int64_t m0, int64_t m1, int64_t n0, int64_t ncols) {
+  BlockF32KN<true>(x, w, y, K, N, m0, m1, n0, ncols);
+}
+#endif
+#ifdef JAXSERVE_AVX512BF16
+template <>
+constexpr bool kHavePacked<uint16_t> = true;
+template <>
+void BlockKNPacked<uint16_t>(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K,
+                             int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t ncols) {
+  BlockBf16KN<true>(x, w, y, K, N, m0, m1, n0, ncols);
+}
+#endif
+
+template <>
+void BlockKN<float>(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                    int64_t m0, int64_t m1, int64_t n0, int64_t ncols) {
+#ifdef JAXSERVE_AVX512
+  BlockF32KN(x, w, y, K, N, m0, m1, n0, ncols);
+#else
+  ScalarBlock<float, false>(x, w, y, K, N, m0, m1, n0, n0 + ncols);
+#endif
+}
+template <>
+void BlockNK<float>(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                    int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#ifdef JAXSERVE_AVX512
+  BlockF32NK(x, w, y, K, N, m0, m1, n0, n1);
+#else
+  ScalarBlock<float, true>(x, w, y, K, N, m0, m1, n0, n1);
+#endif
+}
+template <>
+void BlockKN<uint16_t>(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K,
+                       int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t ncols) {
+#ifdef JAXSERVE_AVX512BF16
+  BlockBf16KN(x, w, y, K, N, m0, m1, n0, ncols);
+#else
+  ScalarBlock<uint16_t, false>(x, w, y, K, N, m0, m1, n0, n0 + ncols);
+#endif
+}
+template <>
+void BlockNK<uint16_t>(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K,
+                       int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#ifdef JAXSERVE_AVX512BF16
+  BlockBf16NK(x, w, y, K, N, m0, m1, n0, n1);
+#else
+  ScalarBlock<uint16_t, true>(x, w, y, K, N, m0, m1, n0, n1);
+#endif
+}
+
+constexpr int64_t kPanelKN = 64;   // columns per kn work item
+constexpr int64_t kPanelNK = 96;   // W rows per nk work item
+constexpr int64_t kMaxRows = 96;   // x rows per work item (x chunk stays in L2)
+
+// Packs `rows` (<= 64) rows of W [N, K], each `row_bytes` long, into a panel
+// P[unit][64] of 32-bit units: unit c of a row is its bytes [4c, 4c + 4) -- one float
+// (f32, `units` = K) or one K-pair of bf16 (`units` = K / 2). Rows past `rows` are zero.
+[[maybe_unused]] void PackPanel32(const char* src, int64_t row_bytes, int64_t rows,
+                                  int64_t units, uint32_t* dst) {
+  int64_t c = 0;
+#ifdef JAXSERVE_HAVE_TRANSPOSE
+  if (rows == 64) {
+    const int64_t full = units / 16 * 16;
+    for (int rb = 0; rb < 4; ++rb)  // 16 rows at a time, each read front to back
+      for (c = 0; c < full; c += 16)
+        Transpose16x16(src + 16 * rb * row_bytes + 4 * c, row_bytes,
+                       reinterpret_cast<char*>(dst + c * 64 + 16 * rb), 256);
+    c = full;
+  }
+#endif
+  for (; c < units; ++c)
+    for (int64_t r = 0; r < 64; ++r) {
+      uint32_t v = 0;
+      if (r < rows) std::memcpy(&v, src + r * row_bytes + 4 * c, 4);
+      dst[c * 64 + r] = v;
+    }
+}
+
+// The nk product for M >= kPackRowsNK*: each item transposes a 64-row panel of W into the
+// kn layout once (a thread-local buffer) and runs the kn microkernels on it, so no
+// horizontal reductions are needed. Below, the product is bound by reading W and the
+// dot-product kernels do as well (f32) or better.
+constexpr int64_t kPackRowsNKBf16 = 16;
+constexpr int64_t kPackRowsNKF32 = 64;
+
+template <typename T>
+void RunNKPacked(ffi::ThreadPool& pool, const T* x, const T* w, T* y, int64_t M, int64_t K,
+                 int64_t N) {
+  constexpr bool kBf16 = sizeof(T) == 2;
+  const int64_t units = kBf16 ? CeilDiv(K, 2) : K;  // 32-bit units per packed W row
+  int64_t panels = CeilDiv(N, 64);
+  // x rows per item: ~256 KiB of x (so x and the panel stay in L2: +15% at M = 512 over
+  // all of M) but at least 128 rows, so a panel is not re-packed too often.
+  const int64_t max_rows = std::max<int64_t>(128, (256 << 10) / (K * sizeof(T)));
+  int64_t rows = RowChunk(M, panels, 6, max_rows);
+  int64_t chunks = CeilDiv(M, rows);
+  ParallelFor(pool, panels * chunks, [&](int64_t item) {
+    int64_t p = item / chunks, c = item % chunks;
+    int64_t n0 = p * 64, m0 = c * rows, nrows = std::min<int64_t>(64, N - n0);
+    thread_local std::vector<uint32_t> panel;
+    if (static_cast<int64_t>(panel.size()) < units * 64) panel.resize(units * 64);
+    const char* src = reinterpret_cast<const char*>(w + n0 * K);
+    PackPanel32(src, K * sizeof(T), nrows, kBf16 ? K / 2 : K, panel.data());
+    if (kBf16 && K % 2) {  // the last, single K: (W[n, K-1], 0)
+      for (int64_t r = 0; r < 64; ++r) {
+        uint16_t v = 0;
+        if (r < nrows) std::memcpy(&v, src + (r * K + K - 1) * sizeof(T), 2);
+        panel[(K / 2) * 64 + r] = v;
+      }
+    }
+    BlockKNPacked<T>(x, reinterpret_cast<const T*>(panel.data()), y, K, N, m0,
+                     std::min(M, m0 + rows), n0, nrows);
+  });
+}
+
+// Packs columns [n0, n0 + ncols) (ncols <= 64) of W [K, N] into a panel like PackPanel32's:
+// f32 [K][64]; bf16 [ceil(K/2)][64][2], each K-pair of rows interleaved (the odd last row
+// pairs with 0). Columns past ncols are zero.
+[[maybe_unused]] void PackPanelKN(const float* w, int64_t K, int64_t N, int64_t n0,
+                                  int64_t ncols, float* dst) {
+  for (int64_t k = 0; k < K; ++k) {
+    std::memcpy(dst + k * 64, w + k * N + n0, ncols * sizeof(float));
+    std::memset(dst + k * 64 + ncols, 0, (64 - ncols) * sizeof(float));
+  }
+}
+
+[[maybe_unused]] void PackPanelKN(const uint16_t* w, int64_t K, int64_t N, int64_t n0,
+                                  int64_t ncols, uint16_t* dst) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t* r0 = w + k * N + n0;
+    const uint16_t* r1 = k + 1 < K ? r0 + N : nullptr;
+    uint16_t* d = dst + k * 64;
+#ifdef JAXSERVE_AVX512
+    if (ncols == 64) {
+      const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+                                          1, 32, 0);
+      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+      for (int g = 0; g < 2; ++g) {
+        __m512i a = _mm512_loadu_si512(r0 + 32 * g);
+        __m512i b = r1 ? _mm512_loadu_si512(r1 + 32 * g) : _mm512_setzero_si512();
+        _mm512_storeu_si512(d + 64 * g, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(d + 64 * g + 32, _mm512_permutex2var_epi16(a, hi, b));
+      }
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < 64; ++j) {
+      d[2 * j] = j < ncols ? r0[j] : 0;
+      d[2 * j + 1] = (j < ncols && r1) ? r1[j] : 0;
+    }
+  }
+}
+
+// The kn product with each item's 64-column panel of W packed first (contiguous, and for
+// bf16 K-pair interleaved once instead of once per row block). Measured on Zen 5: it pays
+// for bf16 at M >= 256 or long K (+25% at K = 1536, M >= 64) and for f32 only at both;
+// at M <= 64, K = 512 it costs 5-15%.
+template <typename T>
+bool PackKN(int64_t M, int64_t K) {
+  if (sizeof(T) == 2) return M >= 256 || (K >= 1024 && M >= 32);
+  return M >= 256 && K >= 1024;
+}
+
+template <typename T>
+void RunKNPacked(ffi::ThreadPool& pool, const T* x, const T* w, T* y, int64_t M, int64_t K,
+                 int64_t N) {
+  const int64_t panel_elems = (sizeof(T) == 2 ? CeilDiv(K, 2) * 2 : K) * 64;
+  int64_t panels = CeilDiv(N, 64);
+  int64_t rows = RowChunk(M, panels, 6, M);
+  int64_t chunks = CeilDiv(M, rows);
+  ParallelFor(pool, panels * chunks, [&](int64_t item) {
+    int64_t p = item / chunks, c = item % chunks;
+    int64_t n0 = p * 64, m0 = c * rows, ncols = std::min<int64_t>(64, N - n0);
+    thread_local std::vector<T> panel;
+    if (static_cast<int64_t>(panel.size()) < panel_elems) panel.resize(panel_elems);
+    PackPanelKN(w, K, N, n0, ncols, panel.data());
+    BlockKNPacked<T>(x, panel.data(), y, K, N, m0, std::min(M, m0 + rows), n0, ncols);
+  });
+}
+
+template <typename T>
+void RunKN(ffi::ThreadPool& pool, const T* x, const T* w, T* y, int64_t M, int64_t K,
+           int64_t N) {
+  if (K == 0) {
+    std::fill(y, y + M * N, FromF32<T>(0.0f));
+    return;
+  }
+  if constexpr (kHavePacked<T>) {
+    if (PackKN<T>(M, K)) return RunKNPacked<T>(pool, x, w, y, M, K, N);
+  }
+  int64_t panels = CeilDiv(N, kPanelKN);
+  int64_t rows = RowChunk(M, panels, 6, kMaxRows);
+  int64_t chunks = CeilDiv(M, rows);
+  ParallelFor(pool, panels * chunks, [&](int64_t item) {
+    int64_t p = item / chunks, c = item % chunks;
+    int64_t n0 = p * kPanelKN, m0 = c * rows;
+    BlockKN<T>(x, w, y, K, N, m0, std::min(M, m0 + rows), n0,
+               std::min<int64_t>(kPanelKN, N - n0));
+  });
+}
+
+template <typename T>
+void RunNK(ffi::ThreadPool& pool, const T* x, const T* w, T* y, int64_t M, int64_t K,
+           int64_t N) {
+  if (K == 0) {
+    std::fill(y, y + M * N, FromF32<T>(0.0f));
+    return;
+  }
+  if constexpr (kHavePacked<T>) {
+    if (M >= (sizeof(T) == 2 ? kPackRowsNKBf16 : kPackRowsNKF32))
+      return RunNKPacked<T>(pool, x, w, y, M, K, N);
+  }
+  int64_t panels = CeilDiv(N, kPanelNK);
+  int64_t rows = RowChunk(M, panels, 4, kMaxRows);
+  int64_t chunks = CeilDiv(M, rows);
+  ParallelFor(pool, panels * chunks, [&](int64_t item) {
+    int64_t p = item / chunks, c = item % chunks;
+    int64_t n0 = p * kPanelNK, m0 = c * rows;
+    BlockNK<T>(x, w, y, K, N, m0, std::min(M, m0 + rows), n0,
+               std::min<int64_t>(N, n0 + kPanelNK));
+  });
+}
+
+template <ffi::DataType DT, bool kNK>
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT, 2> w,
+                      ffi::ResultBuffer<DT, 2> y) {
+  using T = std::conditional_t<DT == ffi::DataType::F32, float, uint16_t>;
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  int64_t M = xd[0], K = xd[1];
+  int64_t N = kNK ? wd[0] : wd[1];
+  int64_t wk = kNK ? wd[1] : wd[0];
+  if (wk != K || yd[0] != M || yd[1] != N)
+    return ffi::Error::InvalidArgument("matmul: inconsistent shapes of x, w and y");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+  const T* wp = reinterpret_cast<const T*>(w.untyped_data());
+  T* yp = reinterpret_cast<T*>(y->untyped_data());
+  if (kNK) {
+    RunNK<T>(pool, xp, wp, yp, M, K, N);
+  } else {
+    RunKN<T>(pool, xp, wp, yp, M, K, N);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+using F32Buffer = ffi::Buffer<ffi::DataType::F32, 2>;
+using Bf16Buffer = ffi::Buffer<ffi::DataType::BF16, 2>;
+constexpr auto kF32KN = MatmulImpl<ffi::DataType::F32, false>;
+constexpr auto kF32NK = MatmulImpl<ffi::DataType::F32, true>;
+constexpr auto kBf16KN = MatmulImpl<ffi::DataType::BF16, false>;
+constexpr auto kBf16NK = MatmulImpl<ffi::DataType::BF16, true>;
+
+#define JAXSERVE_MATMUL_HANDLER(symbol, impl, buffer)                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                 \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<buffer>()                            \
+                                    .Arg<buffer>()                            \
+                                    .Ret<buffer>());
+
+#pragma GCC visibility push(default)
+JAXSERVE_MATMUL_HANDLER(matmul_f32_kn, kF32KN, F32Buffer)
+JAXSERVE_MATMUL_HANDLER(matmul_f32_nk, kF32NK, F32Buffer)
+JAXSERVE_MATMUL_HANDLER(matmul_bf16_kn, kBf16KN, Bf16Buffer)
+JAXSERVE_MATMUL_HANDLER(matmul_bf16_nk, kBf16NK, Bf16Buffer)
+#pragma GCC visibility pop

@@ -1,0 +1,43 @@
+"""dense_dot runs the native CPU GEMM where it applies and XLA's dot elsewhere, with the
+same numbers either way."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model.layers import dense_dot
+from pallas_kernels.cpu import matmul
+
+pytestmark = pytest.mark.skipif(not matmul.available(), reason="no C++ compiler")
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_float32_dense_dot_is_the_native_gemm_with_xla_numbers(layout):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 48) if layout == "kn" else (48, 64)), jnp.float32)
+    fn = lambda x, w: dense_dot(x, w, w_layout=layout)  # noqa: E731
+    assert "jaxserve_matmul_f32" in _hlo(fn, x, w)
+    spec = "tk,kn->tn" if layout == "kn" else "tk,nk->tn"
+    want = jnp.einsum(spec, x, w, precision="highest")
+    np.testing.assert_allclose(np.asarray(fn(x, w)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_logits_ask_for_float32_and_get_it():
+    x = jnp.ones((3, 32), jnp.bfloat16)
+    w = jnp.full((10, 32), 0.5, jnp.bfloat16)
+    out = dense_dot(x, w, w_layout="nk", preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32 and float(out[0, 0]) == 16.0
+
+
+def test_mixed_dtypes_and_the_environment_switch_keep_xlas_dot(monkeypatch):
+    x, w = jnp.ones((3, 32), jnp.float32), jnp.ones((32, 8), jnp.bfloat16)
+    assert "jaxserve_matmul" not in _hlo(dense_dot, x, w)
+    monkeypatch.setenv("JAXSERVE_CPU_GEMM", "xla")
+    assert "jaxserve_matmul" not in _hlo(dense_dot, x, x.T)
