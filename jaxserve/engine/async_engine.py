@@ -184,7 +184,8 @@ class AsyncEngine:
                 if stopping:
                     break
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    # the previous step's outputs reach clients while this one computes
+                    self._dispatch(self.engine.step(on_outputs=self._dispatch))
                 self.stats = self.engine.get_stats()
             self._die(EngineDeadError("the engine was shut down"))
         except BaseException as error:  # noqa: BLE001 - every failure must reach the clients

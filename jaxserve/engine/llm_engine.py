@@ -5,6 +5,11 @@ It owns the scheduler (pure Python), the model runner (devices) and the output p
 (token ids inside the vocabulary, the context length, table widths) with ValueErrors naming
 the parameter; a request with `n` samples runs as `n` child requests sharing its prompt
 blocks through the prefix cache.
+
+Steps are pipelined: `step()` launches step N on the devices, then turns step N-1's
+tokens into outputs (detokenization, stop strings, logprobs) while they compute, so the
+host's output work costs no device time. A stop string therefore ends its request one
+step late; the token of that extra step is dropped, never shown.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class LLMEngine:
         self._id_counter = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        # The last step's scheduler updates and runner output, turned into RequestOutputs
+        # during the next step (or by a step that schedules nothing, at the end).
+        self._unprocessed: tuple | None = None
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt_token_ids: list[int],
@@ -128,17 +136,33 @@ class LLMEngine:
             self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests still running or waiting, or outputs of the last step not yet returned."""
+        return self._unprocessed is not None or self.scheduler.has_unfinished_requests()
 
     # -- the loop ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_outputs=None) -> list[RequestOutput]:
+        """Runs one step and returns the outputs of the one before (see the module doc).
+
+        With `on_outputs`, those outputs go to `on_outputs(outputs)` as soon as they are
+        ready, while this step still computes, and `step` returns [] (the async engine
+        streams them to clients a step's device time sooner).
+        """
         scheduled = self.scheduler.schedule()
         if self.step_broadcaster is not None:
             self.step_broadcaster.send(scheduled)
         with self.compilations.track():  # counts this engine's compilations only
-            sampled = self.runner.execute(scheduled)
+            pending = self.runner.dispatch(scheduled)
+        outputs = self._finish_step(*self._unprocessed) if self._unprocessed else []
+        self._unprocessed = None
+        if on_outputs is not None and outputs:
+            on_outputs(outputs)
+            outputs = []
+        with self.compilations.track():
+            sampled = self.runner.collect(pending)
         updates = self.scheduler.update_from_output(scheduled, sampled)
-        return self._finish_step(updates, sampled)
+        if updates or sampled.prompt_logprobs:
+            self._unprocessed = (updates, sampled)
+        return outputs
 
     def _finish_step(self, updates, sampled) -> list[RequestOutput]:
         outputs, stopped = self.output_processor.process(updates, sampled)

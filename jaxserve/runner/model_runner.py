@@ -12,6 +12,7 @@ replicated on it, and every program runs under `jax.set_mesh` (attention uses sh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import jax
@@ -41,6 +42,17 @@ def reachable_bucket_pairs(tokens: tuple[int, ...], seqs: tuple[int, ...]) -> li
     """(T bucket, B bucket) pairs some step can pad to: B <= T, so B's lowest value <= T."""
     lowest = {b: (seqs[i - 1] + 1 if i else 1) for i, b in enumerate(seqs)}
     return [(t, b) for t in tokens for b in seqs if lowest[b] <= t]
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingStep:
+    """A step whose programs are launched (`dispatch`) and whose results are not read yet."""
+
+    out: SchedulerOutput
+    inputs: StepInputs | None  # None: nothing was scheduled, nothing runs
+    sampled: sampler.SamplerOutput | None  # device arrays, still being computed
+    prompt_req: list[int]      # indices in B of the requests wanting prompt logprobs
+    prompt_result: tuple | None  # their device arrays, or None
 
 
 class ModelRunner:
@@ -123,9 +135,13 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.dispatch(out))
+
+    def dispatch(self, out: SchedulerOutput) -> PendingStep:
+        """Prepares the step's inputs and launches its programs without waiting for them."""
         if out.total_num_scheduled_tokens == 0:
             self.batch.prepare(out)  # still applies finished/preempted deltas
-            return ModelRunnerOutput(sampled_token_ids={})
+            return PendingStep(out, None, None, [], None)
         inputs = self.batch.prepare(out)
         rows = self.batch.rows_of(inputs.req_ids)
         num_padded_seqs = len(inputs.seq_lens)
@@ -144,8 +160,15 @@ class ModelRunner:
             if prompt_req:
                 targets = self._put(self._prompt_targets(inputs, rows))
                 prompt_result = self.programs.prompt_logprobs(self.params, hidden_all, targets)
-        sampled, prompt_result = jax.device_get((sampled, prompt_result))
-        return self._runner_output(out, inputs, sampled, prompt_req, prompt_result)
+        return PendingStep(out, inputs, sampled, prompt_req, prompt_result)
+
+    def collect(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Waits for a dispatched step: its one device-to-host transfer, then the output."""
+        if pending.inputs is None:
+            return ModelRunnerOutput(sampled_token_ids={})
+        sampled, prompt_result = jax.device_get((pending.sampled, pending.prompt_result))
+        return self._runner_output(pending.out, pending.inputs, sampled, pending.prompt_req,
+                                   prompt_result)
 
     # -- helpers -----------------------------------------------------------------------
     def _prompt_logprob_requests(self, out: SchedulerOutput, inputs: StepInputs) -> list[int]:

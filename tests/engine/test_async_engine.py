@@ -51,7 +51,7 @@ class ScriptedEngine:
     def has_unfinished_requests(self):
         return bool(self.live)
 
-    def step(self):
+    def step(self, on_outputs=None):  # hands outputs over early, as LLMEngine does
         self.thread_ids.add(threading.get_ident())
         if self.fail_next_step.is_set():
             raise RuntimeError("device fell over")
@@ -65,6 +65,9 @@ class ScriptedEngine:
                 sample.finish_reason, output.finished = "length", True
                 del self.live[request_id]
             outputs.append(output)
+        if on_outputs is not None:
+            on_outputs(outputs)
+            return []
         return outputs
 
     def get_stats(self):

@@ -186,7 +186,8 @@ class ScriptedEngine:
     def has_unfinished_requests(self):
         return bool(self.live)
 
-    def step(self):
+    def step(self, on_outputs=None):  # returns its outputs (LLMEngine may do either)
+        del on_outputs
         if self.fail.is_set():
             raise RuntimeError("device fell over")
         if self.paused.is_set():
