@@ -39,6 +39,9 @@ def configs(args) -> dict[str, list[str]]:
                     label = f"vllm {dtype}" + ("" if bind == "auto" else f" bind {bind}")
                     out[label] = ["--backend", "vllm", "--vllm-dtype", dtype,
                                   "--vllm-omp-threads-bind", bind]
+        elif backend == "jaxserve" and args.jaxserve_dtypes:
+            for dtype in args.jaxserve_dtypes:
+                out[f"jaxserve {dtype}"] = ["--backend", "jaxserve", "--dtype", dtype]
         else:
             out[backend] = ["--backend", backend]
     return out
@@ -47,8 +50,8 @@ def configs(args) -> dict[str, list[str]]:
 def run_once(flags: list[str], common: list[str], work: pathlib.Path, tag: str):
     """(results dict, None) or (None, why it was skipped or failed)."""
     out = work / f"{tag}.json"
-    command = [sys.executable, str(HERE / "benchmark_throughput.py"), *flags, *common,
-               "--output-json", str(out)]
+    command = [sys.executable, str(HERE / "benchmark_throughput.py"), *common, *flags,
+               "--output-json", str(out)]  # a configuration's flags win over common ones
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -69,6 +72,9 @@ def main(argv=None) -> dict:
     p.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[64])
     p.add_argument("--vllm-dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16"])
+    p.add_argument("--jaxserve-dtypes", nargs="+", default=None,
+                   choices=["float32", "bfloat16"],
+                   help="one jaxserve configuration per dtype (default: the common --dtype)")
     p.add_argument("--vllm-binds", nargs="+", default=["auto"],
                    help="VLLM_CPU_OMP_THREADS_BIND values to try (e.g. auto 0-1)")
     p.add_argument("--output-json")
@@ -113,12 +119,14 @@ def main(argv=None) -> dict:
     for label, note in notes.items():
         print(f"{label}: {note}")
     ratios = {}
-    for peer in ("hf batch", "hf-cb", "vllm"):  # jaxserve against each peer's best setting
+    ours = {label: m for label, m in medians.items() if label.startswith("jaxserve")}
+    for peer in ("hf batch", "hf-cb", "vllm"):  # jaxserve's best against each peer's best
         peers = {label: m for label, m in medians.items() if label.startswith(peer)}
-        if "jaxserve" in medians and peers:
-            best = max(peers, key=peers.get)
-            ratios[peer] = {"best": best, "ratio": medians["jaxserve"] / peers[best]}
-            print(f"jaxserve / {best} = {ratios[peer]['ratio']:.2f}x in output tokens/s "
+        if ours and peers:
+            best, mine = max(peers, key=peers.get), max(ours, key=ours.get)
+            ratios[peer] = {"best": best, "jaxserve": mine,
+                            "ratio": medians[mine] / peers[best]}
+            print(f"{mine} / {best} = {ratios[peer]['ratio']:.2f}x in output tokens/s "
                   "(medians)")
     results = {"medians_output_tok_s": medians, "ratios": ratios, "notes": notes,
                "runs": runs, "common_args": common, "repeats": args.repeats}

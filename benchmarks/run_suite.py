@@ -31,7 +31,8 @@ TITLES = {
 }
 # The throughput workload of issue 7 (RESULTS.md's first CPU measurement used the same).
 THROUGHPUT = ["--repeats", "3", "--num-prompts", "128", "--dtype", "float32", "--seed", "0",
-              "--hf-batch-sizes", "64", "--vllm-dtypes", "float32", "bfloat16",
+              "--hf-batch-sizes", "64", "--jaxserve-dtypes", "float32", "bfloat16",
+              "--vllm-dtypes", "float32", "bfloat16",
               "--vllm-binds", "auto", "0-1"]  # vLLM's default binding idles a core here
 
 

@@ -52,6 +52,7 @@ def test_comparison_runs_each_backend_skips_a_missing_vllm_and_plots(tiny_model_
     out, plot = tmp_path / "compare.json", tmp_path / "compare.png"
     done = _run("compare_throughput.py", "--model", str(tiny_model_dir), "--repeats", "1",
                 "--backends", "jaxserve", "hf", "vllm", "--hf-batch-sizes", "4",
+                "--jaxserve-dtypes", "bfloat16",
                 "--vllm-dtypes", "float32", "--vllm-venv", str(tmp_path / "no-such-venv"),
                 "--dataset-name", "random", "--num-prompts", "6", "--input-len", "12",
                 "--output-len", "6", "--random-range-ratio", "0.5", "--seed", "1",
@@ -59,7 +60,7 @@ def test_comparison_runs_each_backend_skips_a_missing_vllm_and_plots(tiny_model_
                 "--output-json", str(out), "--plot", str(plot))
     assert done.stdout.splitlines()[0].split()[:2] == ["backend", "requests/s"]
     result = json.loads(out.read_text())
-    assert set(result["medians_output_tok_s"]) == {"jaxserve", "hf batch 4"}
+    assert set(result["medians_output_tok_s"]) == {"jaxserve bfloat16", "hf batch 4"}
     for label, (run,) in ((k, v) for k, v in result["runs"].items() if v):
         assert run["num_requests"] == 6, label
         for field in ("requests_per_second", "tokens_per_second", "output_tokens_per_second",
