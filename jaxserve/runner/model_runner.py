@@ -78,7 +78,10 @@ class ModelRunner:
             max_num_seqs=scheduler_config.max_num_seqs, max_model_len=model_config.max_model_len,
             block_size=cache_config.block_size, vocab_size=model_config.vocab_size,
             token_buckets=self.token_buckets, seq_buckets=self.seq_buckets, seed=seed)
-        self.programs = make_programs(self.graphdef, mesh=self.mesh)
+        # the programs take the params as this flat list (see make_programs)
+        self.param_leaves = jax.tree.leaves(self.params)
+        self.programs = make_programs(self.graphdef, jax.tree.structure(self.params),
+                                      mesh=self.mesh)
 
     @property
     def num_blocks(self) -> int:
@@ -116,19 +119,19 @@ class ModelRunner:
                 zeros = np.zeros(t, np.int32)
                 ids, positions, md = self._put((zeros, zeros, md))
                 hidden_last, hidden_all, self.kv_caches = self.programs.forward(
-                    self.params, self.kv_caches, ids, positions, md)
+                    self.param_leaves, self.kv_caches, ids, positions, md)
                 bar.update()
                 if b not in sampled_seq_sizes:
                     sampled_seq_sizes.add(b)
                     for variant in SAMPLER_VARIANTS:
                         tensors = self._put(dummy_tensors(
                             variant, b, vocab_size=cfg.vocab_size, max_model_len=cfg.max_model_len))
-                        self.programs.sample[variant](self.params, hidden_last, tensors)
+                        self.programs.sample[variant](self.param_leaves, hidden_last, tensors)
                         bar.update()
                 if t not in logprob_token_sizes:
                     logprob_token_sizes.add(t)
                     targets = self._put(zeros)
-                    self.programs.prompt_logprobs(self.params, hidden_all, targets)
+                    self.programs.prompt_logprobs(self.param_leaves, hidden_all, targets)
                     bar.update()
         jax.block_until_ready(self.kv_caches)
         return num_programs
@@ -155,11 +158,12 @@ class ModelRunner:
         prompt_result = None
         with self._under_mesh():
             hidden_last, hidden_all, self.kv_caches = self.programs.forward(
-                self.params, self.kv_caches, input_ids, positions, md)
-            sampled = self.programs.sample[variant](self.params, hidden_last, tensors)
+                self.param_leaves, self.kv_caches, input_ids, positions, md)
+            sampled = self.programs.sample[variant](self.param_leaves, hidden_last, tensors)
             if prompt_req:
                 targets = self._put(self._prompt_targets(inputs, rows))
-                prompt_result = self.programs.prompt_logprobs(self.params, hidden_all, targets)
+                prompt_result = self.programs.prompt_logprobs(self.param_leaves, hidden_all,
+                                                              targets)
         return PendingStep(out, inputs, sampled, prompt_req, prompt_result)
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:

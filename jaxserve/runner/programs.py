@@ -1,6 +1,8 @@
 """The jitted programs the runner compiles, as plain functions of (params, arrays).
 
-The model is merged from its graphdef inside each program (split once, outside); the KV
+The model is merged from its graphdef inside each program (split once, outside), and the
+params arrive as a flat list of arrays (`param_treedef` rebuilds the NNX state inside):
+flattening NNX variables on every call cost ~0.3 ms of host time per step. The KV
 pools are donated to `forward`, so the cache is updated in place. `forward` hands back the
 hidden states of each sequence's last token (for sampling) and of every token (for prompt
 logprobs); the LM head runs in the sampler programs, whose shapes depend on B only.
@@ -23,6 +25,7 @@ from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS
 
 @dataclasses.dataclass(frozen=True)
 class Programs:
+    # params: the list of parameter arrays, `jax.tree.leaves(state)`
     # (params, kv_caches, input_ids [T], positions [T], metadata)
     #   -> (hidden of last tokens [B, D], hidden [T, D], kv_caches); kv_caches donated
     forward: Callable
@@ -32,25 +35,32 @@ class Programs:
     prompt_logprobs: Callable
 
 
-def make_programs(graphdef: nnx.GraphDef, *, mesh: jax.sharding.Mesh | None = None) -> Programs:
+def make_programs(graphdef: nnx.GraphDef, param_treedef, *,
+                  mesh: jax.sharding.Mesh | None = None) -> Programs:
     def gathered(logits):  # [..., V] sharded over vocab -> replicated on every device
         if mesh is None:
             return logits
         return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
 
+    def state(leaves):  # list of arrays -> the NNX param state
+        return jax.tree.unflatten(param_treedef, leaves)
+
     def forward(params, kv_caches, input_ids, positions, metadata):
+        params = state(params)
         hidden, kv_caches = run_model(graphdef, params, kv_caches, input_ids, positions,
                                       metadata)  # [T, D]
         return hidden[metadata.logits_indices], hidden, kv_caches
 
     def make_sample(variant: str):
         def sample(params, hidden, tensors):  # hidden [B, D]
+            params = state(params)
             logits = gathered(compute_logits(graphdef, params, hidden))  # [B, V] float32
             greedy = variant == "greedy"
             return sampler.sample(logits, tensors, all_greedy=greedy, with_logprobs=not greedy)
         return jax.jit(sample)
 
     def prompt_logprobs(params, hidden, targets):  # hidden [T, D], targets [T]
+        params = state(params)
         logits = gathered(compute_logits(graphdef, params, hidden))  # [T, V] float32
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jax.numpy.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
