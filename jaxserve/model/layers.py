@@ -40,14 +40,13 @@ def dense_dot(x,  # [..., K]
               *, w_layout: str = "kn", preferred_element_type=None):  # -> [..., N]
     """x @ w (or x @ w.T for "nk"): XLA's dot, or the native CPU GEMM (`_native_gemm`).
 
-    The native GEMM accumulates in float32 and returns the operands' dtype; a float32
-    `preferred_element_type` then casts its result.
+    The native GEMM accumulates in float32 and writes the operands' dtype, or float32 when
+    `preferred_element_type` asks for it (bfloat16 logits are never rounded).
     """
     if _native_gemm(x, w, preferred_element_type):
         from pallas_kernels.cpu import matmul
 
-        y = matmul.matmul(x, w, w_layout=w_layout)
-        return y if preferred_element_type is None else y.astype(preferred_element_type)
+        return matmul.matmul(x, w, w_layout=w_layout, out_dtype=preferred_element_type)
     spec = "...k,kn->...n" if w_layout == "kn" else "...k,nk->...n"
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
@@ -119,7 +118,15 @@ class MLP(nnx.Module):
                                 use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):  # [T, D] -> [T, D]
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # via [T, F]
+        gate, up = self.gate_proj, self.up_proj
+        if gate.bias is None and _native_gemm(x, gate.kernel[...], None):
+            from pallas_kernels.cpu import matmul
+
+            # one native call computes silu(x @ gate) * (x @ up) with a float32 epilogue
+            hidden = matmul.gated_mlp(x, gate.kernel[...], up.kernel[...])  # [T, F]
+        else:
+            hidden = jax.nn.silu(gate(x)) * up(x)  # [T, F]
+        return self.down_proj(hidden)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """A native CPU GEMM, y = x @ W, as XLA FFI handlers (matmul.cc) for the small-M dots of decoding.
 
 float32, or bfloat16 via AVX512_BF16 vdpbf16ps, with float32 accumulation; W is "kn" ([K, N],
-a Linear kernel) or "nk" ([N, K], a tied LM head: logits = h @ E^T). `available()` says
-whether the kernel builds here; callers fall back to jnp.dot when it does not.
+a Linear kernel) or "nk" ([N, K], a tied LM head: logits = h @ E^T); bfloat16 products can
+return float32 (`out_dtype`, e.g. for logits). `gated_mlp` fuses a gated MLP's
+up-projection, silu(x @ w_gate) * (x @ w_up), into one pass. `available()` says whether
+the kernel builds here; callers fall back to jnp when it does not.
 """
 
 import functools
@@ -12,7 +14,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.cpu import build
 
-_TARGETS = ("matmul_f32_kn", "matmul_f32_nk", "matmul_bf16_kn", "matmul_bf16_nk")
+_TARGETS = ("matmul_f32_kn", "matmul_f32_nk", "matmul_bf16_kn", "matmul_bf16_nk",
+            "matmul_bf16_kn_outf32", "matmul_bf16_nk_outf32", "gated_mlp_f32", "gated_mlp_bf16")
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
 
 
@@ -22,25 +25,34 @@ def available() -> bool:
     return build.available("matmul", _TARGETS)
 
 
+def _check_x(x: jax.Array) -> None:
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least one dimension [..., K], got shape {x.shape}")
+    if jnp.dtype(x.dtype) not in _DTYPE_NAMES:
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+
+
 def matmul(x: jax.Array,  # [..., K]
            w: jax.Array,  # [K, N] ("kn") or [N, K] ("nk")
-           *, w_layout: str = "kn") -> jax.Array:  # [..., N]
+           *, w_layout: str = "kn", out_dtype=None) -> jax.Array:  # [..., N]
     """x @ w ("kn") or x @ w.T ("nk") with float32 accumulation, on the native CPU kernel.
 
-    x and w must both be float32 or both bfloat16; the result has their dtype. Leading
-    batch dims of x are flattened into M. Raises NativeKernelUnavailable if the kernel
-    cannot be built here (check `available()` first).
+    x and w must both be float32 or both bfloat16. The result has their dtype, or
+    `out_dtype`: None or x's dtype, or float32 for bfloat16 operands (the float32 sums,
+    never rounded to bfloat16). Leading batch dims of x are flattened into M. Raises
+    NativeKernelUnavailable if the kernel cannot be built here (check `available()` first).
     """
     if w_layout not in ("kn", "nk"):
         raise ValueError(f"w_layout must be 'kn' or 'nk', got {w_layout!r}")
-    if x.ndim < 1:
-        raise ValueError(f"x must have at least one dimension [..., K], got shape {x.shape}")
+    _check_x(x)
     if w.ndim != 2:
         raise ValueError(f"w must be 2-D ([K, N] or [N, K]), got shape {w.shape}")
-    if jnp.dtype(x.dtype) not in _DTYPE_NAMES:
-        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
     if jnp.dtype(w.dtype) != jnp.dtype(x.dtype):
         raise ValueError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
+    out = jnp.dtype(x.dtype) if out_dtype is None else jnp.dtype(out_dtype)
+    if out not in (jnp.dtype(x.dtype), jnp.dtype(jnp.float32)):
+        raise ValueError(f"out_dtype must be None, x's dtype {x.dtype} or float32, "
+                         f"got {out_dtype}")
     k = x.shape[-1]
     n, w_k = (w.shape[1], w.shape[0]) if w_layout == "kn" else w.shape
     if w_k != k:
@@ -51,8 +63,47 @@ def matmul(x: jax.Array,  # [..., K]
     for d in batch:
         m *= d
     target = f"matmul_{_DTYPE_NAMES[jnp.dtype(x.dtype)]}_{w_layout}"
+    if out != jnp.dtype(x.dtype):
+        target += "_outf32"
     build.register("matmul", _TARGETS)
     x2 = x.reshape(m, k)  # [M, K]
     y = jax.ffi.ffi_call(f"jaxserve_{target}",
-                         jax.ShapeDtypeStruct((m, n), x.dtype))(x2, w)  # [M, N]
+                         jax.ShapeDtypeStruct((m, n), out))(x2, w)  # [M, N]
     return y.reshape(*batch, n)
+
+
+def gated_mlp(x: jax.Array,  # [..., K]
+              w_gate: jax.Array,  # [K, F]
+              w_up: jax.Array,  # [K, F]
+              ) -> jax.Array:  # [..., F]
+    """silu(x @ w_gate) * (x @ w_up), a gated MLP's up-projection, on the native CPU kernel.
+
+    Both products for the same output columns are computed in one tile loop with float32
+    accumulators and the silu-multiply epilogue in float32 (silu(g) = g / (1 + exp(-g))),
+    then rounded once to x's dtype: the [..., F] intermediates are never written. x,
+    w_gate and w_up must all be float32 or all bfloat16; both weights are "kn" ([K, F]).
+    Leading batch dims of x are flattened into M. Raises NativeKernelUnavailable if the
+    kernel cannot be built here (check `available()` first).
+    """
+    _check_x(x)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up)):
+        if w.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [K, F], got shape {w.shape}")
+        if jnp.dtype(w.dtype) != jnp.dtype(x.dtype):
+            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {w.dtype}")
+    k = x.shape[-1]
+    if w_gate.shape[0] != k:
+        raise ValueError(f"w_gate of shape {w_gate.shape} does not match x's last dimension "
+                         f"K={k} (it must be [K, F])")
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up must have w_gate's shape {w_gate.shape}, got {w_up.shape}")
+    f = w_gate.shape[1]
+    batch = x.shape[:-1]
+    m = 1
+    for d in batch:
+        m *= d
+    build.register("matmul", _TARGETS)
+    target = f"jaxserve_gated_mlp_{_DTYPE_NAMES[jnp.dtype(x.dtype)]}"
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, f), x.dtype))(
+        x.reshape(m, k), w_gate, w_up)  # [M, F]
+    return y.reshape(*batch, f)

@@ -1,5 +1,5 @@
-"""dense_dot runs the native CPU GEMM where it applies and XLA's dot elsewhere, with the
-same numbers either way."""
+"""dense_dot and the gated MLP run the native CPU GEMM where it applies and XLA's dot
+elsewhere, with the same numbers either way."""
 
 import numpy as np
 import pytest
@@ -41,3 +41,21 @@ def test_mixed_dtypes_and_the_environment_switch_keep_xlas_dot(monkeypatch):
     assert "jaxserve_matmul" not in _hlo(dense_dot, x, w)
     monkeypatch.setenv("JAXSERVE_CPU_GEMM", "xla")
     assert "jaxserve_matmul" not in _hlo(dense_dot, x, x.T)
+
+
+def test_gated_mlp_runs_as_one_native_call_with_xlas_numbers(monkeypatch):
+    from flax import nnx
+
+    from jaxserve.model.layers import MLP
+
+    mlp = MLP(32, 48, hf_name="mlp", use_bias=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 32)), jnp.float32)
+    graphdef, state = nnx.split(mlp)
+    run = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731
+    assert "jaxserve_gated_mlp_f32" in _hlo(run, state, x)
+    native = run(state, x)
+    monkeypatch.setenv("JAXSERVE_CPU_GEMM", "xla")
+    run_xla = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731 (a fresh trace)
+    assert "jaxserve_" not in _hlo(run_xla, state, x)
+    np.testing.assert_allclose(np.asarray(native), np.asarray(jax.jit(run_xla)(state, x)),
+                               rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """The native CPU GEMM against a float64 numpy matmul: both layouts, float32 and bfloat16,
-M, N and K off the SIMD widths (tails, odd K for the bf16 K-pairs), batch dims, jit."""
+M, N and K off the SIMD widths (tails, odd K for the bf16 K-pairs), batch dims, jit; float32
+results of bfloat16 products; the fused gated MLP silu(x @ w_gate) * (x @ w_up)."""
 
 import numpy as np
 import pytest
@@ -85,3 +86,94 @@ def test_bad_arguments():
         native.matmul(x.astype(jnp.int32), w)
     with pytest.raises(ValueError, match="w"):
         native.matmul(x, w[None])
+
+
+# out_dtype=float32 for bf16 operands: (M, K, N) over the nk dot-product path (M < 16),
+# the packed nk path, the unpacked and packed kn paths (M 256 / K 1024) and tails.
+F32_OUT_SHAPES = [(1, 512, 512), (3, 17, 33), (16, 130, 70), (65, 513, 100),
+                  (261, 35, 150), (40, 1025, 70)]
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("m,k,n", F32_OUT_SHAPES)
+def test_bf16_float32_out(m, k, n, layout):
+    x, w = inputs(m, k, n, layout, jnp.bfloat16, seed=3)
+    y = jax.jit(lambda a, b: native.matmul(a, b, w_layout=layout, out_dtype=jnp.float32))(x, w)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    check(y, x, w, layout)  # float32 tolerance: not rounded to bf16
+    # the same sums as the bf16 result, before its one rounding
+    y16 = native.matmul(x, w, w_layout=layout)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)),
+                                  np.asarray(y16.astype(jnp.float32)))
+
+
+def test_out_dtype_same_as_x():
+    x, w = inputs(4, 8, 12, "kn", jnp.float32)
+    assert native.matmul(x, w, out_dtype=jnp.float32).dtype == jnp.float32
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert native.matmul(xb, wb, out_dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+# gated MLP (M, K, F): M over 1, row tails and bf16's packing threshold (M 256, or K 1024
+# with M 32); F over partial 32-column panels (<= 16, 17-31); K odd, 1 and long.
+GATED_SHAPES = [(1, 512, 1536), (64, 512, 1536), (7, 33, 45), (13, 1, 20), (65, 513, 100),
+                (261, 35, 150), (40, 1025, 70), (6, 96, 16), (2, 47, 8)]
+
+
+def gated_inputs(m, k, f, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)  # [M, K]
+    # gate pre-activations spread over silu's range (|g| ~ 3 for K = 512, some beyond 10)
+    w_gate = jnp.asarray(rng.standard_normal((k, f)) * 3.0 / np.sqrt(k), dtype)  # [K, F]
+    w_up = jnp.asarray(rng.standard_normal((k, f)), dtype)  # [K, F]
+    return x, w_gate, w_up
+
+
+def check_gated(y, x, w_gate, w_up):
+    g, g_scale = reference(x, w_gate, "kn")  # [M, F]
+    u, u_scale = reference(x, w_up, "kn")
+    with np.errstate(over="ignore"):  # exp(-g) = inf: silu(g) = -0
+        silu = g / (1.0 + np.exp(-g))
+    ref = silu * u
+    got = np.asarray(y.astype(jnp.float32), np.float64)
+    assert got.shape == ref.shape
+    g_err, u_err = 1e-5 * g_scale, 1e-5 * u_scale  # float32 accumulation of each product
+    # |silu'| <= 1.1; the float32 epilogue (exp, divide, multiply) ~1e-6 relative
+    tol = 1.1 * g_err * (np.abs(u) + u_err) + np.abs(silu) * u_err + 1e-6 * np.abs(ref) + 1e-30
+    if y.dtype == jnp.bfloat16:
+        tol = tol + 2.0 ** -8 * np.abs(ref)  # one rounding to bf16
+    err = np.abs(got - ref)
+    assert np.all(err <= tol), f"max error {err.max()} where tol {tol[np.argmax(err - tol)]}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("m,k,f", GATED_SHAPES)
+def test_gated_mlp_matches_numpy(m, k, f, dtype):
+    x, w_gate, w_up = gated_inputs(m, k, f, dtype)
+    y = jax.jit(native.gated_mlp)(x, w_gate, w_up)
+    assert y.dtype == dtype and y.shape == (m, f)
+    check_gated(y, x, w_gate, w_up)
+
+
+def test_gated_mlp_batch_dims_and_extremes():
+    x, w_gate, w_up = gated_inputs(2 * 35, 72, 90, jnp.float32, seed=1)
+    x = x.at[0].multiply(1e3)  # gate sums far beyond exp's range: silu(g) -> 0 or g
+    y3 = native.gated_mlp(x.reshape(2, 35, 72), w_gate, w_up)  # [B, T, F]
+    assert y3.shape == (2, 35, 90) and np.all(np.isfinite(np.asarray(y3)))
+    check_gated(y3.reshape(70, 90), x, w_gate, w_up)
+
+
+def test_gated_mlp_bad_arguments():
+    x, w_gate, w_up = gated_inputs(4, 8, 12, jnp.float32)
+    with pytest.raises(ValueError, match="x"):
+        native.gated_mlp(x.astype(jnp.int32), w_gate, w_up)
+    with pytest.raises(ValueError, match="w_gate"):
+        native.gated_mlp(x, w_gate.T, w_up)
+    with pytest.raises(ValueError, match="w_gate"):
+        native.gated_mlp(x, w_gate.astype(jnp.bfloat16), w_up)
+    with pytest.raises(ValueError, match="w_up"):
+        native.gated_mlp(x, w_gate, w_up[:, :6])
+    with pytest.raises(ValueError, match="w_up"):
+        native.gated_mlp(x, w_gate, w_up[None])
+    with pytest.raises(ValueError, match="out_dtype"):
+        native.matmul(x, w_gate, out_dtype=jnp.bfloat16)  # f32 operands, bf16 result
