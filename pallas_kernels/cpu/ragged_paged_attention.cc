@@ -141,6 +141,51 @@ inline void Scores16(const float* q, const float* keys, int a, int b, float* s) 
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// bfloat16 pools: s[j] = scale * (q . k[j]) straight from the bf16 rows with vdpbf16ps (the
+// products of two bf16 values are exact in float32, so only the float32 sums round, as in
+// the converted path); NV2 = head_dim / 32.
+template <int NV2>
+inline void Scores16Bf16(const uint16_t* q, const uint16_t* keys, int a, int b, float scale,
+                         float* s) {
+  __m512bh qv[NV2];
+  for (int i = 0; i < NV2; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(q + 32 * i);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int c = a; c < b; c += 16) {
+    const int n = std::min(16, b - c);
+    __m512 v[16];
+    for (int j = 0; j < 16; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      if (j < n) {
+        const uint16_t* kj = keys + static_cast<int64_t>(c + j) * (32 * NV2);
+        for (int i = 0; i < NV2; ++i)
+          acc = _mm512_dpbf16_ps(acc, qv[i], (__m512bh)_mm512_loadu_si512(kj + 32 * i));
+      }
+      v[kSlot[j]] = acc;
+    }
+    _mm512_mask_storeu_ps(s + c, static_cast<__mmask16>((1u << n) - 1u),
+                          _mm512_mul_ps(vscale, Reduce16(v)));
+  }
+}
+
+// Whether Scores16Bf16 serves this problem (bf16 pools, head_dim 64, 128 or 256).
+inline bool DirectBf16Scores(const Problem& p) {
+  return p.bf16 && (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256);
+}
+
+inline void ScoresBf16(const uint16_t* q, const uint16_t* keys, int head_dim, int a, int b,
+                       float scale, float* s) {
+  switch (head_dim) {
+    case 64: return Scores16Bf16<2>(q, keys, a, b, scale, s);
+    case 128: return Scores16Bf16<4>(q, keys, a, b, scale, s);
+    default: return Scores16Bf16<8>(q, keys, a, b, scale, s);
+  }
+}
+#else
+inline bool DirectBf16Scores(const Problem&) { return false; }
+inline void ScoresBf16(const uint16_t*, const uint16_t*, int, int, int, float, float*) {}
+#endif
+
 // Scores of one query row against keys [j0, j1) of a page: s[j] = q . k[j].
 inline void Scores(const float* q, const float* keys, int head_dim, int j0, int j1, float* s) {
 #ifdef __AVX512F__
@@ -285,14 +330,24 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
     const int64_t offset =
         ((static_cast<int64_t>(item.kv_head) * p.num_pages + page) * S + j0) * hd;
     // keys/values point at row 0 of the page (rows before j0 are never touched).
-    const float* keys = AsFloat(p, p.k, offset, j1 - j0, w.k.data()) - static_cast<int64_t>(j0) * hd;
+    const bool direct = DirectBf16Scores(p);  // bf16 keys are read as they are
+    const float* keys = direct ? nullptr
+        : AsFloat(p, p.k, offset, j1 - j0, w.k.data()) - static_cast<int64_t>(j0) * hd;
+    const uint16_t* raw_keys = static_cast<const uint16_t*>(p.k) + offset -
+                               static_cast<int64_t>(j0) * hd;  // used when `direct`
     const float* values = AsFloat(p, p.v, offset, j1 - j0, w.v.data()) - static_cast<int64_t>(j0) * hd;
     for (int r = 0; r < rows; ++r) {
       const int a = std::max(j0, w.lo[r] - base), b = std::min(j1, w.hi[r] - base + 1);
       if (a >= b) continue;
       float* s = w.s.data();
       float* prob = w.prob.data();
-      Scores(w.q.data() + static_cast<int64_t>(r) * hd, keys, hd, a, b, s);
+      if (direct) {
+        const int64_t q_at = (static_cast<int64_t>(item.first_token + r / group) * p.num_heads +
+                              item.kv_head * group + r % group) * hd;
+        ScoresBf16(static_cast<const uint16_t*>(p.q) + q_at, raw_keys, hd, a, b, p.sm_scale, s);
+      } else {
+        Scores(w.q.data() + static_cast<int64_t>(r) * hd, keys, hd, a, b, s);
+      }
       const int head = item.kv_head * group + r % group;
       if (p.soft_cap > 0.f)
         for (int j = a; j < b; ++j) s[j] = p.soft_cap * std::tanh(s[j] / p.soft_cap);
