@@ -7,9 +7,10 @@ B and T. `summarize()` folds the raw calls into the parts of a step:
 
     scheduler     Scheduler.schedule + Scheduler.update_from_output
     input prep    InputBatch.prepare + sampling-row gather + device put (host numpy, H2D)
-    device        ModelRunner.execute minus its host parts: dispatch and the wait for the
-                  forward and sampler programs, and the one device-to-host get
-    output        the runner's ModelRunnerOutput + the engine's OutputProcessor
+    device        ModelRunner.dispatch + collect minus their host parts: launching the
+                  forward and sampler programs, the wait for them, the device-to-host get
+    output        the runner's ModelRunnerOutput + the engine's OutputProcessor (which
+                  handles the previous step's tokens between dispatch and collect)
     other         the rest of LLMEngine.step (compilation tracking, bookkeeping)
 """
 
@@ -27,7 +28,8 @@ WRAPPED = (
     ("sampling_gather", "runner.batch.sampling", "gather"),
     ("device_put", "runner", "_put"),
     ("runner_output", "runner", "_runner_output"),
-    ("execute", "runner", "execute"),
+    ("dispatch", "runner", "dispatch"),
+    ("collect", "runner", "collect"),
     ("output_processor", "output_processor", "process"),
 )
 PARTS = ("scheduler", "input prep", "device", "output", "other")
@@ -87,7 +89,8 @@ def parts_of(record: dict) -> dict[str, float]:
     get = record.get
     scheduler = get("schedule", 0.0) + get("update_from_output", 0.0)
     prep = get("prepare", 0.0) + get("sampling_gather", 0.0) + get("device_put", 0.0)
-    device = get("execute", 0.0) - prep - get("runner_output", 0.0)
+    # the step's launch and its wait: the previous step's output work runs between the two
+    device = get("dispatch", 0.0) + get("collect", 0.0) - prep - get("runner_output", 0.0)
     output = get("runner_output", 0.0) + get("output_processor", 0.0)
     other = record["step"] - scheduler - prep - device - output
     return {"scheduler": scheduler, "input prep": prep, "device": device, "output": output,

@@ -12,8 +12,12 @@ exceed --cold-mb (default 96 MB) so that W comes from DRAM on every call.
 --gated: also time the fused gated MLP up-projection `native.gated_mlp` (K=512, F=1536)
 against XLA's silu(x @ w_gate) * (x @ w_up) and the LM head's float32 logits
 (`out_dtype=jnp.float32`) against XLA's dot with preferred_element_type float32.
+--lm-head-argmax: instead, greedy decoding's LM head + argmax (D=512, V=32000, "nk"): the
+fused `native.lm_head_argmax` against `native.matmul(..., w_layout="nk", out_dtype=f32)`
+followed by XLA's jnp.argmax (and XLA's f32 dot + argmax), at --m (default 64 256), in
+milliseconds per call; with --cold the weights come from DRAM on every call.
 Usage: PYTHONPATH=. python benchmarks/kernels/bench_cpu_matmul.py [--cold] [--gated]
-       [--m 64 512] [--dtype bfloat16] [--what gate/up down] [--out F.md]
+       [--lm-head-argmax] [--m 64 512] [--dtype bfloat16] [--what gate/up down] [--out F.md]
 """
 
 import argparse
@@ -76,7 +80,7 @@ def copies(nbytes: int, cold: bool, cold_mb: float) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--m", type=int, nargs="*", default=M_VALUES)
+    parser.add_argument("--m", type=int, nargs="*")
     parser.add_argument("--dtype", nargs="*", default=("float32", "bfloat16"))
     parser.add_argument("--what", nargs="*", help="only these shapes (by `what`)")
     parser.add_argument("--repeats", type=int, default=7)
@@ -86,12 +90,18 @@ def main():
     parser.add_argument("--gated", action="store_true",
                         help="also the fused gated MLP and the LM head's float32 logits")
     parser.add_argument("--no-xla", action="store_true", help="time the native kernel only")
+    parser.add_argument("--lm-head-argmax", action="store_true",
+                        help="only the fused LM head + argmax vs matmul + jnp.argmax")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("the native matmul kernel does not build here")
 
     rng = np.random.default_rng(0)
+    if args.lm_head_argmax:
+        return lm_head_argmax_main(args, rng)
+    if args.m is None:
+        args.m = M_VALUES
     mode = (f"cold: each loop rotates through >= {args.cold_mb:.0f} MB of distinct weights"
             if args.cold else "hot: one weight matrix, reused")
     lines = [f"CPU: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -155,6 +165,45 @@ def main():
                         lambda x, w: native.matmul(x, w, w_layout="nk",
                                                    out_dtype=jnp.float32)),
                        [(x, w) for w in ws])
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def lm_head_argmax_main(args, rng):
+    """--lm-head-argmax: ms per call of the fused LM head + argmax and of the unfused ones."""
+    k, n = 512, 32000
+    ms = args.m or (64, 256)
+    mode = (f"cold: each loop rotates through >= {args.cold_mb:.0f} MB of distinct weights"
+            if args.cold else "hot: one weight matrix, reused")
+    lines = [f"CPU: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+             f"jitted calls back to back, median of {args.repeats} timed loops; {mode}; "
+             f"LM head D={k}, V={n} (\"nk\") + argmax, ms per call", "",
+             "| B | dtype | XLA dot f32 + argmax | native matmul f32 out + jnp.argmax | "
+             "fused lm_head_argmax | speedup vs matmul + argmax |",
+             "|---:|:---|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    unfused = lambda h, e: jnp.argmax(
+        native.matmul(h, e, w_layout="nk", out_dtype=jnp.float32), axis=-1)
+    xla = lambda h, e: jnp.argmax(
+        jnp.dot(h, e.T, preferred_element_type=jnp.float32), axis=-1)
+    for dtype_name in args.dtype:
+        dtype = jnp.dtype(dtype_name)
+        count = copies(k * n * dtype.itemsize, args.cold, args.cold_mb)
+        base = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        es = [jnp.asarray(base if i == 0 else base * (1.0 + 1e-3 * i), dtype)
+              for i in range(count)]  # [V, D] each
+        for m in ms:
+            h = jnp.asarray(rng.standard_normal((m, k)), dtype)  # [B, D]
+            dots = (unfused, native.lm_head_argmax) if args.no_xla else (
+                xla, unfused, native.lm_head_argmax)
+            times = seconds_per_call(dots, [(h, e) for e in es], args.repeats)
+            t_xla = float("nan") if args.no_xla else times[0]
+            t_unfused, t_fused = times[-2:]
+            line = (f"| {m} | {dtype_name} | {t_xla * 1e3:.2f} | {t_unfused * 1e3:.2f} | "
+                    f"{t_fused * 1e3:.2f} | {t_unfused / t_fused:.2f}x |")
+            lines.append(line)
+            print(line, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

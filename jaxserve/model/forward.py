@@ -48,6 +48,13 @@ def compute_logits(graphdef: nnx.GraphDef, params: nnx.State,
     return nnx.merge(graphdef, params).compute_logits(hidden)
 
 
+def greedy_token_ids(graphdef: nnx.GraphDef, params: nnx.State,
+                     hidden,  # [B, D] final hidden states
+                     ) -> jax.Array:  # [B] int32
+    """Greedy sampling as a pure function: the argmax of the logits (fused on CPU)."""
+    return nnx.merge(graphdef, params).greedy_token_ids(hidden)
+
+
 def make_forward(graphdef: nnx.GraphDef, *, all_token_logits: bool = False) -> Callable:
     """A jitted `forward(params, kv_caches, input_ids [T], positions [T], metadata)
     -> (logits [B, V] float32, kv_caches)`, the pools donated. With `all_token_logits`,

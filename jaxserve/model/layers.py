@@ -51,6 +51,18 @@ def dense_dot(x,  # [..., K]
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 
+def tied_head_argmax(hidden,     # [B, D] final hidden states
+                     embedding,  # [V, D] the tied embedding
+                     ):  # -> [B] int32, or None where the native kernel does not apply
+    """argmax(hidden @ embedding.T) per row in one native CPU call that never writes the
+    [B, V] logits (greedy sampling's LM head); None where `dense_dot` would use XLA."""
+    if not _native_gemm(hidden, embedding, None):
+        return None
+    from pallas_kernels.cpu import matmul
+
+    return matmul.lm_head_argmax(hidden, embedding)
+
+
 def hf_param(value: jax.Array, *, hf_name: str, axes: tuple[str | None, ...],
              hf_transpose: bool = False) -> nnx.Param:
     """A parameter that knows where the checkpoint keeps it and how it is sharded."""

@@ -13,7 +13,8 @@ from flax import nnx
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention import ATTENTION_BACKENDS, paged_attention, write_kv
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary
+from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary, tied_head_argmax
+from jaxserve.model.sampler import argmax
 
 KVCache = tuple[jax.Array, jax.Array]  # ([K, L, S, H] key pool, [K, L, S, H] value pool)
 
@@ -146,6 +147,15 @@ class LlamaForCausalLM(nnx.Module):
             x, kv_cache = layer(x, positions, kv_cache, metadata)
             new_caches.append(kv_cache)
         return self.norm(x), tuple(new_caches)
+
+    def greedy_token_ids(self, hidden):  # [B, D] -> [B] int32
+        """The argmax of `compute_logits(hidden)`; with a tied head on CPU, fused with the
+        LM head in one native call (the logits are never written)."""
+        if self.lm_head is None:
+            fused = tied_head_argmax(hidden, self.embed_tokens.embedding[...])
+            if fused is not None:
+                return fused
+        return argmax(self.compute_logits(hidden))
 
     def compute_logits(self, hidden):  # [..., D] -> [..., V] float32
         if self.lm_head is None:

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.model import sampler
-from jaxserve.model.forward import compute_logits, run_model
+from jaxserve.model.forward import compute_logits, greedy_token_ids, run_model
 from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS
 
 
@@ -54,6 +54,9 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *,
     def make_sample(variant: str):
         def sample(params, hidden, tensors):  # hidden [B, D]
             params = state(params)
+            if variant == "greedy" and mesh is None:  # argmax only: maybe never writes logits
+                token_ids = greedy_token_ids(graphdef, params, hidden)  # [B]
+                return sampler.SamplerOutput(token_ids, None, None, None, None)
             logits = gathered(compute_logits(graphdef, params, hidden))  # [B, V] float32
             greedy = variant == "greedy"
             return sampler.sample(logits, tensors, all_greedy=greedy, with_logprobs=not greedy)

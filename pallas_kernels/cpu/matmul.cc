@@ -9,6 +9,8 @@
 //   matmul_bf16_nk_outf32  x bf16 [M, K], W bf16 [N, K] -> y f32 [M, N]
 //   gated_mlp_f32          x f32 [M, K], Wg f32 [K, N], Wu f32 [K, N] -> y f32 [M, N]
 //   gated_mlp_bf16         x bf16 [M, K], Wg bf16 [K, N], Wu bf16 [K, N] -> y bf16 [M, N]
+//   lm_head_argmax_f32     h f32 [M, K], E f32 [N, K] -> idx s32 [M]  (argmax of h @ E^T)
+//   lm_head_argmax_bf16    h bf16 [M, K], E bf16 [N, K] -> idx s32 [M]
 // bf16 products are exact in f32 and summed in f32; y is rounded to nearest even once.
 // gated_mlp: y = silu(x @ Wg) * (x @ Wu), silu(g) = g / (1 + exp(-g)), the epilogue in f32
 // on the accumulators: items of 32 output columns whose microkernel keeps both products'
@@ -38,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -1097,6 +1100,149 @@ void RunGated(ffi::ThreadPool& pool, const T* x, const T* wg, const T* wu, T* y,
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// lm_head_argmax: idx[m] = argmax_n (x @ W^T)[m, n] for W [N, K] (a tied LM head), with
+// jnp.argmax's rule (the first NaN if a row has one, else the first of the largest), the
+// logits never written: work items are (block of up to kArgmaxBlock W rows x row chunk);
+// an item computes its block one 64-row panel at a time into a small thread-local buffer
+// [rows][64] with the nk product's kernels (packed: the panel transposed, then the kn
+// microkernels; below the packing threshold, the dot-product kernels), folds each row of it
+// into the item's running (max, index), and writes those to its own slot; the slots are
+// merged in column order at the end (a later block wins only with a strictly larger value
+// or a first NaN). While a panel computes, the next one (the next item's first panel after
+// the last) is prefetched, a slice after each row block.
+
+constexpr int64_t kArgmaxPanel = 64;    // W rows per panel (buffer columns)
+constexpr int64_t kArgmaxBlock = 512;   // W rows per work item, at most
+constexpr int64_t kArgmaxRows = 264;    // x rows per work item, at most (M <= 264: all)
+constexpr int64_t kArgmaxStepRows = 12; // rows computed between two prefetch slices
+
+// Folds columns [0, ncols) of a buffer row (column c is logit n0 + c) into (best, idx).
+inline void FoldArgmaxRow(const float* row, int64_t ncols, int64_t n0, float& best,
+                          int32_t& idx) {
+  if (best != best) return;  // a NaN came first: it stays
+#ifdef JAXSERVE_AVX512
+  const __m512 b = _mm512_set1_ps(best);
+  __mmask16 hit = 0;
+  for (int64_t c = 0; c < ncols; c += 16) {
+    const __mmask16 mk = Mask16(ncols - c);
+    // v > best, or unordered (v is NaN): the rare case, resolved below in order
+    hit |= _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, row + c), b, _CMP_NLE_UQ);
+  }
+  if (!hit) return;
+#endif
+  for (int64_t c = 0; c < ncols; ++c) {
+    const float v = row[c];
+    if (v != v) {
+      best = v;
+      idx = static_cast<int32_t>(n0 + c);
+      return;
+    }
+    if (v > best) {
+      best = v;
+      idx = static_cast<int32_t>(n0 + c);
+    }
+  }
+}
+
+// Prefetches lines [l0, l1) of `rows` W rows of `row_bytes` each from `src` (line l: row
+// l / lines_per_row).
+inline void PrefetchRowLines(const char* src, int64_t row_bytes, int64_t l0, int64_t l1) {
+#ifdef JAXSERVE_AVX512
+  const int64_t per_row = CeilDiv(row_bytes, 64);
+  for (int64_t l = l0; l < l1; ++l)
+    _mm_prefetch(src + (l / per_row) * row_bytes + (l % per_row) * 64, _MM_HINT_T0);
+#else
+  (void)src, (void)row_bytes, (void)l0, (void)l1;
+#endif
+}
+
+template <typename T>
+void RunLmHeadArgmax(ffi::ThreadPool& pool, const T* x, const T* w, int32_t* out, int64_t M,
+                     int64_t K, int64_t N) {
+  if (K == 0) {  // every logit is 0: the first
+    std::fill(out, out + M, 0);
+    return;
+  }
+  constexpr bool kBf16 = sizeof(T) == 2;
+  const bool packed =
+      kHavePacked<T> && M >= (kBf16 ? kPackRowsNKBf16 : kPackRowsNKF32);
+  const int64_t units = kBf16 ? CeilDiv(K, 2) : K;  // 32-bit units per packed W row
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
+  const int64_t rows = M <= kArgmaxRows ? M : kArgmaxRows / kMrKN * kMrKN;
+  const int64_t chunks = CeilDiv(M, rows);
+  // Blocks of whole panels, at most kArgmaxBlock rows, but enough items for the threads.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t block = CeilDiv(CeilDiv(N, std::max<int64_t>(1, threads * 4 / chunks)),
+                          kArgmaxPanel) * kArgmaxPanel;
+  block = std::max<int64_t>(kArgmaxPanel, std::min<int64_t>(kArgmaxBlock, block));
+  const int64_t blocks = CeilDiv(N, block);
+  std::vector<float> vals(blocks * M);
+  std::vector<int32_t> idxs(blocks * M);
+  ParallelForAhead(pool, blocks * chunks, [&](int64_t item, int64_t next) {
+    const int64_t b = item / chunks, c = item % chunks;
+    const int64_t m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
+    const int64_t nb0 = b * block, nb1 = std::min(N, nb0 + block);
+    const T* xs = x + m0 * K;
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < mr * kArgmaxPanel) buf.resize(mr * kArgmaxPanel);
+    float* best = vals.data() + b * M + m0;
+    int32_t* idx = idxs.data() + b * M + m0;
+    std::fill(best, best + mr, -std::numeric_limits<float>::infinity());
+    std::fill(idx, idx + mr, static_cast<int32_t>(nb0));
+    for (int64_t n0 = nb0; n0 < nb1; n0 += kArgmaxPanel) {
+      const int64_t ncols = std::min<int64_t>(kArgmaxPanel, nb1 - n0);
+      const char* src = reinterpret_cast<const char*>(w + n0 * K);
+      // What to prefetch meanwhile: the next panel of this block, else the next item's
+      // first (unless it is this same panel again, another row chunk's).
+      int64_t pf_n0 = n0 + kArgmaxPanel < nb1 ? n0 + kArgmaxPanel : -1;
+      if (pf_n0 < 0 && next >= 0 && next / chunks != b) pf_n0 = next / chunks * block;
+      const char* pf_src = pf_n0 >= 0 ? reinterpret_cast<const char*>(w + pf_n0 * K) : nullptr;
+      const int64_t pf_lines =
+          pf_n0 >= 0 ? std::min<int64_t>(kArgmaxPanel, N - pf_n0) * CeilDiv(row_bytes, 64) : 0;
+      if (packed) {
+        thread_local std::vector<uint32_t> panel;
+        if (static_cast<int64_t>(panel.size()) < units * 64) panel.resize(units * 64);
+        PackPanel32(src, row_bytes, ncols, kBf16 ? K / 2 : K, panel.data());
+        if (kBf16 && K % 2) {  // the last, single K: (W[n, K-1], 0)
+          for (int64_t r = 0; r < 64; ++r) {
+            uint16_t v = 0;
+            if (r < ncols) std::memcpy(&v, src + (r * K + K - 1) * sizeof(T), 2);
+            panel[(K / 2) * 64 + r] = v;
+          }
+        }
+        const int64_t steps = CeilDiv(mr, kArgmaxStepRows);
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t r0 = s * kArgmaxStepRows, r1 = std::min(mr, r0 + kArgmaxStepRows);
+          if (pf_src)
+            PrefetchRowLines(pf_src, row_bytes, pf_lines * s / steps,
+                             pf_lines * (s + 1) / steps);
+          BlockKNPacked<T, float>(xs, reinterpret_cast<const T*>(panel.data()), buf.data(), K,
+                                  kArgmaxPanel, r0, r1, 0, ncols);
+        }
+      } else {
+        if (pf_src) PrefetchRowLines(pf_src, row_bytes, 0, pf_lines);
+        BlockNK<T, float>(xs, reinterpret_cast<const T*>(src), buf.data(), K, kArgmaxPanel,
+                          0, mr, 0, ncols);
+      }
+      for (int64_t m = 0; m < mr; ++m)
+        FoldArgmaxRow(buf.data() + m * kArgmaxPanel, ncols, n0, best[m], idx[m]);
+    }
+  });
+  for (int64_t m = 0; m < M; ++m) {  // merge the blocks in column order
+    float bv = vals[m];
+    int32_t bi = idxs[m];
+    for (int64_t b = 1; b < blocks && bv == bv; ++b) {
+      const float v = vals[b * M + m];
+      if (v != v || v > bv) {
+        bv = v;
+        bi = idxs[b * M + m];
+      }
+    }
+    out[m] = bi;
+  }
+}
+
 template <ffi::DataType DT>
 using Elem = std::conditional_t<DT == ffi::DataType::F32, float, uint16_t>;
 
@@ -1139,10 +1285,28 @@ ffi::Error GatedImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT,
   return ffi::Error::Success();
 }
 
+template <ffi::DataType DT>
+ffi::Error LmHeadArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> h, ffi::Buffer<DT, 2> e,
+                            ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
+  using T = Elem<DT>;
+  auto hd = h.dimensions(), ed = e.dimensions(), id = idx->dimensions();
+  int64_t M = hd[0], K = hd[1], N = ed[0];
+  if (ed[1] != K || id[0] != M)
+    return ffi::Error::InvalidArgument("lm_head_argmax: inconsistent shapes of h, e and idx");
+  if (N == 0 || N > std::numeric_limits<int32_t>::max())
+    return ffi::Error::InvalidArgument("lm_head_argmax: the vocabulary must be 1 to 2^31 - 1");
+  if (M == 0) return ffi::Error::Success();
+  RunLmHeadArgmax<T>(pool, reinterpret_cast<const T*>(h.untyped_data()),
+                     reinterpret_cast<const T*>(e.untyped_data()),
+                     reinterpret_cast<int32_t*>(idx->untyped_data()), M, K, N);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 using F32Buffer = ffi::Buffer<ffi::DataType::F32, 2>;
 using Bf16Buffer = ffi::Buffer<ffi::DataType::BF16, 2>;
+using S32Vector = ffi::Buffer<ffi::DataType::S32, 1>;
 constexpr auto kF32KN = MatmulImpl<ffi::DataType::F32, false>;
 constexpr auto kF32NK = MatmulImpl<ffi::DataType::F32, true>;
 constexpr auto kBf16KN = MatmulImpl<ffi::DataType::BF16, false>;
@@ -1151,6 +1315,8 @@ constexpr auto kBf16KNOutF32 = MatmulImpl<ffi::DataType::BF16, false, ffi::DataT
 constexpr auto kBf16NKOutF32 = MatmulImpl<ffi::DataType::BF16, true, ffi::DataType::F32>;
 constexpr auto kGatedF32 = GatedImpl<ffi::DataType::F32>;
 constexpr auto kGatedBf16 = GatedImpl<ffi::DataType::BF16>;
+constexpr auto kArgmaxF32 = LmHeadArgmaxImpl<ffi::DataType::F32>;
+constexpr auto kArgmaxBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16>;
 
 #define JAXSERVE_MATMUL_HANDLER(symbol, impl, buffer, out_buffer)              \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                 \
@@ -1167,6 +1333,13 @@ constexpr auto kGatedBf16 = GatedImpl<ffi::DataType::BF16>;
                                     .Arg<buffer>()                            \
                                     .Arg<buffer>()                            \
                                     .Ret<buffer>());
+#define JAXSERVE_ARGMAX_HANDLER(symbol, impl, buffer)                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                 \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<buffer>()                            \
+                                    .Arg<buffer>()                            \
+                                    .Ret<S32Vector>());
 
 #pragma GCC visibility push(default)
 JAXSERVE_MATMUL_HANDLER(matmul_f32_kn, kF32KN, F32Buffer, F32Buffer)
@@ -1177,4 +1350,6 @@ JAXSERVE_MATMUL_HANDLER(matmul_bf16_kn_outf32, kBf16KNOutF32, Bf16Buffer, F32Buf
 JAXSERVE_MATMUL_HANDLER(matmul_bf16_nk_outf32, kBf16NKOutF32, Bf16Buffer, F32Buffer)
 JAXSERVE_GATED_HANDLER(gated_mlp_f32, kGatedF32, F32Buffer)
 JAXSERVE_GATED_HANDLER(gated_mlp_bf16, kGatedBf16, Bf16Buffer)
+JAXSERVE_ARGMAX_HANDLER(lm_head_argmax_f32, kArgmaxF32, F32Buffer)
+JAXSERVE_ARGMAX_HANDLER(lm_head_argmax_bf16, kArgmaxBf16, Bf16Buffer)
 #pragma GCC visibility pop

@@ -5,6 +5,8 @@ a Linear kernel) or "nk" ([N, K], a tied LM head: logits = h @ E^T); bfloat16 pr
 return float32 (`out_dtype`, e.g. for logits). `gated_mlp` fuses a gated MLP's
 up-projection, silu(x @ w_gate) * (x @ w_up), into one pass. `available()` says whether
 the kernel builds here; callers fall back to jnp when it does not.
+`lm_head_argmax` fuses a tied LM head with greedy sampling: argmax(h @ E^T) per row, the
+[B, V] logits never written.
 """
 
 import functools
@@ -15,7 +17,8 @@ import jax.numpy as jnp
 from pallas_kernels.cpu import build
 
 _TARGETS = ("matmul_f32_kn", "matmul_f32_nk", "matmul_bf16_kn", "matmul_bf16_nk",
-            "matmul_bf16_kn_outf32", "matmul_bf16_nk_outf32", "gated_mlp_f32", "gated_mlp_bf16")
+            "matmul_bf16_kn_outf32", "matmul_bf16_nk_outf32", "gated_mlp_f32", "gated_mlp_bf16",
+            "lm_head_argmax_f32", "lm_head_argmax_bf16")
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
 
 
@@ -25,11 +28,12 @@ def available() -> bool:
     return build.available("matmul", _TARGETS)
 
 
-def _check_x(x: jax.Array) -> None:
+def _check_x(x: jax.Array, name: str = "x") -> None:
     if x.ndim < 1:
-        raise ValueError(f"x must have at least one dimension [..., K], got shape {x.shape}")
+        raise ValueError(f"{name} must have at least one dimension [..., K], got shape "
+                         f"{x.shape}")
     if jnp.dtype(x.dtype) not in _DTYPE_NAMES:
-        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+        raise ValueError(f"{name} must be float32 or bfloat16, got {x.dtype}")
 
 
 def matmul(x: jax.Array,  # [..., K]
@@ -107,3 +111,38 @@ def gated_mlp(x: jax.Array,  # [..., K]
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, f), x.dtype))(
         x.reshape(m, k), w_gate, w_up)  # [M, F]
     return y.reshape(*batch, f)
+
+
+def lm_head_argmax(h: jax.Array,  # [B, D]
+                   embedding: jax.Array,  # [V, D]
+                   ) -> jax.Array:  # [B] int32
+    """argmax(h @ embedding.T, axis=-1) per row, on the native CPU kernel, never writing logits.
+
+    Equal to `jnp.argmax(h.astype(f32) @ embedding.astype(f32).T, axis=-1)` with the logits
+    accumulated in float32 (the order of the sums may differ from XLA's, so near-ties may
+    resolve differently within float32 rounding): the first index of the maximum on ties,
+    the first NaN's index where a row has NaN. h and embedding must both be float32 or both
+    bfloat16; embedding is "nk" ([V, D], a tied embedding). Leading batch dims of h are
+    kept ([..., D] -> [...]). Raises NativeKernelUnavailable if the kernel cannot be built
+    here (check `available()` first).
+    """
+    _check_x(h, "h")
+    if embedding.ndim != 2:
+        raise ValueError(f"embedding must be 2-D [V, D], got shape {embedding.shape}")
+    if jnp.dtype(embedding.dtype) != jnp.dtype(h.dtype):
+        raise ValueError(f"embedding must have h's dtype {h.dtype}, got {embedding.dtype}")
+    v, d = embedding.shape
+    if d != h.shape[-1]:
+        raise ValueError(f"embedding of shape {embedding.shape} does not match h's last "
+                         f"dimension D={h.shape[-1]} (it must be [V, D])")
+    if not 1 <= v < 2**31:
+        raise ValueError(f"the vocabulary size must be in [1, 2^31), got {v}")
+    batch = h.shape[:-1]
+    b = 1
+    for n in batch:
+        b *= n
+    build.register("matmul", _TARGETS)
+    target = f"jaxserve_lm_head_argmax_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}"
+    idx = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b,), jnp.int32))(
+        h.reshape(b, d), embedding)  # [B]
+    return idx.reshape(batch)

@@ -43,12 +43,12 @@ def test_step_breakdown_reports_parts_that_add_up_at_full_batch(tiny_model, tmp_
     assert result["compilations_while_measured"] == 0
 
 
-def test_step_parts_split_execute_into_host_and_device_time():
+def test_step_parts_split_dispatch_and_collect_into_host_and_device_time():
     spec = importlib.util.spec_from_file_location("step_timers", BENCHMARKS / "step_timers.py")
     timers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timers)
     record = {"schedule": 1.0, "update_from_output": 0.5, "prepare": 2.0,
-              "sampling_gather": 0.25, "device_put": 0.75, "execute": 10.0,
+              "sampling_gather": 0.25, "device_put": 0.75, "dispatch": 4.0, "collect": 6.0,
               "runner_output": 1.0, "output_processor": 0.5, "step": 13.0}
     parts = timers.parts_of(record)
     assert parts == {"scheduler": 1.5, "input prep": 3.0, "device": 6.0, "output": 1.5,

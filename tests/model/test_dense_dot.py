@@ -59,3 +59,17 @@ def test_gated_mlp_runs_as_one_native_call_with_xlas_numbers(monkeypatch):
     assert "jaxserve_" not in _hlo(run_xla, state, x)
     np.testing.assert_allclose(np.asarray(native), np.asarray(jax.jit(run_xla)(state, x)),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_head_argmax_is_one_native_call_with_the_logits_argmax(dtype):
+    from jaxserve.model.layers import tied_head_argmax
+
+    rng = np.random.default_rng(2)
+    hidden = jnp.asarray(rng.standard_normal((9, 64)), dtype)
+    embedding = jnp.asarray(rng.standard_normal((1000, 64)), dtype)
+    assert "jaxserve_lm_head_argmax" in _hlo(tied_head_argmax, hidden, embedding)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(embedding, np.float64).T
+    np.testing.assert_array_equal(np.asarray(tied_head_argmax(hidden, embedding)),
+                                  logits.argmax(axis=-1))
+    assert tied_head_argmax(hidden, embedding.astype(jnp.float16)) is None  # XLA's turn

@@ -177,3 +177,106 @@ def test_gated_mlp_bad_arguments():
         native.gated_mlp(x, w_gate, w_up[None])
     with pytest.raises(ValueError, match="out_dtype"):
         native.matmul(x, w_gate, out_dtype=jnp.bfloat16)  # f32 operands, bf16 result
+
+
+# lm_head_argmax: (B, D, V) over B = 1, the nk packing thresholds (16 bf16 / 64 f32), row
+# tails and B = 256; V off 16 and 64 (1000, 32003), D odd (bf16 K-pair tail) and short.
+ARGMAX_SHAPES = [(1, 512, 32000), (3, 33, 1000), (16, 512, 1000), (17, 64, 32003),
+                 (64, 512, 32000), (65, 129, 1000), (256, 512, 32003), (7, 1, 1000)]
+
+
+def argmax_reference(h, e):
+    """float64 logits' argmax on exactly the (possibly bf16-rounded) inputs, and a mask of
+    the rows whose top two logits differ by more than float32 accumulation's rounding."""
+    h64 = np.asarray(h.astype(jnp.float32), np.float64)  # [B, D]
+    e64 = np.asarray(e.astype(jnp.float32), np.float64)  # [V, D]
+    logits = h64 @ e64.T  # [B, V]
+    tol = 1e-5 * (np.abs(h64) @ np.abs(e64).T)  # [B, V]
+    idx = np.argmax(logits, axis=-1)
+    rows = np.arange(len(idx))
+    top = logits[rows, idx]
+    others = logits.copy()
+    others[rows, idx] = -np.inf
+    clear = top - others.max(axis=-1) > 2 * tol.max(axis=-1) if logits.shape[1] > 1 \
+        else np.ones(len(idx), bool)
+    return idx, clear
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("b,d,v", ARGMAX_SHAPES)
+def test_lm_head_argmax_matches_numpy(b, d, v, dtype):
+    rng = np.random.default_rng(b * 7 + v)
+    h = jnp.asarray(rng.standard_normal((b, d)), dtype)  # [B, D]
+    e = jnp.asarray(rng.standard_normal((v, d)), dtype)  # [V, D]
+    got = jax.jit(native.lm_head_argmax)(h, e)
+    assert got.dtype == jnp.int32 and got.shape == (b,)
+    ref, clear = argmax_reference(h, e)
+    assert clear.mean() >= 0.75, "too many near-ties: pick other inputs"
+    np.testing.assert_array_equal(np.asarray(got)[clear], ref[clear])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("b", [1, 8, 64])
+def test_lm_head_argmax_ties_take_the_first(b, dtype):
+    v, d = 32003, 96
+    rng = np.random.default_rng(3)
+    h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
+    e = rng.standard_normal((v, d)).astype(np.float32)  # [V, D]
+    # Row r's maximum is planted at two or three duplicate embedding rows: within a 64-row
+    # panel, across panels and blocks, and at the vocabulary's (partial) last panel.
+    firsts = []
+    for r in range(b):
+        first = (r * 997 + 5) % (v - 100)
+        dups = [first, first + 1 + r % 40, v - 1 - r % 3][: 2 + r % 2]
+        dups = sorted(set(dups))
+        planted = 20.0 * h[r] / np.linalg.norm(h[r]) * np.sqrt(d)
+        for j in dups:
+            e[j] = planted
+        firsts.append(dups[0])
+    h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
+    got = np.asarray(jax.jit(native.lm_head_argmax)(h, e))
+    ref, clear = argmax_reference(h, e)
+    np.testing.assert_array_equal(got, np.asarray(firsts))
+    np.testing.assert_array_equal(ref, np.asarray(firsts))  # numpy agrees: first of ties
+    # All logits equal (a zero embedding): index 0, as jnp.argmax.
+    zero = native.lm_head_argmax(h, jnp.zeros((v, d), dtype))
+    np.testing.assert_array_equal(np.asarray(zero), np.zeros(b, np.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("b", [2, 64])
+def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype):
+    v, d = 1000, 64
+    rng = np.random.default_rng(4)
+    h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
+    e = rng.standard_normal((v, d)).astype(np.float32)  # [V, D]
+    e[: 50] *= 10.0  # large logits before the NaNs: the NaN still wins
+    e[613, 5] = np.nan  # logit 613 is NaN in every row: the answer, but for rows 0 and 1
+    e[170, 0] = np.inf  # +-inf logits before it (h is nonzero there): the NaN still wins
+    h[0] = np.nan  # row 0: every logit NaN -> 0
+    h[1, 3] = 0.0
+    e[90, :] = 0.0
+    e[90, 3] = np.inf  # logit 90: +-inf, but 0 * inf = NaN in row 1 -> 90
+    h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
+    got = np.asarray(jax.jit(native.lm_head_argmax)(h, e))
+    logits = jnp.dot(h.astype(jnp.float32), e.astype(jnp.float32).T,
+                     precision=jax.lax.Precision.HIGHEST)  # [B, V]
+    want = np.asarray(jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(want, [0, 90] + [613] * (b - 2))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lm_head_argmax_batch_dims_and_bad_arguments():
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)  # [B, T, D]
+    e = jnp.asarray(rng.standard_normal((300, 40)), jnp.float32)  # [V, D]
+    got = native.lm_head_argmax(h, e)
+    assert got.shape == (2, 3) and got.dtype == jnp.int32
+    ref, clear = argmax_reference(h.reshape(6, 40), e)
+    np.testing.assert_array_equal(np.asarray(got).reshape(6)[clear], ref[clear])
+    with pytest.raises(ValueError, match="embedding"):
+        native.lm_head_argmax(h, e.T)
+    with pytest.raises(ValueError, match="embedding"):
+        native.lm_head_argmax(h, e.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="^h must"):
+        native.lm_head_argmax(h.astype(jnp.int32), e)
