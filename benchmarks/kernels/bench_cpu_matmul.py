@@ -14,8 +14,10 @@ against XLA's silu(x @ w_gate) * (x @ w_up) and the LM head's float32 logits
 (`out_dtype=jnp.float32`) against XLA's dot with preferred_element_type float32.
 --lm-head-argmax: instead, greedy decoding's LM head + argmax (D=512, V=32000, "nk"): the
 fused `native.lm_head_argmax` against `native.matmul(..., w_layout="nk", out_dtype=f32)`
-followed by XLA's jnp.argmax (and XLA's f32 dot + argmax), at --m (default 64 256), in
-milliseconds per call; with --cold the weights come from DRAM on every call.
+followed by XLA's jnp.argmax (and XLA's f32 dot + argmax), and the fused kernel on the
+pre-transposed embedding [D, V] (`w_layout="kn"`) against it on E [V, D] ("nk"), at --m
+(default 64 256), in milliseconds per call; with --cold the weights come from DRAM on
+every call.
 Usage: PYTHONPATH=. python benchmarks/kernels/bench_cpu_matmul.py [--cold] [--gated]
        [--lm-head-argmax] [--m 64 512] [--dtype bfloat16] [--what gate/up down] [--out F.md]
 """
@@ -171,37 +173,45 @@ def main():
 
 
 def lm_head_argmax_main(args, rng):
-    """--lm-head-argmax: ms per call of the fused LM head + argmax and of the unfused ones."""
+    """--lm-head-argmax: ms per call of the fused LM head + argmax ("nk" on E [V, D], "kn" on
+    E.T [D, V]) and of the unfused ones."""
     k, n = 512, 32000
     ms = args.m or (64, 256)
     mode = (f"cold: each loop rotates through >= {args.cold_mb:.0f} MB of distinct weights"
             if args.cold else "hot: one weight matrix, reused")
     lines = [f"CPU: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
              f"jitted calls back to back, median of {args.repeats} timed loops; {mode}; "
-             f"LM head D={k}, V={n} (\"nk\") + argmax, ms per call", "",
-             "| B | dtype | XLA dot f32 + argmax | native matmul f32 out + jnp.argmax | "
-             "fused lm_head_argmax | speedup vs matmul + argmax |",
-             "|---:|:---|---:|---:|---:|---:|"]
+             f"LM head D={k}, V={n} + argmax, ms per call", "",
+             "| B | dtype | XLA dot f32 + argmax | native matmul nk f32 out + jnp.argmax | "
+             "fused lm_head_argmax nk | fused nk vs matmul + argmax | "
+             "fused lm_head_argmax kn | kn vs nk |",
+             "|---:|:---|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
-    unfused = lambda h, e: jnp.argmax(
+    # Each dot takes (h, E [V, D], E.T [D, V]) and reads the one its layout needs.
+    unfused = lambda h, e, et: jnp.argmax(
         native.matmul(h, e, w_layout="nk", out_dtype=jnp.float32), axis=-1)
-    xla = lambda h, e: jnp.argmax(
+    xla = lambda h, e, et: jnp.argmax(
         jnp.dot(h, e.T, preferred_element_type=jnp.float32), axis=-1)
+    fused_nk = lambda h, e, et: native.lm_head_argmax(h, e, w_layout="nk")
+    fused_kn = lambda h, e, et: native.lm_head_argmax(h, et, w_layout="kn")
     for dtype_name in args.dtype:
         dtype = jnp.dtype(dtype_name)
         count = copies(k * n * dtype.itemsize, args.cold, args.cold_mb)
         base = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
         es = [jnp.asarray(base if i == 0 else base * (1.0 + 1e-3 * i), dtype)
               for i in range(count)]  # [V, D] each
+        ets = [jnp.asarray(np.ascontiguousarray(np.asarray(e).T)) for e in es]  # [D, V] each
         for m in ms:
             h = jnp.asarray(rng.standard_normal((m, k)), dtype)  # [B, D]
-            dots = (unfused, native.lm_head_argmax) if args.no_xla else (
-                xla, unfused, native.lm_head_argmax)
-            times = seconds_per_call(dots, [(h, e) for e in es], args.repeats)
+            dots = (unfused, fused_nk, fused_kn) if args.no_xla else (
+                xla, unfused, fused_nk, fused_kn)
+            times = seconds_per_call(dots, [(h, e, et) for e, et in zip(es, ets)],
+                                     args.repeats)
             t_xla = float("nan") if args.no_xla else times[0]
-            t_unfused, t_fused = times[-2:]
+            t_unfused, t_nk, t_kn = times[-3:]
             line = (f"| {m} | {dtype_name} | {t_xla * 1e3:.2f} | {t_unfused * 1e3:.2f} | "
-                    f"{t_fused * 1e3:.2f} | {t_unfused / t_fused:.2f}x |")
+                    f"{t_nk * 1e3:.2f} | {t_unfused / t_nk:.2f}x | {t_kn * 1e3:.2f} | "
+                    f"{t_nk / t_kn:.2f}x |")
             lines.append(line)
             print(line, flush=True)
     if args.out:

@@ -222,10 +222,10 @@ class AsyncEngine:
                     self.observer.on_inter_token(now - live.last_token_time)
             if num_tokens > live.num_tokens:
                 live.last_token_time, live.num_tokens = now, num_tokens
-            self._deliver(live, _snapshot(output))
-            if output.finished:
+            if output.finished:  # recorded before the client can see the end
                 del self._live[output.request_id]
                 self._report_done(live, [o.finish_reason for o in output.outputs])
+            self._deliver(live, _snapshot(output))
 
     def _report_done(self, live: _Live, finish_reasons: list[str]) -> None:
         if self.observer is not None:

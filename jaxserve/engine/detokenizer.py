@@ -6,6 +6,10 @@ are re-decoded each step (the prefix/read-offset scheme), so the cost per step i
 and a multi-byte character split across tokens is only emitted once it is complete. While
 streaming, the last `max(len(stop)) - 1` characters are held back so that a stop string
 about to match is never shown to the client.
+
+With a Rust-backed ("fast") HF tokenizer that does no clean-up of spaces, the per-token
+work is `tokenizers.decoders.DecodeStream`, primed with the same prompt context: one call
+into Rust per token instead of two Python-level decodes.
 """
 
 from __future__ import annotations
@@ -31,9 +35,38 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._hold_back = 0 if include_stop_str_in_output else max(
             (len(s) for s in self._stop), default=1) - 1
+        self._pending = 0  # ids at the end of _ids the DecodeStream has not emitted yet
+        self._stream = self._make_stream()
         self.output_text = ""      # all text decoded so far (trimmed at a matched stop string)
         self._num_emitted = 0      # characters of output_text already returned
         self.stop_string: str | None = None
+
+    def _make_stream(self):
+        """A DecodeStream primed with the prompt context, or None (the Python path)."""
+        backend = getattr(self._tokenizer, "_tokenizer", None)
+        if backend is None or getattr(self._tokenizer, "clean_up_tokenization_spaces", True):
+            return None
+        try:
+            from tokenizers import Tokenizer
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        if not isinstance(backend, Tokenizer) or _INCOMPLETE in self._decode(self._ids):
+            return None  # a context cut inside a character would leak its bytes: Python path
+        stream = DecodeStream(skip_special_tokens=self._skip_special)
+        for token_id in self._ids:  # the context: its text is the prompt's, never emitted
+            stream.step(backend, token_id)
+        return stream
+
+    def _stream_delta(self, token_id: int) -> str:
+        """The DecodeStream path of `_decode_delta` for one new token."""
+        self._ids.append(token_id)
+        chunk = self._stream.step(self._tokenizer._tokenizer, token_id)
+        if chunk is None:  # an incomplete character: wait for the bytes that finish it
+            self._pending += 1
+            return ""
+        self._pending = 0
+        return chunk
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
@@ -41,8 +74,15 @@ class IncrementalDetokenizer:
     def _decode_delta(self, token_id: int | None, *, force: bool = False) -> str:
         """Text completed by `token_id`; with `force`, also a dangling partial character
         (the request has ended: what the bytes decode to is final)."""
+        if token_id is not None and self._stream is not None:
+            return self._stream_delta(token_id)
         if token_id is not None:
             self._ids.append(token_id)
+        elif self._stream is not None:  # the end: decode what the stream still holds
+            if not self._pending:
+                return ""
+            self._read_offset = len(self._ids) - self._pending
+            self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
         if len(full_text) <= len(prefix_text) or (full_text.endswith(_INCOMPLETE) and not force):

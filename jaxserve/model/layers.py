@@ -25,14 +25,19 @@ def _native_gemm(x, w, preferred_element_type) -> bool:
     that dtype or float32. JAXSERVE_CPU_GEMM=xla keeps XLA's dot (for comparisons).
     """
     from jaxserve.parallel.tensor_parallel import model_axis_size
-    from pallas_kernels.cpu import matmul
 
-    if os.environ.get("JAXSERVE_CPU_GEMM", "native") == "xla" or jax.default_backend() != "cpu":
-        return False
     dtype = jnp.dtype(x.dtype)
     return (dtype == jnp.dtype(w.dtype) and dtype in (jnp.float32, jnp.bfloat16)
             and preferred_element_type in (None, dtype, jnp.float32)
-            and model_axis_size() == 1 and matmul.available())
+            and model_axis_size() == 1 and native_cpu_gemm_enabled())
+
+
+def native_cpu_gemm_enabled() -> bool:
+    """CPU platform, the kernel builds here, and JAXSERVE_CPU_GEMM is not "xla"."""
+    from pallas_kernels.cpu import matmul
+
+    return (os.environ.get("JAXSERVE_CPU_GEMM", "native") != "xla"
+            and jax.default_backend() == "cpu" and matmul.available())
 
 
 def dense_dot(x,  # [..., K]
@@ -53,13 +58,17 @@ def dense_dot(x,  # [..., K]
 
 def tied_head_argmax(hidden,     # [B, D] final hidden states
                      embedding,  # [V, D] the tied embedding
+                     head_kn=None,  # [D, V] its transposed copy (Embed.add_kn_head), or None
                      ):  # -> [B] int32, or None where the native kernel does not apply
     """argmax(hidden @ embedding.T) per row in one native CPU call that never writes the
-    [B, V] logits (greedy sampling's LM head); None where `dense_dot` would use XLA."""
+    [B, V] logits (greedy sampling's LM head); None where `dense_dot` would use XLA. With
+    `head_kn` the kernel streams [D, V] panels as they are instead of transposing them."""
     if not _native_gemm(hidden, embedding, None):
         return None
     from pallas_kernels.cpu import matmul
 
+    if head_kn is not None:
+        return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn")
     return matmul.lm_head_argmax(hidden, embedding)
 
 
@@ -94,6 +103,12 @@ class Embed(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, hf_name: str, dtype, rngs: nnx.Rngs):
         self.embedding = hf_param(_normal(rngs, (vocab_size, dim), dtype), hf_name=hf_name,
                                   axes=("vocab", "embed"))  # [V, D]
+        self.head_kn = None  # [D, V] transposed copy for the native CPU greedy head, or None
+
+    def add_kn_head(self) -> None:
+        """Keeps `head_kn`, a contiguous [D, V] transpose of the embedding, for the native
+        CPU greedy head (`tied_head_argmax`); costs V * D more elements of memory."""
+        self.head_kn = nnx.data(nnx.Variable(jnp.transpose(self.embedding[...])))  # new [D, V]
 
     def __call__(self, input_ids):  # [T] int32 -> [T, D]
         return jnp.take(self.embedding[...], input_ids, axis=0)

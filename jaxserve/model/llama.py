@@ -152,7 +152,9 @@ class LlamaForCausalLM(nnx.Module):
         """The argmax of `compute_logits(hidden)`; with a tied head on CPU, fused with the
         LM head in one native call (the logits are never written)."""
         if self.lm_head is None:
-            fused = tied_head_argmax(hidden, self.embed_tokens.embedding[...])
+            head_kn = self.embed_tokens.head_kn
+            fused = tied_head_argmax(hidden, self.embed_tokens.embedding[...],
+                                     None if head_kn is None else head_kn[...])
             if fused is not None:
                 return fused
         return argmax(self.compute_logits(hidden))

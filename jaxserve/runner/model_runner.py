@@ -27,6 +27,7 @@ from jaxserve.core.buckets import seq_buckets, token_buckets
 from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.model import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.model.layers import native_cpu_gemm_enabled
 from jaxserve.model.loader import load_model
 from jaxserve.parallel.sharding import make_mesh
 from jaxserve.parallel.tensor_parallel import tp_model_config
@@ -68,6 +69,9 @@ class ModelRunner:
         if model is None:
             model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
                                attention_backend=attention_backend)
+        if (tp == 1 and getattr(model, "lm_head", False) is None
+                and native_cpu_gemm_enabled()):
+            model.embed_tokens.add_kn_head()  # greedy steps stream it untransposed
         self.graphdef, self.params = nnx.split(model)
         pool_config = tp_model_config(model_config, tp)  # K' KV head slots
         self.kv_spec = plan_kv_cache(pool_config, cache_config, num_shards=tp)

@@ -11,6 +11,8 @@
 //   gated_mlp_bf16         x bf16 [M, K], Wg bf16 [K, N], Wu bf16 [K, N] -> y bf16 [M, N]
 //   lm_head_argmax_f32     h f32 [M, K], E f32 [N, K] -> idx s32 [M]  (argmax of h @ E^T)
 //   lm_head_argmax_bf16    h bf16 [M, K], E bf16 [N, K] -> idx s32 [M]
+//   lm_head_argmax_kn_f32  h f32 [M, K], Et f32 [K, N] -> idx s32 [M]  (argmax of h @ Et)
+//   lm_head_argmax_kn_bf16 h bf16 [M, K], Et bf16 [K, N] -> idx s32 [M]
 // bf16 products are exact in f32 and summed in f32; y is rounded to nearest even once.
 // gated_mlp: y = silu(x @ Wg) * (x @ Wu), silu(g) = g / (1 + exp(-g)), the epilogue in f32
 // on the accumulators: items of 32 output columns whose microkernel keeps both products'
@@ -210,10 +212,11 @@ template <typename T> inline T FromF32(float v);
 template <> inline float FromF32<float>(float v) { return v; }
 template <> inline uint16_t FromF32<uint16_t>(float v) { return F32ToBf16(v); }
 
-// Portable fallback for rows [m0, m1) x columns [n0, n1).
+// Portable fallback for rows [m0, m1) x columns [n0, n1); ldy > 0: y is a buffer of
+// those columns only, row m at y + m * ldy.
 template <typename T, typename YT, bool kNK>
 void ScalarBlock(const T* x, const T* w, YT* y, int64_t K, int64_t N, int64_t m0,
-                 int64_t m1, int64_t n0, int64_t n1) {
+                 int64_t m1, int64_t n0, int64_t n1, int64_t ldy = 0) {
   std::vector<float> acc(n1 - n0);
   for (int64_t m = m0; m < m1; ++m) {
     std::fill(acc.begin(), acc.end(), 0.0f);
@@ -232,7 +235,8 @@ void ScalarBlock(const T* x, const T* w, YT* y, int64_t K, int64_t N, int64_t m0
         for (int64_t n = n0; n < n1; ++n) acc[n - n0] += a * ToF32(wr[n]);
       }
     }
-    for (int64_t n = n0; n < n1; ++n) y[m * N + n] = FromF32<YT>(acc[n - n0]);
+    YT* yr = ldy > 0 ? y + m * ldy - n0 : y + m * N;
+    for (int64_t n = n0; n < n1; ++n) yr[n] = FromF32<YT>(acc[n - n0]);
   }
 }
 
@@ -403,12 +407,18 @@ constexpr int64_t kKcF32 = 512;  // K block: 6 x rows (12 KiB) stay in L1 under 
 // K is taken in blocks of kKcF32, later blocks adding to y. kGated: y = silu(x @ w) *
 // (x @ w2) for ncols <= 32, K in one block (the epilogue needs the whole sums).
 // `pf`: the next item's panel (see Prefetch), spread over this item's passes.
+// ldy > 0: y is instead a buffer of the item's columns only, row m at y + m * ldy.
 template <bool kPacked = false, bool kGated = false>
 inline void BlockF32KN(const float* x, const float* w, float* y, int64_t K, int64_t N,
                        int64_t m0, int64_t m1, int64_t n0, int64_t ncols,
-                       const float* w2 = nullptr, const Prefetch& pf = Prefetch()) {
+                       const float* w2 = nullptr, const Prefetch& pf = Prefetch(),
+                       int64_t ldy = 0) {
   static_assert(!(kPacked && kGated), "no packed gated f32 kernel");
   const int64_t ldw = kPacked ? 64 : N;
+  if (ldy <= 0) {
+    y += n0;
+    ldy = N;
+  }
   const int64_t kcb = kGated ? K : kKcF32;
   int64_t pass = 0;
   for (int64_t k0 = 0; k0 < K; k0 += kcb) {
@@ -420,15 +430,15 @@ inline void BlockF32KN(const float* x, const float* w, float* y, int64_t K, int6
       Prefetch p = PassPrefetch(pf, pass, kcb, K, (!kPacked && m == m0) ? kPrefetchF32 : 0);
       p.rows = std::min(p.rows, kc);
       const float* xs = x + m * K + k0;
-      float* ys = y + m * N + n0;
+      float* ys = y + m * ldy;
       switch (std::min<int64_t>(m1 - m, kMrKN)) {
-        case 1: DispatchF32KN<1, kGated, !kPacked>(xs, K, wp, ldw, ys, N, kc, ncols, acc, wp2, p); break;
-        case 2: DispatchF32KN<2, kGated, !kPacked>(xs, K, wp, ldw, ys, N, kc, ncols, acc, wp2, p); break;
-        case 3: DispatchF32KN<3, kGated, !kPacked>(xs, K, wp, ldw, ys, N, kc, ncols, acc, wp2, p); break;
-        case 4: DispatchF32KN<4, kGated, !kPacked>(xs, K, wp, ldw, ys, N, kc, ncols, acc, wp2, p); break;
-        case 5: DispatchF32KN<5, kGated, !kPacked>(xs, K, wp, ldw, ys, N, kc, ncols, acc, wp2, p); break;
+        case 1: DispatchF32KN<1, kGated, !kPacked>(xs, K, wp, ldw, ys, ldy, kc, ncols, acc, wp2, p); break;
+        case 2: DispatchF32KN<2, kGated, !kPacked>(xs, K, wp, ldw, ys, ldy, kc, ncols, acc, wp2, p); break;
+        case 3: DispatchF32KN<3, kGated, !kPacked>(xs, K, wp, ldw, ys, ldy, kc, ncols, acc, wp2, p); break;
+        case 4: DispatchF32KN<4, kGated, !kPacked>(xs, K, wp, ldw, ys, ldy, kc, ncols, acc, wp2, p); break;
+        case 5: DispatchF32KN<5, kGated, !kPacked>(xs, K, wp, ldw, ys, ldy, kc, ncols, acc, wp2, p); break;
         default:
-          DispatchF32KN<kMrKN, kGated, !kPacked>(xs, K, wp, ldw, ys, N, kc, ncols, acc, wp2, p);
+          DispatchF32KN<kMrKN, kGated, !kPacked>(xs, K, wp, ldw, ys, ldy, kc, ncols, acc, wp2, p);
           break;
       }
     }
@@ -685,10 +695,16 @@ inline void DispatchBf16KN(const uint16_t* x, int64_t ldx, const uint16_t* w, in
 
 // Rows [m0, m1) x columns [n0, n0 + ncols) of y; kPacked: `w` is the panel of n0 (ldw
 // unused). kGated: silu(x @ w) * (x @ w2) for ncols <= 32 (packed: both in `w`'s panel).
+// ldy > 0: y is instead a buffer of the item's columns only, row m at y + m * ldy.
 template <bool kPacked = false, typename YT = uint16_t, bool kGated = false>
 inline void BlockBf16KN(const uint16_t* x, const uint16_t* w, YT* y, int64_t K,
                         int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t ncols,
-                        const uint16_t* w2 = nullptr, const Prefetch& pf = Prefetch()) {
+                        const uint16_t* w2 = nullptr, const Prefetch& pf = Prefetch(),
+                        int64_t ldy = 0) {
+  if (ldy <= 0) {
+    y += n0;
+    ldy = N;
+  }
   const uint16_t* wp = kPacked ? w : w + n0;
   const uint16_t* wp2 = (kGated && !kPacked) ? w2 + n0 : nullptr;
   const int64_t steps = K / 2;  // K-pair steps per pass
@@ -696,15 +712,15 @@ inline void BlockBf16KN(const uint16_t* x, const uint16_t* w, YT* y, int64_t K,
   for (int64_t m = m0; m < m1; m += kMrKN, ++pass) {
     Prefetch p = PassPrefetch(pf, pass, steps, K, (!kPacked && m == m0) ? kPrefetchBf16 : 0);
     const uint16_t* xs = x + m * K;
-    YT* ys = y + m * N + n0;
+    YT* ys = y + m * ldy;
     switch (std::min<int64_t>(m1 - m, kMrKN)) {
-      case 1: DispatchBf16KN<1, kPacked, YT, kGated>(xs, K, wp, N, ys, N, K, ncols, wp2, p); break;
-      case 2: DispatchBf16KN<2, kPacked, YT, kGated>(xs, K, wp, N, ys, N, K, ncols, wp2, p); break;
-      case 3: DispatchBf16KN<3, kPacked, YT, kGated>(xs, K, wp, N, ys, N, K, ncols, wp2, p); break;
-      case 4: DispatchBf16KN<4, kPacked, YT, kGated>(xs, K, wp, N, ys, N, K, ncols, wp2, p); break;
-      case 5: DispatchBf16KN<5, kPacked, YT, kGated>(xs, K, wp, N, ys, N, K, ncols, wp2, p); break;
+      case 1: DispatchBf16KN<1, kPacked, YT, kGated>(xs, K, wp, N, ys, ldy, K, ncols, wp2, p); break;
+      case 2: DispatchBf16KN<2, kPacked, YT, kGated>(xs, K, wp, N, ys, ldy, K, ncols, wp2, p); break;
+      case 3: DispatchBf16KN<3, kPacked, YT, kGated>(xs, K, wp, N, ys, ldy, K, ncols, wp2, p); break;
+      case 4: DispatchBf16KN<4, kPacked, YT, kGated>(xs, K, wp, N, ys, ldy, K, ncols, wp2, p); break;
+      case 5: DispatchBf16KN<5, kPacked, YT, kGated>(xs, K, wp, N, ys, ldy, K, ncols, wp2, p); break;
       default:
-        DispatchBf16KN<kMrKN, kPacked, YT, kGated>(xs, K, wp, N, ys, N, K, ncols, wp2, p);
+        DispatchBf16KN<kMrKN, kPacked, YT, kGated>(xs, K, wp, N, ys, ldy, K, ncols, wp2, p);
         break;
     }
   }
@@ -789,20 +805,22 @@ inline void BlockBf16NK(const uint16_t* x, const uint16_t* w, YT* y, int64_t K,
 // Drivers: (column panel x row chunk) work items. T is the operands' type (float or
 // uint16_t = bf16), YT the result's (T, or float for bf16 operands).
 
-// Rows [m0, m1) x columns [n0, n0 + ncols) of y = x @ W (W [K, N]).
+// Rows [m0, m1) x columns [n0, n0 + ncols) of y = x @ W (W [K, N]); ldy > 0: y is a
+// buffer of those columns only, row m at y + m * ldy.
 template <typename T, typename YT>
 void BlockKN(const T* x, const T* w, YT* y, int64_t K, int64_t N, int64_t m0, int64_t m1,
-             int64_t n0, int64_t ncols, [[maybe_unused]] const Prefetch& pf) {
+             int64_t n0, int64_t ncols, [[maybe_unused]] const Prefetch& pf,
+             int64_t ldy = 0) {
   if constexpr (std::is_same_v<T, float>) {
 #ifdef JAXSERVE_AVX512
-    return BlockF32KN(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf);
+    return BlockF32KN(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf, ldy);
 #endif
   } else {
 #ifdef JAXSERVE_AVX512BF16
-    return BlockBf16KN<false, YT>(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf);
+    return BlockBf16KN<false, YT>(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf, ldy);
 #endif
   }
-  ScalarBlock<T, YT, false>(x, w, y, K, N, m0, m1, n0, n0 + ncols);
+  ScalarBlock<T, YT, false>(x, w, y, K, N, m0, m1, n0, n0 + ncols, ldy);
 }
 
 // Rows [m0, m1) x columns [n0, n1) of y = x @ W^T (W [N, K]).
@@ -836,14 +854,15 @@ constexpr bool kHavePacked<uint16_t> = true;
 template <typename T, typename YT>
 void BlockKNPacked(const T* x, const T* w, YT* y, int64_t K, int64_t N, int64_t m0,
                    int64_t m1, int64_t n0, int64_t ncols,
-                   [[maybe_unused]] const Prefetch& pf = Prefetch()) {
+                   [[maybe_unused]] const Prefetch& pf = Prefetch(),
+                   [[maybe_unused]] int64_t ldy = 0) {
   if constexpr (std::is_same_v<T, float>) {
 #ifdef JAXSERVE_AVX512
-    BlockF32KN<true>(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf);
+    BlockF32KN<true>(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf, ldy);
 #endif
   } else {
 #ifdef JAXSERVE_AVX512BF16
-    BlockBf16KN<true, YT>(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf);
+    BlockBf16KN<true, YT>(x, w, y, K, N, m0, m1, n0, ncols, nullptr, pf, ldy);
 #endif
   }
 }
@@ -1111,6 +1130,11 @@ void RunGated(ffi::ThreadPool& pool, const T* x, const T* wg, const T* wu, T* y,
 // merged in column order at the end (a later block wins only with a strictly larger value
 // or a first NaN). While a panel computes, the next one (the next item's first panel after
 // the last) is prefetched, a slice after each row block.
+// kKN (lm_head_argmax_kn_*: W [K, N], the transposed embedding): each 64-column panel is
+// computed as the kn product does for the same M: the unpacked kn microkernels on W in
+// place (no transpose), prefetching W ahead in the first row block and the next panel (the
+// next item's first after the last) over the passes; where PackKN says packing pays, the
+// panel is packed first (PackPanelKN, prefetching ahead) and the packed kernels run on it.
 
 constexpr int64_t kArgmaxPanel = 64;    // W rows per panel (buffer columns)
 constexpr int64_t kArgmaxBlock = 512;   // W rows per work item, at most
@@ -1157,7 +1181,7 @@ inline void PrefetchRowLines(const char* src, int64_t row_bytes, int64_t l0, int
 #endif
 }
 
-template <typename T>
+template <typename T, bool kKN = false>
 void RunLmHeadArgmax(ffi::ThreadPool& pool, const T* x, const T* w, int32_t* out, int64_t M,
                      int64_t K, int64_t N) {
   if (K == 0) {  // every logit is 0: the first
@@ -1165,8 +1189,8 @@ void RunLmHeadArgmax(ffi::ThreadPool& pool, const T* x, const T* w, int32_t* out
     return;
   }
   constexpr bool kBf16 = sizeof(T) == 2;
-  const bool packed =
-      kHavePacked<T> && M >= (kBf16 ? kPackRowsNKBf16 : kPackRowsNKF32);
+  const bool packed = kHavePacked<T> && (kKN ? PackKN<T>(M, K)
+                                             : M >= (kBf16 ? kPackRowsNKBf16 : kPackRowsNKF32));
   const int64_t units = kBf16 ? CeilDiv(K, 2) : K;  // 32-bit units per packed W row
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
   const int64_t rows = M <= kArgmaxRows ? M : kArgmaxRows / kMrKN * kMrKN;
@@ -1192,6 +1216,26 @@ void RunLmHeadArgmax(ffi::ThreadPool& pool, const T* x, const T* w, int32_t* out
     std::fill(idx, idx + mr, static_cast<int32_t>(nb0));
     for (int64_t n0 = nb0; n0 < nb1; n0 += kArgmaxPanel) {
       const int64_t ncols = std::min<int64_t>(kArgmaxPanel, nb1 - n0);
+      if constexpr (kKN) {
+        if (packed) {
+          thread_local std::vector<T> kn_panel;
+          const int64_t elems = (kBf16 ? CeilDiv(K, 2) * 2 : K) * 64;
+          if (static_cast<int64_t>(kn_panel.size()) < elems) kn_panel.resize(elems);
+          PackPanelKN(w, K, N, n0, ncols, kn_panel.data());  // prefetches ahead as it goes
+          BlockKNPacked<T, float>(xs, kn_panel.data(), buf.data(), K, N, 0, mr, n0, ncols,
+                                  Prefetch(), kArgmaxPanel);
+        } else {
+          // The next panel of this block, else the next item's first (unless it is this
+          // same block again, another row chunk's).
+          int64_t pf_n0 = n0 + kArgmaxPanel < nb1 ? n0 + kArgmaxPanel : -1;
+          if (pf_n0 < 0 && next >= 0 && next / chunks != b) pf_n0 = next / chunks * block;
+          BlockKN<T, float>(xs, w, buf.data(), K, N, 0, mr, n0, ncols,
+                            NextPanel(w, w + 32, N, n0, pf_n0), kArgmaxPanel);
+        }
+        for (int64_t m = 0; m < mr; ++m)
+          FoldArgmaxRow(buf.data() + m * kArgmaxPanel, ncols, n0, best[m], idx[m]);
+        continue;
+      }
       const char* src = reinterpret_cast<const char*>(w + n0 * K);
       // What to prefetch meanwhile: the next panel of this block, else the next item's
       // first (unless it is this same panel again, another row chunk's).
@@ -1285,18 +1329,18 @@ ffi::Error GatedImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT,
   return ffi::Error::Success();
 }
 
-template <ffi::DataType DT>
+template <ffi::DataType DT, bool kKN = false>
 ffi::Error LmHeadArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> h, ffi::Buffer<DT, 2> e,
                             ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
   using T = Elem<DT>;
   auto hd = h.dimensions(), ed = e.dimensions(), id = idx->dimensions();
-  int64_t M = hd[0], K = hd[1], N = ed[0];
-  if (ed[1] != K || id[0] != M)
+  int64_t M = hd[0], K = hd[1], N = kKN ? ed[1] : ed[0];
+  if ((kKN ? ed[0] : ed[1]) != K || id[0] != M)
     return ffi::Error::InvalidArgument("lm_head_argmax: inconsistent shapes of h, e and idx");
   if (N == 0 || N > std::numeric_limits<int32_t>::max())
     return ffi::Error::InvalidArgument("lm_head_argmax: the vocabulary must be 1 to 2^31 - 1");
   if (M == 0) return ffi::Error::Success();
-  RunLmHeadArgmax<T>(pool, reinterpret_cast<const T*>(h.untyped_data()),
+  RunLmHeadArgmax<T, kKN>(pool, reinterpret_cast<const T*>(h.untyped_data()),
                      reinterpret_cast<const T*>(e.untyped_data()),
                      reinterpret_cast<int32_t*>(idx->untyped_data()), M, K, N);
   return ffi::Error::Success();
@@ -1317,6 +1361,8 @@ constexpr auto kGatedF32 = GatedImpl<ffi::DataType::F32>;
 constexpr auto kGatedBf16 = GatedImpl<ffi::DataType::BF16>;
 constexpr auto kArgmaxF32 = LmHeadArgmaxImpl<ffi::DataType::F32>;
 constexpr auto kArgmaxBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16>;
+constexpr auto kArgmaxKNF32 = LmHeadArgmaxImpl<ffi::DataType::F32, true>;
+constexpr auto kArgmaxKNBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16, true>;
 
 #define JAXSERVE_MATMUL_HANDLER(symbol, impl, buffer, out_buffer)              \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                 \
@@ -1352,4 +1398,6 @@ JAXSERVE_GATED_HANDLER(gated_mlp_f32, kGatedF32, F32Buffer)
 JAXSERVE_GATED_HANDLER(gated_mlp_bf16, kGatedBf16, Bf16Buffer)
 JAXSERVE_ARGMAX_HANDLER(lm_head_argmax_f32, kArgmaxF32, F32Buffer)
 JAXSERVE_ARGMAX_HANDLER(lm_head_argmax_bf16, kArgmaxBf16, Bf16Buffer)
+JAXSERVE_ARGMAX_HANDLER(lm_head_argmax_kn_f32, kArgmaxKNF32, F32Buffer)
+JAXSERVE_ARGMAX_HANDLER(lm_head_argmax_kn_bf16, kArgmaxKNBf16, Bf16Buffer)
 #pragma GCC visibility pop

@@ -6,7 +6,7 @@ return float32 (`out_dtype`, e.g. for logits). `gated_mlp` fuses a gated MLP's
 up-projection, silu(x @ w_gate) * (x @ w_up), into one pass. `available()` says whether
 the kernel builds here; callers fall back to jnp when it does not.
 `lm_head_argmax` fuses a tied LM head with greedy sampling: argmax(h @ E^T) per row, the
-[B, V] logits never written.
+[B, V] logits never written; E is [V, D] ("nk") or pre-transposed [D, V] ("kn").
 """
 
 import functools
@@ -18,7 +18,8 @@ from pallas_kernels.cpu import build
 
 _TARGETS = ("matmul_f32_kn", "matmul_f32_nk", "matmul_bf16_kn", "matmul_bf16_nk",
             "matmul_bf16_kn_outf32", "matmul_bf16_nk_outf32", "gated_mlp_f32", "gated_mlp_bf16",
-            "lm_head_argmax_f32", "lm_head_argmax_bf16")
+            "lm_head_argmax_f32", "lm_head_argmax_bf16", "lm_head_argmax_kn_f32",
+            "lm_head_argmax_kn_bf16")
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
 
 
@@ -114,27 +115,32 @@ def gated_mlp(x: jax.Array,  # [..., K]
 
 
 def lm_head_argmax(h: jax.Array,  # [B, D]
-                   embedding: jax.Array,  # [V, D]
-                   ) -> jax.Array:  # [B] int32
-    """argmax(h @ embedding.T, axis=-1) per row, on the native CPU kernel, never writing logits.
+                   w: jax.Array,  # [V, D] ("nk", the embedding) or [D, V] ("kn", its transpose)
+                   *, w_layout: str = "nk") -> jax.Array:  # [B] int32
+    """argmax(h @ E.T, axis=-1) per row, on the native CPU kernel, never writing logits.
 
-    Equal to `jnp.argmax(h.astype(f32) @ embedding.astype(f32).T, axis=-1)` with the logits
+    E is the tied embedding [V, D]: `w` is E itself (w_layout="nk") or E.T materialized as
+    [D, V] (w_layout="kn"; the kn microkernels then read it in place, with the kn matmul's
+    weight prefetch, instead of transposing panels of E on every call).
+    Equal to `jnp.argmax(h.astype(f32) @ E.astype(f32).T, axis=-1)` with the logits
     accumulated in float32 (the order of the sums may differ from XLA's, so near-ties may
     resolve differently within float32 rounding): the first index of the maximum on ties,
-    the first NaN's index where a row has NaN. h and embedding must both be float32 or both
-    bfloat16; embedding is "nk" ([V, D], a tied embedding). Leading batch dims of h are
-    kept ([..., D] -> [...]). Raises NativeKernelUnavailable if the kernel cannot be built
-    here (check `available()` first).
+    the first NaN's index where a row has NaN. h and w must both be float32 or both
+    bfloat16. Leading batch dims of h are kept ([..., D] -> [...]). Raises
+    NativeKernelUnavailable if the kernel cannot be built here (check `available()` first).
     """
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"w_layout must be 'kn' or 'nk', got {w_layout!r}")
     _check_x(h, "h")
-    if embedding.ndim != 2:
-        raise ValueError(f"embedding must be 2-D [V, D], got shape {embedding.shape}")
-    if jnp.dtype(embedding.dtype) != jnp.dtype(h.dtype):
-        raise ValueError(f"embedding must have h's dtype {h.dtype}, got {embedding.dtype}")
-    v, d = embedding.shape
+    want = "[V, D]" if w_layout == "nk" else "[D, V]"
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D {want} (layout {w_layout!r}), got shape {w.shape}")
+    if jnp.dtype(w.dtype) != jnp.dtype(h.dtype):
+        raise ValueError(f"w must have h's dtype {h.dtype}, got {w.dtype}")
+    v, d = w.shape if w_layout == "nk" else w.shape[::-1]
     if d != h.shape[-1]:
-        raise ValueError(f"embedding of shape {embedding.shape} does not match h's last "
-                         f"dimension D={h.shape[-1]} (it must be [V, D])")
+        raise ValueError(f"w of shape {w.shape} (layout {w_layout!r}) does not match h's last "
+                         f"dimension D={h.shape[-1]} (it must be {want})")
     if not 1 <= v < 2**31:
         raise ValueError(f"the vocabulary size must be in [1, 2^31), got {v}")
     batch = h.shape[:-1]
@@ -142,7 +148,8 @@ def lm_head_argmax(h: jax.Array,  # [B, D]
     for n in batch:
         b *= n
     build.register("matmul", _TARGETS)
-    target = f"jaxserve_lm_head_argmax_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}"
+    layout = "_kn" if w_layout == "kn" else ""
+    target = f"jaxserve_lm_head_argmax{layout}_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}"
     idx = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b,), jnp.int32))(
-        h.reshape(b, d), embedding)  # [B]
+        h.reshape(b, d), w)  # [B]
     return idx.reshape(batch)

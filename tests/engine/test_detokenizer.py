@@ -66,3 +66,13 @@ def test_earliest_of_several_stop_strings_wins(tokenizer):
     _, detok = _stream(tokenizer, "Hello, world! How are you", stop=("How", "world"),
                        one_by_one=False)
     assert detok.stop_string == "world" and detok.output_text == "Hello, "
+
+
+def test_a_prompt_ending_inside_a_character_leaks_none_of_its_bytes(tokenizer):
+    ids = tokenizer.encode("ab🙂🚀cd")
+    cut = next(i for i in range(1, len(ids))
+               if "\ufffd" in tokenizer.decode(ids[:i]))  # the prompt stops mid-emoji
+    detok = IncrementalDetokenizer(tokenizer, ids[:cut])
+    text = "".join(detok.add_tokens([i]) for i in ids[cut:]) + detok.flush()
+    # The emoji begun in the prompt is the prompt's: neither it nor its bytes are emitted.
+    assert text == detok.output_text == "🚀cd"

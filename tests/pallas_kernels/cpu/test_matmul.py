@@ -180,9 +180,22 @@ def test_gated_mlp_bad_arguments():
 
 
 # lm_head_argmax: (B, D, V) over B = 1, the nk packing thresholds (16 bf16 / 64 f32), row
-# tails and B = 256; V off 16 and 64 (1000, 32003), D odd (bf16 K-pair tail) and short.
+# tails and B = 256; V off 16 and 64 (1000, 32003), D odd (bf16 K-pair tail) and short;
+# the kn packing thresholds (bf16: B >= 256, or D >= 1024 and B >= 32; f32: B >= 256 and
+# D >= 1024; f32 D > 512 in K blocks) and B past one row chunk (264).
 ARGMAX_SHAPES = [(1, 512, 32000), (3, 33, 1000), (16, 512, 1000), (17, 64, 32003),
-                 (64, 512, 32000), (65, 129, 1000), (256, 512, 32003), (7, 1, 1000)]
+                 (64, 512, 32000), (65, 129, 1000), (256, 512, 32003), (7, 1, 1000),
+                 (64, 1031, 1000), (270, 1024, 1000)]
+
+
+def argmax_w(e, layout):
+    """The lm_head_argmax weight for embedding e [V, D]: e ("nk"), or e.T materialized
+    [D, V] ("kn")."""
+    return e if layout == "nk" else jnp.asarray(np.ascontiguousarray(np.asarray(e).T))
+
+
+_argmax_jit = jax.jit(native.lm_head_argmax, static_argnames="w_layout")
+LAYOUTS = pytest.mark.parametrize("layout", ["nk", "kn"])
 
 
 def argmax_reference(h, e):
@@ -202,22 +215,24 @@ def argmax_reference(h, e):
     return idx, clear
 
 
+@LAYOUTS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("b,d,v", ARGMAX_SHAPES)
-def test_lm_head_argmax_matches_numpy(b, d, v, dtype):
+def test_lm_head_argmax_matches_numpy(b, d, v, dtype, layout):
     rng = np.random.default_rng(b * 7 + v)
     h = jnp.asarray(rng.standard_normal((b, d)), dtype)  # [B, D]
     e = jnp.asarray(rng.standard_normal((v, d)), dtype)  # [V, D]
-    got = jax.jit(native.lm_head_argmax)(h, e)
+    got = _argmax_jit(h, argmax_w(e, layout), w_layout=layout)
     assert got.dtype == jnp.int32 and got.shape == (b,)
     ref, clear = argmax_reference(h, e)
     assert clear.mean() >= 0.75, "too many near-ties: pick other inputs"
     np.testing.assert_array_equal(np.asarray(got)[clear], ref[clear])
 
 
+@LAYOUTS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("b", [1, 8, 64])
-def test_lm_head_argmax_ties_take_the_first(b, dtype):
+def test_lm_head_argmax_ties_take_the_first(b, dtype, layout):
     v, d = 32003, 96
     rng = np.random.default_rng(3)
     h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
@@ -234,18 +249,20 @@ def test_lm_head_argmax_ties_take_the_first(b, dtype):
             e[j] = planted
         firsts.append(dups[0])
     h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
-    got = np.asarray(jax.jit(native.lm_head_argmax)(h, e))
+    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout))
     ref, clear = argmax_reference(h, e)
     np.testing.assert_array_equal(got, np.asarray(firsts))
     np.testing.assert_array_equal(ref, np.asarray(firsts))  # numpy agrees: first of ties
     # All logits equal (a zero embedding): index 0, as jnp.argmax.
-    zero = native.lm_head_argmax(h, jnp.zeros((v, d), dtype))
+    zero = native.lm_head_argmax(h, argmax_w(jnp.zeros((v, d), dtype), layout),
+                                 w_layout=layout)
     np.testing.assert_array_equal(np.asarray(zero), np.zeros(b, np.int32))
 
 
+@LAYOUTS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("b", [2, 64])
-def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype):
+def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype, layout):
     v, d = 1000, 64
     rng = np.random.default_rng(4)
     h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
@@ -258,7 +275,7 @@ def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype):
     e[90, :] = 0.0
     e[90, 3] = np.inf  # logit 90: +-inf, but 0 * inf = NaN in row 1 -> 90
     h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
-    got = np.asarray(jax.jit(native.lm_head_argmax)(h, e))
+    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout))
     logits = jnp.dot(h.astype(jnp.float32), e.astype(jnp.float32).T,
                      precision=jax.lax.Precision.HIGHEST)  # [B, V]
     want = np.asarray(jnp.argmax(logits, axis=-1))
@@ -266,17 +283,24 @@ def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype):
     np.testing.assert_array_equal(got, want)
 
 
-def test_lm_head_argmax_batch_dims_and_bad_arguments():
+@LAYOUTS
+def test_lm_head_argmax_batch_dims_and_bad_arguments(layout):
     rng = np.random.default_rng(5)
     h = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)  # [B, T, D]
     e = jnp.asarray(rng.standard_normal((300, 40)), jnp.float32)  # [V, D]
-    got = native.lm_head_argmax(h, e)
+    w = argmax_w(e, layout)
+    got = native.lm_head_argmax(h, w, w_layout=layout)
     assert got.shape == (2, 3) and got.dtype == jnp.int32
     ref, clear = argmax_reference(h.reshape(6, 40), e)
     np.testing.assert_array_equal(np.asarray(got).reshape(6)[clear], ref[clear])
-    with pytest.raises(ValueError, match="embedding"):
-        native.lm_head_argmax(h, e.T)
-    with pytest.raises(ValueError, match="embedding"):
-        native.lm_head_argmax(h, e.astype(jnp.bfloat16))
+    other = "kn" if layout == "nk" else "nk"
+    with pytest.raises(ValueError, match="does not match h's last dimension"):
+        native.lm_head_argmax(h, w, w_layout=other)  # the other layout's shape
+    with pytest.raises(ValueError, match="^w must have h's dtype"):
+        native.lm_head_argmax(h, w.astype(jnp.bfloat16), w_layout=layout)
+    with pytest.raises(ValueError, match="^w must be 2-D"):
+        native.lm_head_argmax(h, w[None], w_layout=layout)
     with pytest.raises(ValueError, match="^h must"):
-        native.lm_head_argmax(h.astype(jnp.int32), e)
+        native.lm_head_argmax(h.astype(jnp.int32), w, w_layout=layout)
+    with pytest.raises(ValueError, match="w_layout"):
+        native.lm_head_argmax(h, w, w_layout="tn")
