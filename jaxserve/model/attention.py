@@ -9,6 +9,7 @@ tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` o
 """
 
 import jax
+import jax.numpy as jnp
 
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size, shard_over_heads
@@ -33,8 +34,8 @@ def write_kv(k_pool,        # [K, L, S, H] one layer's key pool
 
 def set_slots(pool,   # [..., L, S, W] a paged pool (L blocks of S slots)
               slots,  # [T] int32 slot (block * S + offset) of each new row
-              rows,   # [..., T, W] the new rows
-              ) -> jax.Array:  # [..., L, S, W] with rows[..., t, :] at slot slots[t]
+              rows,   # [T, ..., W] the new rows, token-major
+              ) -> jax.Array:  # [..., L, S, W] with rows[t, ..., :] at slot slots[t]
     """A scatter of rows into a pool, in place when the pool is donated.
 
     On CPU, 16-bit float pools go through the native row writer (pallas_kernels/cpu/
@@ -49,14 +50,15 @@ def set_slots(pool,   # [..., L, S, W] a paged pool (L blocks of S slots)
             return set_rows.set_rows(pool, slots, rows)
     *outer, num_blocks, block_size, width = pool.shape
     flat = pool.reshape(*outer, num_blocks * block_size, width)  # [..., L*S, W]
+    rows = jnp.moveaxis(rows, 0, -2)  # [..., T, W]
     return flat.at[..., slots, :].set(rows).reshape(pool.shape)
 
 
 def _write_kv(new_k, new_v, k_pool, v_pool, slot_mapping):  # one shard's heads
     num_kv_heads, num_blocks, block_size, head_dim = k_pool.shape
 
-    def scatter(pool, new):  # new [T, K, H] -> rows [K, T, H]
-        return set_slots(pool, slot_mapping, new.swapaxes(0, 1))
+    def scatter(pool, new):  # new [T, K, H]
+        return set_slots(pool, slot_mapping, new)
 
     return scatter(k_pool, new_k), scatter(v_pool, new_v)
 

@@ -1,5 +1,6 @@
 // Writes rows into a paged pool in place, as an XLA FFI handler: with the pool [..., L, S, W]
-// viewed as [..., L*S, W], pool[..., slots[t], :] = rows[..., t, :].
+// viewed as [..., L*S, W], pool[..., slots[t], :] = rows[t, ..., :] (rows token-major, as
+// the model makes them: no transposed copy is needed).
 //
 // The pool operand is aliased to the result, so with a donated pool nothing is copied.
 // XLA:CPU has no bfloat16 scatter: its float normalization turns a bf16 scatter into a
@@ -17,20 +18,20 @@ namespace {
 
 ffi::Error SetRows(ffi::AnyBuffer pool, ffi::Buffer<ffi::S32> slots, ffi::AnyBuffer rows,
                    ffi::Result<ffi::AnyBuffer> out) {
-  // pool [..., L, S, W] (slot = block * S + offset), rows [..., T, W]
+  // pool [..., L, S, W] (slot = block * S + offset), rows [T, ..., W]
   const auto pd = pool.dimensions(), rd = rows.dimensions();
   if (rd.size() < 2 || pd.size() != rd.size() + 1)
-    return ffi::Error::InvalidArgument("pool [..., L, S, W] and rows [..., T, W] expected");
+    return ffi::Error::InvalidArgument("pool [..., L, S, W] and rows [T, ..., W] expected");
   if (rows.element_type() != pool.element_type())
     return ffi::Error::InvalidArgument("rows must have the pool's dtype");
   const size_t rank = pd.size();
   int64_t outer = 1;
   for (size_t i = 0; i + 3 < rank; ++i) {
-    if (pd[i] != rd[i]) return ffi::Error::InvalidArgument("rows' leading dims != the pool's");
+    if (pd[i] != rd[i + 1]) return ffi::Error::InvalidArgument("rows' middle dims != the pool's");
     outer *= pd[i];
   }
   const int64_t num_slots = pd[rank - 3] * pd[rank - 2], width = pd[rank - 1];
-  const int64_t num_rows = rd[rank - 3];
+  const int64_t num_rows = rd[0];
   if (rd[rank - 2] != width) return ffi::Error::InvalidArgument("rows' width != the pool's");
   const int64_t row_bytes = width * static_cast<int64_t>(ffi::ByteWidth(pool.element_type()));
   char* dst = static_cast<char*>(out->untyped_data());
@@ -44,7 +45,7 @@ ffi::Error SetRows(ffi::AnyBuffer pool, ffi::Buffer<ffi::S32> slots, ffi::AnyBuf
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t t = 0; t < num_rows; ++t)
       std::memcpy(dst + (o * num_slots + slot[t]) * row_bytes,
-                  src + (o * num_rows + t) * row_bytes, row_bytes);
+                  src + (t * outer + o) * row_bytes, row_bytes);
   return ffi::Error::Success();
 }
 

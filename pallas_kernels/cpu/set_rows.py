@@ -22,22 +22,22 @@ def available() -> bool:
 
 def set_rows(pool,   # [..., L, S, W] (L blocks of S slots of W values)
              slots,  # [T] int32 slot (block * S + offset) of each new row, in [0, L*S)
-             rows,   # [..., T, W] in the pool's dtype
+             rows,   # [T, ..., W] in the pool's dtype (token-major)
              ) -> jax.Array:  # [..., L, S, W]
-    """The pool with rows[..., t, :] at slot slots[t]; in place when the pool is donated.
+    """The pool with rows[t, ..., :] at slot slots[t]; in place when the pool is donated.
 
     The pool keeps its block axes (a reshaped operand would make XLA copy the whole pool
     around the aliased call). A slot outside [0, L*S) fails the call (an XLA runtime
     error); repeated slots keep the last row.
     """
-    if (rows.ndim + 1 != pool.ndim or rows.shape[:-2] != pool.shape[:-3]
+    if (rows.ndim + 1 != pool.ndim or rows.shape[1:-1] != pool.shape[:-3]
             or rows.shape[-1] != pool.shape[-1]):
         raise ValueError(f"rows shape {rows.shape} does not fit pool shape {pool.shape} "
-                         "([..., T, W] vs [..., L, S, W])")
+                         "([T, ..., W] vs [..., L, S, W])")
     if rows.dtype != pool.dtype:
         raise ValueError(f"rows dtype {rows.dtype} != pool dtype {pool.dtype}")
-    if slots.shape != (rows.shape[-2],):
-        raise ValueError(f"slots shape {slots.shape} != ({rows.shape[-2]},) (one per row)")
+    if slots.shape != (rows.shape[0],):
+        raise ValueError(f"slots shape {slots.shape} != ({rows.shape[0]},) (one per row)")
     build.register("set_rows", _TARGETS)
     call = jax.ffi.ffi_call("jaxserve_set_rows_cpu", jax.ShapeDtypeStruct(pool.shape, pool.dtype),
                             input_output_aliases={0: 0})

@@ -20,10 +20,10 @@ def test_rows_land_where_xla_scatter_puts_them(dtype, pool_shape):
     *outer, blocks, block_size, width = pool_shape
     pool = jnp.asarray(rng.standard_normal(pool_shape), dtype)
     slots = jnp.asarray([5, 0, 23, 9, 17], jnp.int32)
-    rows = jnp.asarray(rng.standard_normal((*outer, 5, width)), dtype)
+    rows = jnp.asarray(rng.standard_normal((5, *outer, width)), dtype)  # token-major
     got = set_rows.set_rows(pool, slots, rows)
     flat = pool.reshape(*outer, blocks * block_size, width)
-    want = flat.at[..., slots, :].set(rows).reshape(pool_shape)
+    want = flat.at[..., slots, :].set(jnp.moveaxis(rows, 0, -2)).reshape(pool_shape)
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
@@ -31,7 +31,7 @@ def test_rows_land_where_xla_scatter_puts_them(dtype, pool_shape):
 def test_a_donated_pool_is_updated_without_a_copy():
     pool = jnp.zeros((2, 64, 16, 8), jnp.bfloat16)  # [K, L, S, H]
     slots = jnp.arange(4, dtype=jnp.int32)
-    rows = jnp.ones((2, 4, 8), jnp.bfloat16)
+    rows = jnp.ones((4, 2, 8), jnp.bfloat16)
     step = jax.jit(set_rows.set_rows, donate_argnums=0)
     hlo = step.lower(pool, slots, rows).compile().as_text()
     assert not re.search(r"\bcopy\(|copy[_a-z]*fusion", hlo), hlo
@@ -43,7 +43,7 @@ def test_a_slot_outside_the_pool_fails_the_call():
     pool = jnp.zeros((2, 4, 16, 8), jnp.bfloat16)
     with pytest.raises(Exception, match="outside the pool"):
         jax.block_until_ready(set_rows.set_rows(pool, jnp.asarray([64], jnp.int32),
-                                                jnp.ones((2, 1, 8), jnp.bfloat16)))
+                                                jnp.ones((1, 2, 8), jnp.bfloat16)))
 
 
 def test_mismatched_rows_are_a_value_error():
