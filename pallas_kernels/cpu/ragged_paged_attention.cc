@@ -271,7 +271,7 @@ struct Scratch {
   explicit Scratch(const Problem& p)
       : q(kMaxRows * p.head_dim), acc(kMaxRows * p.head_dim),
         k(p.bf16 ? p.page_size * p.head_dim : 0), v(p.bf16 ? p.page_size * p.head_dim : 0),
-        s(p.page_size), prob(p.page_size) {}
+        s(kMaxRows * p.page_size), prob(kMaxRows * p.page_size) {}
   std::vector<float> q, acc, k, v, s, prob;
   float m[kMaxRows], l[kMaxRows];
   int lo[kMaxRows], hi[kMaxRows];  // row r sees context positions [lo, hi]
@@ -336,11 +336,16 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
     const uint16_t* raw_keys = static_cast<const uint16_t*>(p.k) + offset -
                                static_cast<int64_t>(j0) * hd;  // used when `direct`
     const float* values = AsFloat(p, p.v, offset, j1 - j0, w.v.data()) - static_cast<int64_t>(j0) * hd;
+    // Three passes over the rows (scores, softmax, values): each pass's rows are
+    // independent, so the CPU overlaps their dependency chains.
+    int ra[kMaxRows], rb[kMaxRows];
+    float ralpha[kMaxRows];
     for (int r = 0; r < rows; ++r) {
       const int a = std::max(j0, w.lo[r] - base), b = std::min(j1, w.hi[r] - base + 1);
+      ra[r] = a;
+      rb[r] = b;
       if (a >= b) continue;
-      float* s = w.s.data();
-      float* prob = w.prob.data();
+      float* s = w.s.data() + static_cast<int64_t>(r) * S;
       if (direct) {
         const int64_t q_at = (static_cast<int64_t>(item.first_token + r / group) * p.num_heads +
                               item.kv_head * group + r % group) * hd;
@@ -348,6 +353,12 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
       } else {
         Scores(w.q.data() + static_cast<int64_t>(r) * hd, keys, hd, a, b, s);
       }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int a = ra[r], b = rb[r];
+      if (a >= b) continue;
+      float* s = w.s.data() + static_cast<int64_t>(r) * S;
+      float* prob = w.prob.data() + static_cast<int64_t>(r) * S;
       const int head = item.kv_head * group + r % group;
       if (p.soft_cap > 0.f)
         for (int j = a; j < b; ++j) s[j] = p.soft_cap * std::tanh(s[j] / p.soft_cap);
@@ -390,7 +401,12 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
       }
       w.l[r] = alpha * w.l[r] + sum;
       w.m[r] = m_new;
-      Accumulate(w.acc.data() + static_cast<int64_t>(r) * hd, alpha, prob, values, hd, a, b);
+      ralpha[r] = alpha;
+    }
+    for (int r = 0; r < rows; ++r) {
+      if (ra[r] >= rb[r]) continue;
+      Accumulate(w.acc.data() + static_cast<int64_t>(r) * hd, ralpha[r],
+                 w.prob.data() + static_cast<int64_t>(r) * S, values, hd, ra[r], rb[r]);
     }
   }
   for (int r = 0; r < rows; ++r) {
