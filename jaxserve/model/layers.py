@@ -32,6 +32,15 @@ def _native_gemm(x, w, preferred_element_type) -> bool:
             and model_axis_size() == 1 and native_cpu_gemm_enabled())
 
 
+def _native_rope(x) -> bool:
+    """Whether Rotary runs on the native CPU kernel: as `_native_gemm` decides for dots."""
+    from jaxserve.parallel.tensor_parallel import model_axis_size
+    from pallas_kernels.cpu import rope
+
+    return (jnp.dtype(x.dtype) in (jnp.float32, jnp.bfloat16) and x.ndim == 3
+            and model_axis_size() == 1 and native_cpu_gemm_enabled() and rope.available())
+
+
 def native_cpu_gemm_enabled() -> bool:
     """CPU platform, the kernel builds here, and JAXSERVE_CPU_GEMM is not "xla"."""
     from pallas_kernels.cpu import matmul
@@ -177,6 +186,10 @@ class Rotary:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [T, n, H/2] each
             out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [T, n, H/2, 2]
             return out.reshape(x.shape).astype(x.dtype)
+        if _native_rope(x):  # XLA:CPU runs the concatenation below one element at a time
+            from pallas_kernels.cpu import rope
+
+            return rope.rope(x, cos[:, 0], sin[:, 0])
         x1, x2 = jnp.split(xf, 2, axis=-1)  # [T, n, H/2] each
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         return out.astype(x.dtype)

@@ -73,3 +73,19 @@ def test_tied_head_argmax_is_one_native_call_with_the_logits_argmax(dtype):
     np.testing.assert_array_equal(np.asarray(tied_head_argmax(hidden, embedding)),
                                   logits.argmax(axis=-1))
     assert tied_head_argmax(hidden, embedding.astype(jnp.float16)) is None  # XLA's turn
+
+
+def test_rotary_runs_the_native_kernel_with_xlas_numbers(monkeypatch):
+    from jaxserve.model.layers import Rotary
+
+    rotary = Rotary(64, 10000.0)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((9, 4, 64)), jnp.float32)
+    positions = jnp.arange(9, dtype=jnp.int32) * 37
+    native = lambda x, p: rotary(x, p)  # noqa: E731
+    assert "jaxserve_rope_cpu" in _hlo(native, x, positions)
+    got = jax.jit(native)(x, positions)
+    monkeypatch.setenv("JAXSERVE_CPU_GEMM", "xla")
+    xla = lambda x, p: rotary(x, p)  # noqa: E731 (a fresh trace)
+    assert "jaxserve_" not in _hlo(xla, x, positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(xla)(x, positions)),
+                               rtol=1e-6, atol=1e-6)
