@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -53,7 +52,7 @@ def main() -> None:
              for b, c in ((1, 512), (16, 256), (64, 200), (64, 1024), (128, 256))]
     cases.append(("mixed 14x1k decode + 512 prefill", [1] * 14 + [512], [1024] * 14 + [512]))
     cases.append(("prefill chunk 512 after 1.5k hit", [512], [2048]))
-    print(f"| case | T | MB | reference us | cpu kernel us | speed-up |\n|---|---|---|---|---|---|")
+    print("| case | T | MB | reference us | cpu kernel us | speed-up |\n|---|---|---|---|---|---|")
     for name, q_lens, kv_lens in cases:
         batch = make_batch(q_lens, kv_lens, dtype=dtype)
         q, consts = batch[0], batch[1:]
