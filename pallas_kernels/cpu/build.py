@@ -3,7 +3,8 @@
 XLA:CPU has no Pallas lowering, so the CPU kernels are C++ XLA FFI handlers. `load(name)`
 compiles `<name>.cc` beside this file with the system C++ compiler (`$CXX`, else `g++`,
 else `c++`) for this machine's CPU (`-march=native`) into the cache directory, keyed by a
-hash of the source, the flags, the compiler, jaxlib and the CPU's features, then loads it.
+hash of the source, the shared headers (`*.h`), the flags, the compiler, jaxlib and the
+CPU's features, then loads it.
 `register(name, targets)` also registers its handlers with XLA once per process. A missing
 compiler or a failed build raises `NativeKernelUnavailable`; callers fall back to jnp.
 """
@@ -58,8 +59,9 @@ def _cpu_features() -> str:
 
 def _library_path(name: str, source: bytes, cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    headers = [h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h"))]
     key = hashlib.sha256(b"\0".join(
-        [source, " ".join(_FLAGS).encode(), version.encode(), jax.__version__.encode(),
+        [source, *headers, " ".join(_FLAGS).encode(), version.encode(), jax.__version__.encode(),
          platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]
     return cache_dir() / f"{name}-{key}.so"
 

@@ -53,8 +53,14 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
+using jaxserve_cpu::Bf16ToF32;
+using jaxserve_cpu::F32ToBf16;
+#ifdef __AVX512F__
+using jaxserve_cpu::Exp512;
+#endif
 
 namespace {
 
@@ -190,21 +196,6 @@ int64_t RowChunk(int64_t m, int64_t panels, int64_t mr, int64_t max_rows) {
 // ---------------------------------------------------------------------------------------
 // bf16 <-> f32 (portable).
 
-inline float Bf16ToF32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t F32ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
-
 template <typename T> inline float ToF32(T v);
 template <> inline float ToF32<float>(float v) { return v; }
 template <> inline float ToF32<uint16_t>(uint16_t v) { return Bf16ToF32(v); }
@@ -281,23 +272,6 @@ inline __mmask32 Mask32(int64_t n) {
 }
 inline __mmask16 Mask16Z(int64_t n) { return n <= 0 ? 0 : Mask16(n); }  // n may be <= 0
 
-// exp(v) per lane (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial, then
-// vscalefps by 2^n, which also gives inf / 0 past the float range): ~1 ulp.
-inline __m512 Exp512(__m512 v) {
-  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(100.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // silu(g) * u = g / (1 + exp(-g)) * u, in float32.
 inline __m512 SiluMul(__m512 g, __m512 u) {

@@ -21,27 +21,18 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
+using jaxserve_cpu::Bf16ToF32;
+using jaxserve_cpu::F32ToBf16;
+#ifdef __AVX512F__
+using jaxserve_cpu::Exp512;
+#endif
 
 namespace {
 
 constexpr int kMaxRows = 64;  // query rows (tokens x grouped heads) of one work item
-
-inline float Bf16ToFloat(uint16_t x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t FloatToBf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 struct Problem {
   int num_tokens, num_heads, head_dim, num_kv_heads, num_pages, page_size;
@@ -77,29 +68,9 @@ inline const float* AsFloat(const Problem& p, const void* src, int64_t offset, i
                                       _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
   }
 #endif
-  for (; i < n; ++i) scratch[i] = Bf16ToFloat(in[i]);
+  for (; i < n; ++i) scratch[i] = Bf16ToF32(in[i]);
   return scratch;
 }
-
-#ifdef __AVX512F__
-// e^x for 16 lanes (Cephes-style: 2^n * e^r, |r| <= ln2/2, degree-6 polynomial).
-inline __m512 Exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
-}
-#endif
 
 #ifdef __AVX512F__
 // Sums each of 16 vectors: lane l of the result is the sum of v[kSlot[l]] (45 instructions
@@ -299,7 +270,7 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
       float* qr = w.q.data() + static_cast<int64_t>(r) * hd;
       if (p.bf16) {
         const uint16_t* in = static_cast<const uint16_t*>(p.q) + offset;
-        for (int h = 0; h < hd; ++h) qr[h] = Bf16ToFloat(in[h]) * p.sm_scale;
+        for (int h = 0; h < hd; ++h) qr[h] = Bf16ToF32(in[h]) * p.sm_scale;
       } else {
         const float* in = static_cast<const float*>(p.q) + offset;
         for (int h = 0; h < hd; ++h) qr[h] = in[h] * p.sm_scale;
@@ -416,7 +387,7 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
     const float inv = w.l[r] > 0.f ? 1.f / w.l[r] : 0.f;
     if (p.bf16) {
       uint16_t* out = static_cast<uint16_t*>(p.out) + offset;
-      for (int h = 0; h < hd; ++h) out[h] = FloatToBf16(acc[h] * inv);
+      for (int h = 0; h < hd; ++h) out[h] = F32ToBf16(acc[h] * inv);
     } else {
       float* out = static_cast<float*>(p.out) + offset;
       for (int h = 0; h < hd; ++h) out[h] = acc[h] * inv;
