@@ -27,3 +27,8 @@ class AttentionMetadata:
     query_start_loc: jax.Array
     # [B] int32: index in T of each sequence's last scheduled token (its logits); padding -> 0.
     logits_indices: jax.Array
+
+    def num_tokens(self) -> jax.Array:  # [] int32
+        """The step's real tokens, T before padding: padding sequences have no queries, so
+        `query_start_loc` ends at it. Dense layers compute only these rows (`dense_dot`)."""
+        return self.query_start_loc[-1]

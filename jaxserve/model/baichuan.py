@@ -64,8 +64,8 @@ class PackedLinear(nnx.Module):
         self.kernel = nnx.Param(value.astype(dtype), hf_name=f"{hf_name}.weight",
                                 hf_transpose=True, axes=axes, hf_rows=rows)  # [in, out]
 
-    def __call__(self, x):  # [..., in] -> [..., out]
-        return dense_dot(x, self.kernel[...])
+    def __call__(self, x, *, rows=None):  # [..., in] -> [..., out]; rows: see dense_dot
+        return dense_dot(x, self.kernel[...], rows=rows)
 
 
 class BaichuanAttention(LlamaAttention):

@@ -43,16 +43,18 @@ def run_model(graphdef: nnx.GraphDef, params: nnx.State, kv_caches: KVCaches,
 
 def compute_logits(graphdef: nnx.GraphDef, params: nnx.State,
                    hidden,  # [..., D] final hidden states
+                   rows=None,  # int32 scalar: real rows of hidden (the rest is padding)
                    ) -> jax.Array:  # [..., V] float32
     """The LM head (tied or not) as a pure function."""
-    return nnx.merge(graphdef, params).compute_logits(hidden)
+    return nnx.merge(graphdef, params).compute_logits(hidden, rows=rows)
 
 
 def greedy_token_ids(graphdef: nnx.GraphDef, params: nnx.State,
                      hidden,  # [B, D] final hidden states
+                     rows=None,  # int32 scalar: real rows of hidden (the rest is padding)
                      ) -> jax.Array:  # [B] int32
     """Greedy sampling as a pure function: the argmax of the logits (fused on CPU)."""
-    return nnx.merge(graphdef, params).greedy_token_ids(hidden)
+    return nnx.merge(graphdef, params).greedy_token_ids(hidden, rows=rows)
 
 
 def make_forward(graphdef: nnx.GraphDef, *, all_token_logits: bool = False) -> Callable:

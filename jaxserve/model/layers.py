@@ -51,16 +51,21 @@ def native_cpu_gemm_enabled() -> bool:
 
 def dense_dot(x,  # [..., K]
               w,  # [K, N] ("kn", a Linear kernel) or [N, K] ("nk", a tied embedding)
-              *, w_layout: str = "kn", preferred_element_type=None):  # -> [..., N]
+              *, w_layout: str = "kn", preferred_element_type=None,
+              rows=None):  # -> [..., N]
     """x @ w (or x @ w.T for "nk"): XLA's dot, or the native CPU GEMM (`_native_gemm`).
 
     The native GEMM accumulates in float32 and writes the operands' dtype, or float32 when
-    `preferred_element_type` asks for it (bfloat16 logits are never rounded).
+    `preferred_element_type` asks for it (bfloat16 logits are never rounded). `rows`, an
+    int32 scalar, says that only the first `rows` rows of the flattened x are real (the
+    step's tokens before bucket padding): the native GEMM computes those only and leaves
+    zeros below; XLA's dot computes every row. None: all rows are real.
     """
     if _native_gemm(x, w, preferred_element_type):
         from pallas_kernels.cpu import matmul
 
-        return matmul.matmul(x, w, w_layout=w_layout, out_dtype=preferred_element_type)
+        return matmul.matmul(x, w, w_layout=w_layout, out_dtype=preferred_element_type,
+                             rows=rows)
     spec = "...k,kn->...n" if w_layout == "kn" else "...k,nk->...n"
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
@@ -68,17 +73,19 @@ def dense_dot(x,  # [..., K]
 def tied_head_argmax(hidden,     # [B, D] final hidden states
                      embedding,  # [V, D] the tied embedding
                      head_kn=None,  # [D, V] its transposed copy (Embed.add_kn_head), or None
+                     *, rows=None,  # int32 scalar: the real rows of hidden (see dense_dot)
                      ):  # -> [B] int32, or None where the native kernel does not apply
     """argmax(hidden @ embedding.T) per row in one native CPU call that never writes the
     [B, V] logits (greedy sampling's LM head); None where `dense_dot` would use XLA. With
-    `head_kn` the kernel streams [D, V] panels as they are instead of transposing them."""
+    `head_kn` the kernel streams [D, V] panels as they are instead of transposing them.
+    Rows past `rows` get token 0."""
     if not _native_gemm(hidden, embedding, None):
         return None
     from pallas_kernels.cpu import matmul
 
     if head_kn is not None:
-        return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn")
-    return matmul.lm_head_argmax(hidden, embedding)
+        return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn", rows=rows)
+    return matmul.lm_head_argmax(hidden, embedding, rows=rows)
 
 
 def hf_param(value: jax.Array, *, hf_name: str, axes: tuple[str | None, ...],
@@ -122,9 +129,9 @@ class Embed(nnx.Module):
     def __call__(self, input_ids):  # [T] int32 -> [T, D]
         return jnp.take(self.embedding[...], input_ids, axis=0)
 
-    def attend(self, hidden):  # [..., D] -> [..., V] float32
+    def attend(self, hidden, *, rows=None):  # [..., D] -> [..., V] float32
         return dense_dot(hidden, self.embedding[...], w_layout="nk",
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=jnp.float32, rows=rows)
 
 
 class Linear(nnx.Module):
@@ -137,8 +144,10 @@ class Linear(nnx.Module):
         self.bias = (hf_param(jnp.zeros((out_features,), dtype), hf_name=f"{hf_name}.bias",
                               axes=(axes[1],)) if use_bias else None)  # [out]
 
-    def __call__(self, x, *, preferred_element_type=None):  # [..., in] -> [..., out]
-        y = dense_dot(x, self.kernel[...], preferred_element_type=preferred_element_type)
+    def __call__(self, x, *, preferred_element_type=None,
+                 rows=None):  # [..., in] -> [..., out]; rows: see dense_dot
+        y = dense_dot(x, self.kernel[...], preferred_element_type=preferred_element_type,
+                      rows=rows)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -153,16 +162,16 @@ class MLP(nnx.Module):
         self.down_proj = Linear(width, dim, hf_name=f"{hf_name}.down_proj", axes=("mlp", "embed"),
                                 use_bias=use_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):  # [T, D] -> [T, D]
+    def __call__(self, x, *, rows=None):  # [T, D] -> [T, D]; rows: see dense_dot
         gate, up = self.gate_proj, self.up_proj
         if gate.bias is None and _native_gemm(x, gate.kernel[...], None):
             from pallas_kernels.cpu import matmul
 
             # one native call computes silu(x @ gate) * (x @ up) with a float32 epilogue
-            hidden = matmul.gated_mlp(x, gate.kernel[...], up.kernel[...])  # [T, F]
+            hidden = matmul.gated_mlp(x, gate.kernel[...], up.kernel[...], rows=rows)  # [T, F]
         else:
-            hidden = jax.nn.silu(gate(x)) * up(x)  # [T, F]
-        return self.down_proj(hidden)
+            hidden = jax.nn.silu(gate(x, rows=rows)) * up(x, rows=rows)  # [T, F]
+        return self.down_proj(hidden, rows=rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,9 +57,10 @@ class LlamaAttention(nnx.Module):
                  metadata: AttentionMetadata,
                  ) -> tuple[jax.Array, KVCache]:  # [T, D], updated pools
         num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
-        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        rows = metadata.num_tokens()  # padding rows are left to zeros (native GEMM)
+        q = self.q_proj(x, rows=rows).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = self.k_proj(x, rows=rows).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, rows=rows).reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:  # None: positions come from ALiBi instead
@@ -70,7 +71,7 @@ class LlamaAttention(nnx.Module):
                               sm_scale=self.head_dim ** -0.5,
                               sliding_window=self.sliding_window,
                               alibi_slopes=slopes)  # [T, N, H]
-        return self.o_proj(out.reshape(num_tokens, -1)), (k_pool, v_pool)
+        return self.o_proj(out.reshape(num_tokens, -1), rows=rows), (k_pool, v_pool)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -96,13 +97,15 @@ class LlamaDecoderLayer(nnx.Module):
         self.mlp = self.make_mlp(config, layer, rngs=rngs)
 
     def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
-        """Layer `layer`'s feed-forward block ([T, D] -> [T, D]): the dense gated MLP."""
+        """Layer `layer`'s feed-forward block ([T, D] -> [T, D], called with `rows=`, the
+        step's real tokens): the dense gated MLP."""
         return dense_mlp(config, layer, rngs=rngs)
 
     def __call__(self, x, positions, kv_cache, metadata: AttentionMetadata):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
         x = x + attn  # [T, D]
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        mlp_out = self.mlp(self.post_attention_layernorm(x), rows=metadata.num_tokens())
+        return x + mlp_out, kv_cache
 
 
 def dense_mlp(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> MLP:
@@ -148,18 +151,21 @@ class LlamaForCausalLM(nnx.Module):
             new_caches.append(kv_cache)
         return self.norm(x), tuple(new_caches)
 
-    def greedy_token_ids(self, hidden):  # [B, D] -> [B] int32
+    def greedy_token_ids(self, hidden, *, rows=None):  # [B, D] -> [B] int32
         """The argmax of `compute_logits(hidden)`; with a tied head on CPU, fused with the
-        LM head in one native call (the logits are never written)."""
+        LM head in one native call (the logits are never written). `rows`: as in
+        `compute_logits`."""
         if self.lm_head is None:
             head_kn = self.embed_tokens.head_kn
             fused = tied_head_argmax(hidden, self.embed_tokens.embedding[...],
-                                     None if head_kn is None else head_kn[...])
+                                     None if head_kn is None else head_kn[...], rows=rows)
             if fused is not None:
                 return fused
-        return argmax(self.compute_logits(hidden))
+        return argmax(self.compute_logits(hidden, rows=rows))
 
-    def compute_logits(self, hidden):  # [..., D] -> [..., V] float32
+    def compute_logits(self, hidden, *, rows=None):  # [..., D] -> [..., V] float32
+        """The LM head. `rows` (int32 scalar): only the first `rows` rows of hidden are real
+        (the step's sequences before padding); the native GEMM leaves the rest zero."""
         if self.lm_head is None:
-            return self.embed_tokens.attend(hidden)
-        return self.lm_head(hidden, preferred_element_type=jnp.float32)
+            return self.embed_tokens.attend(hidden, rows=rows)
+        return self.lm_head(hidden, preferred_element_type=jnp.float32, rows=rows)

@@ -100,8 +100,8 @@ class SharedExpert(nnx.Module):
             dim, 1, hf_name=gate_name, axes=("embed", None), use_bias=False, dtype=dtype,
             rngs=rngs)  # [D, 1]
 
-    def __call__(self, x):  # [T, D] -> [T, D]
-        out = self.mlp(x)
+    def __call__(self, x, *, rows=None):  # [T, D] -> [T, D]; rows: see dense_dot
+        out = self.mlp(x, rows=rows)
         return out if self.gate is None else jax.nn.sigmoid(self.gate(x)) * out
 
 
@@ -148,7 +148,7 @@ class SparseMoE(nnx.Module):
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.scaling_factor, self.expert_parallel = scaling_factor, expert_parallel
 
-    def __call__(self, x):  # [T, D] -> [T, D]
+    def __call__(self, x, *, rows=None):  # [T, D] -> [T, D]; rows: the shared expert's
         weights, experts = route(self.gate(x), top_k=self.top_k, renormalize=self.renormalize,
                                  num_groups=self.num_groups, topk_groups=self.topk_groups,
                                  scaling_factor=self.scaling_factor)
@@ -159,4 +159,4 @@ class SparseMoE(nnx.Module):
         else:
             out = grouped_experts(x, weights, experts, *stacks)
         out = out.astype(x.dtype)  # [T, D]
-        return out if self.shared_expert is None else out + self.shared_expert(x)
+        return out if self.shared_expert is None else out + self.shared_expert(x, rows=rows)

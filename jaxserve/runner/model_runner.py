@@ -128,9 +128,10 @@ class ModelRunner:
                 if b not in sampled_seq_sizes:
                     sampled_seq_sizes.add(b)
                     for variant in SAMPLER_VARIANTS:
-                        tensors = self._put(dummy_tensors(
-                            variant, b, vocab_size=cfg.vocab_size, max_model_len=cfg.max_model_len))
-                        self.programs.sample[variant](self.param_leaves, hidden_last, tensors)
+                        num_seqs, tensors = self._put((np.int32(b), dummy_tensors(
+                            variant, b, vocab_size=cfg.vocab_size, max_model_len=cfg.max_model_len)))
+                        self.programs.sample[variant](self.param_leaves, hidden_last, num_seqs,
+                                                      tensors)
                         bar.update()
                 if t not in logprob_token_sizes:
                     logprob_token_sizes.add(t)
@@ -156,14 +157,16 @@ class ModelRunner:
             rows, self.batch.num_tokens[rows], self.batch.token_ids, num_padded_seqs)
         md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
                                inputs.query_start_loc, inputs.logits_indices)
-        device_in = self._put((inputs.input_ids, inputs.positions, md, tensors))
-        input_ids, positions, md, tensors = device_in
+        num_seqs = np.int32(len(inputs.req_ids))  # the rest of B is padding
+        device_in = self._put((inputs.input_ids, inputs.positions, md, num_seqs, tensors))
+        input_ids, positions, md, num_seqs, tensors = device_in
         prompt_req = self._prompt_logprob_requests(out, inputs)
         prompt_result = None
         with self._under_mesh():
             hidden_last, hidden_all, self.kv_caches = self.programs.forward(
                 self.param_leaves, self.kv_caches, input_ids, positions, md)
-            sampled = self.programs.sample[variant](self.param_leaves, hidden_last, tensors)
+            sampled = self.programs.sample[variant](self.param_leaves, hidden_last, num_seqs,
+                                                    tensors)
             if prompt_req:
                 targets = self._put(self._prompt_targets(inputs, rows))
                 prompt_result = self.programs.prompt_logprobs(self.param_leaves, hidden_all,

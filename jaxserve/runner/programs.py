@@ -29,7 +29,8 @@ class Programs:
     # (params, kv_caches, input_ids [T], positions [T], metadata)
     #   -> (hidden of last tokens [B, D], hidden [T, D], kv_caches); kv_caches donated
     forward: Callable
-    # variant -> (params, hidden [B, D], SamplingTensors | None) -> SamplerOutput
+    # variant -> (params, hidden [B, D], num_seqs [] int32, SamplingTensors | None)
+    #   -> SamplerOutput; rows of hidden past num_seqs are padding (their results unused)
     sample: dict[str, Callable]
     # (params, hidden [T, D], targets [T]) -> (logprob [T], rank [T], top ids, top logprobs)
     prompt_logprobs: Callable
@@ -52,12 +53,12 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *,
         return hidden[metadata.logits_indices], hidden, kv_caches
 
     def make_sample(variant: str):
-        def sample(params, hidden, tensors):  # hidden [B, D]
+        def sample(params, hidden, num_seqs, tensors):  # hidden [B, D], num_seqs []
             params = state(params)
             if variant == "greedy" and mesh is None:  # argmax only: maybe never writes logits
-                token_ids = greedy_token_ids(graphdef, params, hidden)  # [B]
+                token_ids = greedy_token_ids(graphdef, params, hidden, num_seqs)  # [B]
                 return sampler.SamplerOutput(token_ids, None, None, None, None)
-            logits = gathered(compute_logits(graphdef, params, hidden))  # [B, V] float32
+            logits = gathered(compute_logits(graphdef, params, hidden, num_seqs))  # [B, V] f32
             greedy = variant == "greedy"
             return sampler.sample(logits, tensors, all_greedy=greedy, with_logprobs=not greedy)
         return jax.jit(sample)

@@ -13,6 +13,9 @@
 //   lm_head_argmax_bf16    h bf16 [M, K], E bf16 [N, K] -> idx s32 [M]
 //   lm_head_argmax_kn_f32  h f32 [M, K], Et f32 [K, N] -> idx s32 [M]  (argmax of h @ Et)
 //   lm_head_argmax_kn_bf16 h bf16 [M, K], Et bf16 [K, N] -> idx s32 [M]
+// Every handler takes one more operand after the listed ones, rows s32 [1]: only the first
+// min(max(rows[0], 0), M) rows of x are computed (the step's real tokens; the rest is
+// bucket padding); the rows of y (idx) past them are zeros.
 // bf16 products are exact in f32 and summed in f32; y is rounded to nearest even once.
 // gated_mlp: y = silu(x @ Wg) * (x @ Wu), silu(g) = g / (1 + exp(-g)), the epilogue in f32
 // on the accumulators: items of 32 output columns whose microkernel keeps both products'
@@ -1263,10 +1266,23 @@ void RunLmHeadArgmax(ffi::ThreadPool& pool, const T* x, const T* w, int32_t* out
 
 template <ffi::DataType DT>
 using Elem = std::conditional_t<DT == ffi::DataType::F32, float, uint16_t>;
+using RowsBuffer = ffi::Buffer<ffi::DataType::S32, 1>;
+
+// How many leading rows of an [M, ...] operand to compute: rows[0] clamped to [0, M].
+int64_t ValidRows(const RowsBuffer& rows, int64_t M) {
+  if (rows.element_count() < 1) return M;
+  return std::clamp<int64_t>(rows.typed_data()[0], 0, M);
+}
+
+// Zeroes rows [m0, M) of a row-major [M, N] result.
+template <typename YT>
+void ZeroRows(YT* y, int64_t m0, int64_t M, int64_t N) {
+  if (m0 < M) std::memset(y + m0 * N, 0, sizeof(YT) * (M - m0) * N);
+}
 
 template <ffi::DataType DT, bool kNK, ffi::DataType YDT = DT>
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT, 2> w,
-                      ffi::ResultBuffer<YDT, 2> y) {
+                      RowsBuffer rows, ffi::ResultBuffer<YDT, 2> y) {
   using T = Elem<DT>;
   using YT = Elem<YDT>;
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -1279,6 +1295,10 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   const T* wp = reinterpret_cast<const T*>(w.untyped_data());
   YT* yp = reinterpret_cast<YT*>(y->untyped_data());
+  const int64_t valid = ValidRows(rows, M);
+  ZeroRows(yp, valid, M, N);
+  M = valid;
+  if (M == 0) return ffi::Error::Success();
   if (kNK) {
     RunNK<T, YT>(pool, xp, wp, yp, M, K, N);
   } else {
@@ -1289,23 +1309,26 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT
 
 template <ffi::DataType DT>
 ffi::Error GatedImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT, 2> wg,
-                     ffi::Buffer<DT, 2> wu, ffi::ResultBuffer<DT, 2> y) {
+                     ffi::Buffer<DT, 2> wu, RowsBuffer rows, ffi::ResultBuffer<DT, 2> y) {
   using T = Elem<DT>;
   auto xd = x.dimensions(), gd = wg.dimensions(), ud = wu.dimensions(), yd = y->dimensions();
   int64_t M = xd[0], K = xd[1], N = gd[1];
   if (gd[0] != K || ud[0] != K || ud[1] != N || yd[0] != M || yd[1] != N)
     return ffi::Error::InvalidArgument("gated_mlp: inconsistent shapes of x, w_gate, w_up, y");
   if (M == 0 || N == 0) return ffi::Error::Success();
+  T* yp = reinterpret_cast<T*>(y->untyped_data());
+  const int64_t valid = ValidRows(rows, M);
+  ZeroRows(yp, valid, M, N);
+  if (valid == 0) return ffi::Error::Success();
   RunGated<T>(pool, reinterpret_cast<const T*>(x.untyped_data()),
               reinterpret_cast<const T*>(wg.untyped_data()),
-              reinterpret_cast<const T*>(wu.untyped_data()),
-              reinterpret_cast<T*>(y->untyped_data()), M, K, N);
+              reinterpret_cast<const T*>(wu.untyped_data()), yp, valid, K, N);
   return ffi::Error::Success();
 }
 
 template <ffi::DataType DT, bool kKN = false>
 ffi::Error LmHeadArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> h, ffi::Buffer<DT, 2> e,
-                            ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
+                            RowsBuffer rows, ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
   using T = Elem<DT>;
   auto hd = h.dimensions(), ed = e.dimensions(), id = idx->dimensions();
   int64_t M = hd[0], K = hd[1], N = kKN ? ed[1] : ed[0];
@@ -1314,9 +1337,12 @@ ffi::Error LmHeadArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> h, ffi::Buf
   if (N == 0 || N > std::numeric_limits<int32_t>::max())
     return ffi::Error::InvalidArgument("lm_head_argmax: the vocabulary must be 1 to 2^31 - 1");
   if (M == 0) return ffi::Error::Success();
+  int32_t* out = reinterpret_cast<int32_t*>(idx->untyped_data());
+  const int64_t valid = ValidRows(rows, M);
+  ZeroRows(out, valid, M, 1);
+  if (valid == 0) return ffi::Error::Success();
   RunLmHeadArgmax<T, kKN>(pool, reinterpret_cast<const T*>(h.untyped_data()),
-                     reinterpret_cast<const T*>(e.untyped_data()),
-                     reinterpret_cast<int32_t*>(idx->untyped_data()), M, K, N);
+                          reinterpret_cast<const T*>(e.untyped_data()), out, valid, K, N);
   return ffi::Error::Success();
 }
 
@@ -1344,6 +1370,7 @@ constexpr auto kArgmaxKNBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16, true>;
                                     .Ctx<ffi::ThreadPool>()                   \
                                     .Arg<buffer>()                            \
                                     .Arg<buffer>()                            \
+                                    .Arg<RowsBuffer>()                        \
                                     .Ret<out_buffer>());
 #define JAXSERVE_GATED_HANDLER(symbol, impl, buffer)                           \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                 \
@@ -1352,6 +1379,7 @@ constexpr auto kArgmaxKNBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16, true>;
                                     .Arg<buffer>()                            \
                                     .Arg<buffer>()                            \
                                     .Arg<buffer>()                            \
+                                    .Arg<RowsBuffer>()                        \
                                     .Ret<buffer>());
 #define JAXSERVE_ARGMAX_HANDLER(symbol, impl, buffer)                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                 \
@@ -1359,6 +1387,7 @@ constexpr auto kArgmaxKNBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16, true>;
                                     .Ctx<ffi::ThreadPool>()                   \
                                     .Arg<buffer>()                            \
                                     .Arg<buffer>()                            \
+                                    .Arg<RowsBuffer>()                        \
                                     .Ret<S32Vector>());
 
 #pragma GCC visibility push(default)

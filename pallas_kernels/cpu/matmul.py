@@ -7,6 +7,9 @@ up-projection, silu(x @ w_gate) * (x @ w_up), into one pass. `available()` says 
 the kernel builds here; callers fall back to jnp when it does not.
 `lm_head_argmax` fuses a tied LM head with greedy sampling: argmax(h @ E^T) per row, the
 [B, V] logits never written; E is [V, D] ("nk") or pre-transposed [D, V] ("kn").
+Each takes `rows`, an int32 scalar (traced or not): only the first `rows` rows of the
+flattened x are computed and the rest of the result is zeros, so that a step padded to its
+bucket pays for its real tokens only (None: all rows).
 """
 
 import functools
@@ -29,6 +32,18 @@ def available() -> bool:
     return build.available("matmul", _TARGETS)
 
 
+def _rows_operand(rows, m: int) -> jax.Array:  # -> [1] int32
+    """The kernels' `rows` operand: how many leading rows of the [M, K] operand to compute
+    (clamped to [0, M] by the kernel); None: all M."""
+    if rows is None:
+        return jnp.full((1,), m, jnp.int32)
+    rows = jnp.asarray(rows)
+    if rows.size != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise ValueError(f"rows must be one integer (a scalar), got shape {rows.shape} "
+                         f"dtype {rows.dtype}")
+    return rows.reshape(1).astype(jnp.int32)
+
+
 def _check_x(x: jax.Array, name: str = "x") -> None:
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least one dimension [..., K], got shape "
@@ -39,12 +54,13 @@ def _check_x(x: jax.Array, name: str = "x") -> None:
 
 def matmul(x: jax.Array,  # [..., K]
            w: jax.Array,  # [K, N] ("kn") or [N, K] ("nk")
-           *, w_layout: str = "kn", out_dtype=None) -> jax.Array:  # [..., N]
+           *, w_layout: str = "kn", out_dtype=None, rows=None) -> jax.Array:  # [..., N]
     """x @ w ("kn") or x @ w.T ("nk") with float32 accumulation, on the native CPU kernel.
 
     x and w must both be float32 or both bfloat16. The result has their dtype, or
     `out_dtype`: None or x's dtype, or float32 for bfloat16 operands (the float32 sums,
-    never rounded to bfloat16). Leading batch dims of x are flattened into M. Raises
+    never rounded to bfloat16). Leading batch dims of x are flattened into M; only the
+    first `rows` of those M rows are computed (the others are zeros; None: all). Raises
     NativeKernelUnavailable if the kernel cannot be built here (check `available()` first).
     """
     if w_layout not in ("kn", "nk"):
@@ -73,22 +89,23 @@ def matmul(x: jax.Array,  # [..., K]
     build.register("matmul", _TARGETS)
     x2 = x.reshape(m, k)  # [M, K]
     y = jax.ffi.ffi_call(f"jaxserve_{target}",
-                         jax.ShapeDtypeStruct((m, n), out))(x2, w)  # [M, N]
+                         jax.ShapeDtypeStruct((m, n), out))(x2, w, _rows_operand(rows, m))
     return y.reshape(*batch, n)
 
 
 def gated_mlp(x: jax.Array,  # [..., K]
               w_gate: jax.Array,  # [K, F]
               w_up: jax.Array,  # [K, F]
-              ) -> jax.Array:  # [..., F]
+              *, rows=None) -> jax.Array:  # [..., F]
     """silu(x @ w_gate) * (x @ w_up), a gated MLP's up-projection, on the native CPU kernel.
 
     Both products for the same output columns are computed in one tile loop with float32
     accumulators and the silu-multiply epilogue in float32 (silu(g) = g / (1 + exp(-g))),
     then rounded once to x's dtype: the [..., F] intermediates are never written. x,
     w_gate and w_up must all be float32 or all bfloat16; both weights are "kn" ([K, F]).
-    Leading batch dims of x are flattened into M. Raises NativeKernelUnavailable if the
-    kernel cannot be built here (check `available()` first).
+    Leading batch dims of x are flattened into M; only the first `rows` are computed (the
+    others are zeros; None: all). Raises NativeKernelUnavailable if the kernel cannot be
+    built here (check `available()` first).
     """
     _check_x(x)
     for name, w in (("w_gate", w_gate), ("w_up", w_up)):
@@ -110,13 +127,13 @@ def gated_mlp(x: jax.Array,  # [..., K]
     build.register("matmul", _TARGETS)
     target = f"jaxserve_gated_mlp_{_DTYPE_NAMES[jnp.dtype(x.dtype)]}"
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, f), x.dtype))(
-        x.reshape(m, k), w_gate, w_up)  # [M, F]
+        x.reshape(m, k), w_gate, w_up, _rows_operand(rows, m))  # [M, F]
     return y.reshape(*batch, f)
 
 
 def lm_head_argmax(h: jax.Array,  # [B, D]
                    w: jax.Array,  # [V, D] ("nk", the embedding) or [D, V] ("kn", its transpose)
-                   *, w_layout: str = "nk") -> jax.Array:  # [B] int32
+                   *, w_layout: str = "nk", rows=None) -> jax.Array:  # [B] int32
     """argmax(h @ E.T, axis=-1) per row, on the native CPU kernel, never writing logits.
 
     E is the tied embedding [V, D]: `w` is E itself (w_layout="nk") or E.T materialized as
@@ -126,7 +143,8 @@ def lm_head_argmax(h: jax.Array,  # [B, D]
     accumulated in float32 (the order of the sums may differ from XLA's, so near-ties may
     resolve differently within float32 rounding): the first index of the maximum on ties,
     the first NaN's index where a row has NaN. h and w must both be float32 or both
-    bfloat16. Leading batch dims of h are kept ([..., D] -> [...]). Raises
+    bfloat16. Leading batch dims of h are kept ([..., D] -> [...]); only the first `rows`
+    flattened rows are computed (the others are 0; None: all). Raises
     NativeKernelUnavailable if the kernel cannot be built here (check `available()` first).
     """
     if w_layout not in ("kn", "nk"):
@@ -151,5 +169,5 @@ def lm_head_argmax(h: jax.Array,  # [B, D]
     layout = "_kn" if w_layout == "kn" else ""
     target = f"jaxserve_lm_head_argmax{layout}_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}"
     idx = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b,), jnp.int32))(
-        h.reshape(b, d), w)  # [B]
+        h.reshape(b, d), w, _rows_operand(rows, b))  # [B]
     return idx.reshape(batch)

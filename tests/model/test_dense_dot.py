@@ -89,3 +89,23 @@ def test_rotary_runs_the_native_kernel_with_xlas_numbers(monkeypatch):
     assert "jaxserve_" not in _hlo(xla, x, positions)
     np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(xla)(x, positions)),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_rows_skip_the_padding_rows_on_the_native_gemm_only(monkeypatch):
+    """`rows` (the step's real tokens, traced): the native MLP computes those rows, as
+    without it, and leaves zeros below; XLA's dot ignores it and computes them all."""
+    from flax import nnx
+
+    from jaxserve.model.layers import MLP
+
+    mlp = MLP(32, 48, hf_name="mlp", use_bias=False, dtype=jnp.float32, rngs=nnx.Rngs(2))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((12, 32)), jnp.float32)
+    graphdef, state = nnx.split(mlp)
+    full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    part = jax.jit(lambda s, x, r: nnx.merge(graphdef, s)(x, rows=r))(state, x, jnp.int32(5))
+    np.testing.assert_allclose(np.asarray(part[:5]), np.asarray(full[:5]), rtol=1e-5,
+                               atol=1e-6)
+    assert not np.asarray(part[5:]).any()
+    monkeypatch.setenv("JAXSERVE_CPU_GEMM", "xla")
+    xla = jax.jit(lambda s, x, r: nnx.merge(graphdef, s)(x, rows=r))(state, x, jnp.int32(5))
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(full), rtol=1e-5, atol=1e-6)

@@ -304,3 +304,64 @@ def test_lm_head_argmax_batch_dims_and_bad_arguments(layout):
         native.lm_head_argmax(h.astype(jnp.int32), w, w_layout=layout)
     with pytest.raises(ValueError, match="w_layout"):
         native.lm_head_argmax(h, w, w_layout="tn")
+
+
+# -- rows: only the real (unpadded) leading rows are computed --------------------------
+ROWS = [0, 1, 37, 63, 64, 1000, -5]  # of M = 64: none, one, a tail, all, past M, negative
+
+
+def _rows_check(full, got, rows, exact=False):
+    """The first `rows` rows as without `rows` (the kernel may pick another blocking for
+    fewer rows, so float sums can differ in the last bits), zeros below."""
+    valid = min(max(rows, 0), full.shape[0])
+    got, full = np.asarray(got.astype(jnp.float32)), np.asarray(full.astype(jnp.float32))
+    if exact:
+        np.testing.assert_array_equal(got[:valid], full[:valid])
+    else:
+        np.testing.assert_allclose(got[:valid], full[:valid], rtol=2.0 ** -7, atol=1e-4)
+    assert not got[valid:].any(), "rows past `rows` must be zeros"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_rows_computes_the_leading_rows_and_zeros_the_rest(layout, dtype):
+    # M = 64 with a row count known only at run time (traced), as in the engine's steps
+    x, w = inputs(64, 96, 200, layout, dtype, seed=3)
+    run = jax.jit(lambda x, w, r: native.matmul(x, w, w_layout=layout, rows=r))
+    full = native.matmul(x, w, w_layout=layout)
+    for rows in ROWS:
+        _rows_check(full, run(x, w, jnp.int32(rows)), rows)
+    if dtype == jnp.bfloat16:  # the float32-output variant too
+        full = native.matmul(x, w, w_layout=layout, out_dtype=jnp.float32)
+        _rows_check(full, native.matmul(x, w, w_layout=layout, out_dtype=jnp.float32,
+                                        rows=10), 10)
+    # batch dims are flattened: rows counts rows of [..., K] in row-major order
+    x3 = x.reshape(4, 16, 96)
+    got = native.matmul(x3, w, w_layout=layout, rows=20).reshape(64, 200)
+    _rows_check(full if dtype == jnp.float32 else native.matmul(x, w, w_layout=layout), got, 20)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_rows_for_the_gated_mlp_and_the_lm_head_argmax(dtype):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((64, 128)), dtype)  # [M, K]
+    wg, wu = (jnp.asarray(rng.standard_normal((128, 96)), dtype) for _ in range(2))
+    e = jnp.asarray(rng.standard_normal((300, 128)), dtype)  # [V, D]
+    gated = jax.jit(lambda x, r: native.gated_mlp(x, wg, wu, rows=r))
+    head = jax.jit(lambda x, r: native.lm_head_argmax(x, e, rows=r))
+    head_kn = jax.jit(lambda x, r: native.lm_head_argmax(x, e.T, w_layout="kn", rows=r))
+    full_gated, full_idx = native.gated_mlp(x, wg, wu), native.lm_head_argmax(x, e)
+    for rows in ROWS:
+        _rows_check(full_gated, gated(x, jnp.int32(rows)), rows)
+        _rows_check(full_idx, head(x, jnp.int32(rows)), rows, exact=True)
+        _rows_check(full_idx, head_kn(x, jnp.int32(rows)), rows, exact=True)
+
+
+def test_rows_must_be_one_integer():
+    x, w = inputs(8, 16, 16, "kn", jnp.float32)
+    with pytest.raises(ValueError, match="rows must be one integer"):
+        native.matmul(x, w, rows=jnp.float32(3))
+    with pytest.raises(ValueError, match="rows must be one integer"):
+        native.gated_mlp(x, w, w, rows=np.array([1, 2], np.int32))
+    with pytest.raises(ValueError, match="rows must be one integer"):
+        native.lm_head_argmax(x, w, rows=2.5)
