@@ -87,8 +87,8 @@ def _run_child(args, counter) -> None:
         steps = []
         schedule = engine.scheduler.schedule
 
-        def recording_schedule():
-            out = schedule()
+        def recording_schedule(**kwargs):  # ahead=True too (async scheduling)
+            out = schedule(**kwargs)
             num_seqs = len(out.num_scheduled_tokens)
             if out.total_num_scheduled_tokens:
                 steps.append((out.total_num_scheduled_tokens,

@@ -304,6 +304,9 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0
     policy: str = "fcfs"  # "fcfs" | "priority" (lower Request.priority first)
     max_num_waiting: int | None = None  # add_request refuses beyond this many; None = no cap
+    # Plan step N+1 while step N computes (Scheduler.schedule(ahead=True)), so the host's
+    # scheduling and input work overlaps the devices'; off: each step waits for the last.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         check = functools.partial(_check_config_field, "SchedulerConfig")
@@ -318,6 +321,8 @@ class SchedulerConfig:
         waiting = self.max_num_waiting
         check(waiting is None or (_is_plain_int(waiting) and waiting >= 1), "max_num_waiting",
               "None or an integer >= 1", waiting)
+        check(isinstance(self.async_scheduling, bool), "async_scheduling", "True or False",
+              self.async_scheduling)
 
 
 def _is_plain_int(value: object) -> bool:

@@ -50,7 +50,8 @@ class Request:
 
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "arrival_time", "priority", "cache_salt", "output_token_ids", "_all_token_ids",
-                 "num_computed_tokens", "num_sent_tokens", "status", "stop_reason",
+                 "num_computed_tokens", "num_sent_tokens", "num_output_placeholders",
+                 "status", "stop_reason",
                  "num_preemptions", "num_cached_tokens", "block_hashes")
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -70,7 +71,10 @@ class Request:
         self.output_token_ids: list[int] = []  # sampled tokens accepted so far
         self._all_token_ids: list[int] = list(prompt_token_ids)  # prompt + outputs
         self.num_computed_tokens = 0  # leading tokens whose KV is (being) computed
-        self.num_sent_tokens = 0  # leading tokens the runner has been given (SchedulerOutput)
+        self.num_sent_tokens = 0  # leading tokens the runner has (sent, or sampled by it)
+        # Tokens being sampled by steps whose output is not back yet (one per step; see
+        # Scheduler.schedule(ahead=True)); they count as known for scheduling.
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or string that ended it
         self.num_preemptions = 0  # times its blocks were taken back for recompute

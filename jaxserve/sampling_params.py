@@ -97,6 +97,12 @@ class SamplingParams:
         return self.temperature < _SAMPLING_EPS
 
     @property
+    def has_penalties(self) -> bool:
+        """Presence, frequency or repetition penalties: sampling reads the output history."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    @property
     def sampling_type(self) -> SamplingType:
         if self.is_greedy:
             return SamplingType.GREEDY

@@ -5,6 +5,15 @@ chunks, prefix hits and decode alike). `schedule()` serves running requests, the
 waiting ones, under the token and sequence budgets; a short pool preempts (recompute) the
 newest running request. `update_from_output()` appends sampled tokens, applies the stop
 rules and frees finished requests' blocks at once.
+
+Async scheduling: `schedule(ahead=True)` plans the next step while the current one still
+computes. A request whose token is being sampled holds a placeholder
+(`num_output_placeholders`) that counts as a known token: it is scheduled to decode it (the
+runner takes the id from the running step's output on the device). Requests whose pending
+token must end them (max_tokens, max_model_len) are left out, and the ahead step never
+preempts: a request that does not fit is left for the next step. A request that the pending
+token stops (EOS, stop ids, stop strings) wastes its slot in the ahead step; its output is
+dropped like any token of a finished request.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ class Scheduler:
         threshold = scheduler_config.long_prefill_token_threshold
         # Chunk size cap: the long-prefill threshold, or the whole budget when it is off.
         self._max_tokens_per_request = threshold or scheduler_config.max_num_batched_tokens
+        self._ahead_fell_short = False  # an ahead step met a short pool: plan the next in sync
 
     @property
     def num_running(self) -> int:
@@ -85,10 +95,20 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def can_schedule_ahead(self) -> bool:
+        """Whether `schedule(ahead=True)` may run now: something is running and no running
+        request needs its full output history to sample (penalties read the token ids, which
+        a placeholder does not have yet)."""
+        return bool(self.running) and not self._ahead_fell_short and not any(
+            r.sampling_params.has_penalties for r in self.running.values())
+
+    def schedule(self, *, ahead: bool = False) -> SchedulerOutput:
+        """The next step. `ahead`: the previous step's output is not applied yet (see the
+        module doc); only call it when `can_schedule_ahead()`."""
         plan = _StepPlan(self.scheduler_config.max_num_batched_tokens)
-        self._schedule_running(plan)
-        if not plan.preempted_req_ids:  # a step that had to preempt admits nobody
+        self._ahead_fell_short = False
+        self._schedule_running(plan, ahead)
+        if not plan.preempted_req_ids and not self._ahead_fell_short:  # nor one short of blocks
             self._admit_waiting(plan)
         finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
         return SchedulerOutput(
@@ -109,11 +129,14 @@ class Scheduler:
         sampling_req_ids = scheduler_output.sampling_req_ids
         sampled = model_runner_output.sampled_token_ids
         for req_id in scheduler_output.num_scheduled_tokens:  # in batch order
-            token_ids = sampled.get(req_id) if req_id in sampling_req_ids else None
-            if not token_ids:
+            if req_id not in sampling_req_ids:
                 continue
             request = self.requests.get(req_id)
-            if request is not None and request.status is _RUNNING:
+            if request is None or request.status is not _RUNNING:
+                continue  # finished, aborted or preempted meanwhile: the token is dropped
+            request.num_output_placeholders = max(request.num_output_placeholders - 1, 0)
+            token_ids = sampled.get(req_id)
+            if token_ids:
                 updates.append(self._append_tokens(request, token_ids))
         return updates
 
@@ -148,19 +171,30 @@ class Scheduler:
         """How many of a request's `num_tokens` remaining tokens run this step."""
         return min(num_tokens, budget, self._max_tokens_per_request)
 
-    def _schedule_running(self, plan: _StepPlan) -> None:
+    def _schedule_running(self, plan: _StepPlan, ahead: bool = False) -> None:
         """Gives each running request its next tokens, front to back, preempting from the
-        back of the order whenever the pool is short."""
+        back of the order whenever the pool is short (ahead: stopping there instead)."""
         order = self._running_order()
         allocate_slots = self.kv_cache_manager.allocate_slots
+        max_model_len = self.scheduler_config.max_model_len
         i = 0
         while i < len(order) and plan.budget > 0:
             request = order[i]
             num_computed = request.num_computed_tokens
-            if num_computed == request.num_tokens:  # the runner sampled nothing: sample again
+            num_tokens = request.num_tokens + request.num_output_placeholders
+            if request.num_output_placeholders and (
+                    num_tokens >= max_model_len
+                    or request.num_output_tokens + request.num_output_placeholders
+                    >= (request.sampling_params.max_tokens or max_model_len)):
+                order.pop(i)  # the pending token ends it: nothing to run ahead
+                continue
+            if num_computed == num_tokens:  # the runner sampled nothing: sample again
                 num_computed = request.num_computed_tokens = num_computed - 1
-            num_new = self._chunk(request.num_tokens - num_computed, plan.budget)
+            num_new = self._chunk(num_tokens - num_computed, plan.budget)
             new_blocks = allocate_slots(request, num_new)
+            if new_blocks is None and ahead:
+                self._ahead_fell_short = True  # never preempt ahead: the next, synchronous
+                break                          # step will (admitting nobody meanwhile)
             if new_blocks is None:
                 new_blocks = self._preempt_until_allocated(request, num_new, order, plan)
                 if new_blocks is None:
@@ -191,6 +225,7 @@ class Scheduler:
         del self.running[request.request_id]
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # a pending token of it is dropped
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_preempted(request)
@@ -227,9 +262,11 @@ class Scheduler:
 
     @staticmethod
     def _unsent_token_ids(request: Request, end: int) -> tuple[int, ...]:
-        """Token ids the runner lacks to compute up to position `end` (usually the one token
-        sampled last step), marked as sent."""
+        """Token ids the runner lacks to compute up to position `end`, marked as sent
+        (prompt tokens; the runner keeps the tokens it samples itself). A placeholder
+        position past the known tokens is not sent: the runner takes it from the device."""
         num_sent = request.num_sent_tokens
+        end = min(end, request.num_tokens)
         if end <= num_sent:
             return ()
         request.num_sent_tokens = end
@@ -239,12 +276,15 @@ class Scheduler:
         """Appends sampled tokens up to the first one that stops the request."""
         status = None
         num_accepted = 0
+        runner_has_them = request.num_sent_tokens == request.num_tokens  # it sampled them
         for token_id in token_ids:
             request.append_output_token_ids(token_id)
             num_accepted += 1
             status = check_stop(request, token_id, self.scheduler_config.max_model_len)
             if status is not None:
                 break
+        if runner_has_them:
+            request.num_sent_tokens = request.num_tokens
         self._update_block_hashes(request)
         accepted = tuple(token_ids[:num_accepted])
         if status is None:
@@ -288,5 +328,6 @@ class _StepPlan:
         self.budget -= num_new
         self.num_scheduled_tokens[request.request_id] = num_new
         request.num_computed_tokens += num_new
-        if request.num_computed_tokens == request.num_tokens:
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
             self.sampling_req_ids.append(request.request_id)
+            request.num_output_placeholders += 1  # until update_from_output has its token

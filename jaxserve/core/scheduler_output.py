@@ -31,8 +31,8 @@ class CachedRequestData:
     """A request the runner knows: what changed since it was last scheduled."""
 
     req_id: str
-    # Token ids the runner has not been given yet, to append to its list (usually the one
-    # token sampled last step; the runner never appends its own samples). Resumed: every
+    # Token ids the runner has not been given yet, to append to its list (the rest of a
+    # chunked prompt; the runner appends the tokens it samples itself). Resumed: every
     # token id, prompt + outputs, to rebuild the runner's state.
     new_token_ids: tuple[int, ...]
     # Blocks appended to the table this step. Resumed: the whole new block table.

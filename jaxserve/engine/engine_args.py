@@ -48,7 +48,8 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
                          long_prefill_token_threshold: int = 0,
                          scheduling_policy: str = "fcfs",
                          max_num_waiting: int | None = None,
-                         enable_expert_parallel: bool = False) -> EngineConfig:
+                         enable_expert_parallel: bool = False,
+                         async_scheduling: bool = True) -> EngineConfig:
     """Reads the model's config and builds every part; ValueError names a bad option."""
     apply_preferred_cpu_flags()
     model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
@@ -78,7 +79,8 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
         scheduler_config=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             max_model_len=max_len, long_prefill_token_threshold=long_prefill_token_threshold,
-            policy=scheduling_policy, max_num_waiting=max_num_waiting),
+            policy=scheduling_policy, max_num_waiting=max_num_waiting,
+            async_scheduling=async_scheduling),
         attention_backend=attention_backend or default_attention_backend(), seed=seed,
         tensor_parallel_size=tensor_parallel_size, compilation_cache_dir=compilation_cache_dir,
         skip_tokenizer_init=skip_tokenizer_init)

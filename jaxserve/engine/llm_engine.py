@@ -8,8 +8,11 @@ blocks through the prefix cache.
 
 Steps are pipelined: `step()` launches step N on the devices, then turns step N-1's
 tokens into outputs (detokenization, stop strings, logprobs) while they compute, so the
-host's output work costs no device time. A stop string therefore ends its request one
-step late; the token of that extra step is dropped, never shown.
+host's output work costs no device time. With async scheduling (the default) it also plans
+and launches step N+1 before waiting for step N (`Scheduler.schedule(ahead=True)`; the
+inputs N+1 takes from N's samples stay on the device), so scheduling and input preparation
+overlap the devices' work too. A stop string therefore ends its request a step or two
+late; the tokens of those extra steps are dropped, never shown.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class LLMEngine:
         # The last step's scheduler updates and runner output, turned into RequestOutputs
         # during the next step (or by a step that schedules nothing, at the end).
         self._unprocessed: tuple | None = None
+        # (SchedulerOutput, PendingStep) of a step planned ahead and launched, not collected
+        self._in_flight: tuple | None = None
+        self.async_scheduling = config.scheduler_config.async_scheduling  # may be switched
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt_token_ids: list[int],
@@ -137,7 +143,8 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs of the last step not yet returned."""
-        return self._unprocessed is not None or self.scheduler.has_unfinished_requests()
+        return (self._unprocessed is not None or self._in_flight is not None
+                or self.scheduler.has_unfinished_requests())
 
     # -- the loop ------------------------------------------------------------------------
     def step(self, on_outputs=None) -> list[RequestOutput]:
@@ -147,11 +154,16 @@ class LLMEngine:
         ready, while this step still computes, and `step` returns [] (the async engine
         streams them to clients a step's device time sooner).
         """
-        scheduled = self.scheduler.schedule()
-        if self.step_broadcaster is not None:
-            self.step_broadcaster.send(scheduled)
-        with self.compilations.track():  # counts this engine's compilations only
-            pending = self.runner.dispatch(scheduled)
+        if self._in_flight is None:  # nothing computing: plan this step now
+            scheduled = self._schedule()
+            with self.compilations.track():  # counts this engine's compilations only
+                pending = self.runner.dispatch(scheduled)
+        else:
+            (scheduled, pending), self._in_flight = self._in_flight, None
+        if self._may_schedule_ahead(scheduled):  # plan and launch the next one meanwhile
+            ahead = self._schedule(ahead=True)
+            with self.compilations.track():
+                self._in_flight = (ahead, self.runner.dispatch(ahead, pending))
         outputs = self._finish_step(*self._unprocessed) if self._unprocessed else []
         self._unprocessed = None
         if on_outputs is not None and outputs:
@@ -163,6 +175,18 @@ class LLMEngine:
         if updates or sampled.prompt_logprobs:
             self._unprocessed = (updates, sampled)
         return outputs
+
+    def _schedule(self, *, ahead: bool = False):
+        scheduled = self.scheduler.schedule(ahead=ahead)
+        if self.step_broadcaster is not None:
+            self.step_broadcaster.send(scheduled)
+        return scheduled
+
+    def _may_schedule_ahead(self, scheduled) -> bool:
+        """Async scheduling is on, one host runs the steps (followers replay them one at a
+        time), `scheduled` samples something to run ahead of, and the scheduler agrees."""
+        return (self.async_scheduling and self.step_broadcaster is None
+                and bool(scheduled.sampling_req_ids) and self.scheduler.can_schedule_ahead())
 
     def _finish_step(self, updates, sampled) -> list[RequestOutput]:
         outputs, stopped = self.output_processor.process(updates, sampled)

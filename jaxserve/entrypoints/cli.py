@@ -93,6 +93,8 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--max-num-waiting", type=int, default=None,
                    help="queue cap: further requests get 503 (default: no cap)")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan each step while the previous one computes (default: on)")
     g.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="chunk prompts longer than this (0 = only the step budget)")
     g.add_argument("--attention-backend", choices=["cpu", "pallas", "reference"], default=None,
@@ -197,7 +199,8 @@ def build_engine(model_path: str, args: argparse.Namespace):
         compilation_cache_dir=args.compilation_cache_dir or None,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         scheduling_policy=args.scheduling_policy, max_num_waiting=args.max_num_waiting,
-        enable_expert_parallel=args.enable_expert_parallel)
+        enable_expert_parallel=args.enable_expert_parallel,
+        async_scheduling=args.async_scheduling)
     model_config = config.model_config
     max_len = model_config.max_model_len
     logger.info("loading %s (%s, max_model_len=%d)", model_path, model_config.dtype, max_len)

@@ -29,7 +29,8 @@ class LLM:
                  tensor_parallel_size: int = 1, attention_backend: str | None = None,
                  skip_tokenizer_init: bool = False, compilation_cache_dir: str | None = None,
                  long_prefill_token_threshold: int = 0, scheduling_policy: str = "fcfs",
-                 progress: bool = True, enable_expert_parallel: bool = False):
+                 progress: bool = True, enable_expert_parallel: bool = False,
+                 async_scheduling: bool = True):
         config = create_engine_config(
             model, dtype=dtype, seed=seed, block_size=block_size, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -40,7 +41,8 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, attention_backend=attention_backend,
             skip_tokenizer_init=skip_tokenizer_init, compilation_cache_dir=compilation_cache_dir,
             long_prefill_token_threshold=long_prefill_token_threshold,
-            scheduling_policy=scheduling_policy, enable_expert_parallel=enable_expert_parallel)
+            scheduling_policy=scheduling_policy, enable_expert_parallel=enable_expert_parallel,
+            async_scheduling=async_scheduling)
         self.llm_engine = LLMEngine(config, progress=progress)
 
     def get_tokenizer(self):

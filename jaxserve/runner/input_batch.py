@@ -5,6 +5,9 @@ preallocated rows (`[R, ...]`, R = max_num_seqs) across steps; a step only appen
 changed and then gathers the scheduled rows with vectorized numpy (no per-token Python).
 Everything is padded to the step's (token bucket, sequence bucket): padding tokens write
 into the null block 0, padding sequences are empty and read block 0.
+The batch appends the tokens it samples itself (`append_sampled`); a token still being
+sampled by a step in flight (async scheduling) becomes input id -1 - i, i its sequence's
+index in that step (see programs.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class StepInputs:
     logits_indices: np.ndarray   # [B] int32 index in T of each sequence's last token
     req_ids: list[str]           # the B_real scheduled requests, in row order
     num_tokens: int              # T_real before padding
+    rows: np.ndarray             # [B_real] int32 their rows
+    generations: np.ndarray      # [B_real] int64 the rows' placements (see append_sampled)
 
 
 class InputBatch:
@@ -48,6 +53,7 @@ class InputBatch:
         self.num_computed = np.zeros(rows, np.int32)                 # [R] in the cache
         self.block_table = np.zeros((rows, self.max_blocks), np.int32)  # [R, max_blocks]
         self.num_blocks = np.zeros(rows, np.int32)                   # [R]
+        self.generation = np.zeros(rows, np.int64)  # [R] placements so far of each row
         self.sampling = SamplingRows(rows, vocab_size=vocab_size, max_model_len=max_model_len)
         self._free_rows = list(range(rows - 1, -1, -1))
         self.row_of: dict[str, int] = {}
@@ -62,6 +68,7 @@ class InputBatch:
             raise RuntimeError(f"more than {len(self.num_tokens)} requests in the batch")
         row = self._free_rows.pop()
         self.row_of[req_id] = row
+        self.generation[row] += 1
         self.token_ids[row, :len(token_ids)] = token_ids
         self.num_tokens[row] = len(token_ids)
         self.block_table[row, :len(block_ids)] = block_ids
@@ -107,9 +114,31 @@ class InputBatch:
     def params_of(self, req_id: str):
         return self._requests[req_id][0]
 
+    def knows(self, req_id: str) -> bool:
+        """Whether the request is still live here (not finished or aborted)."""
+        return req_id in self._requests
+
+    def append_sampled(self, inputs: StepInputs, sampling: frozenset[str],
+                       token_ids: np.ndarray) -> None:  # [B] sampled ids of that step
+        """Appends each sampled token to its row, where the row still holds the request
+        it held at `prepare` (finished, preempted or replaced rows are skipped)."""
+        for i, req_id in enumerate(inputs.req_ids):
+            row = inputs.rows[i]
+            if req_id not in sampling or self.generation[row] != inputs.generations[i]:
+                continue
+            pos = inputs.positions[inputs.logits_indices[i]] + 1
+            if pos != self.num_tokens[row]:
+                raise RuntimeError(f"request {req_id!r}: sampled token at position {pos}, but "
+                                   f"the batch holds {self.num_tokens[row]} tokens")
+            if pos < self.token_ids.shape[1]:
+                self.token_ids[row, pos] = token_ids[i]
+                self.num_tokens[row] = pos + 1
+
     # -- one step ----------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
-        """Applies the scheduler's deltas and returns the step's padded arrays."""
+    def prepare(self, out: SchedulerOutput,
+                pending: dict[str, int] | None = None) -> StepInputs:
+        """Applies the scheduler's deltas and returns the step's padded arrays. `pending`:
+        req_id -> index in the step in flight, for tokens that step is still sampling."""
         self._apply(out)
         req_ids = list(out.num_scheduled_tokens)
         num_reqs, num_tokens = len(req_ids), out.total_num_scheduled_tokens
@@ -131,6 +160,10 @@ class InputBatch:
         positions[:num_tokens] = positions_real
         input_ids = np.zeros(padded_tokens, np.int32)
         input_ids[:num_tokens] = self.token_ids[token_rows, positions_real]
+        unknown = positions_real >= self.num_tokens[token_rows]  # [T_real]
+        if unknown.any():
+            self._link_pending(input_ids, unknown, positions_real, token_rows,
+                               [req_ids[i] for i in token_req[unknown]], pending)
         slot_mapping = np.arange(padded_tokens, dtype=np.int32) % self.block_size  # block 0
         blocks = self.block_table[token_rows, positions_real // self.block_size]
         slot_mapping[:num_tokens] = blocks * self.block_size + positions_real % self.block_size
@@ -142,7 +175,19 @@ class InputBatch:
         logits_indices = np.zeros(padded_reqs, np.int32)
         logits_indices[:num_reqs] = query_start_loc[1:num_reqs + 1] - 1
         return StepInputs(input_ids, positions, slot_mapping, block_tables, seq_lens,
-                          query_start_loc, logits_indices, req_ids, num_tokens)
+                          query_start_loc, logits_indices, req_ids, num_tokens, rows,
+                          self.generation[rows])
+
+    def _link_pending(self, input_ids, unknown, positions, token_rows, owners,
+                      pending: dict[str, int] | None) -> None:
+        """Input ids of tokens past a row's known ones: -1 - (index in the step in flight)
+        where that step samples them; anything else is a scheduler/runner mismatch."""
+        at = np.flatnonzero(unknown)
+        index = [(pending or {}).get(req_id, -1) for req_id in owners]
+        if min(index) < 0 or np.any(positions[at] != self.num_tokens[token_rows[at]]):
+            raise RuntimeError(f"tokens of requests {sorted(set(owners))} are neither known "
+                               "nor being sampled by the step in flight")
+        input_ids[at] = -1 - np.asarray(index, np.int32)
 
     def rows_of(self, req_ids: list[str]) -> np.ndarray:
         return np.fromiter((self.row_of[r] for r in req_ids), np.int32, len(req_ids))

@@ -54,6 +54,7 @@ class PendingStep:
     sampled: sampler.SamplerOutput | None  # device arrays, still being computed
     prompt_req: list[int]      # indices in B of the requests wanting prompt logprobs
     prompt_result: tuple | None  # their device arrays, or None
+    next_ids: jax.Array | None = None  # [R] the sampled ids padded, for the next forward
 
 
 class ModelRunner:
@@ -85,7 +86,12 @@ class ModelRunner:
         # the programs take the params as this flat list (see make_programs)
         self.param_leaves = jax.tree.leaves(self.params)
         self.programs = make_programs(self.graphdef, jax.tree.structure(self.params),
-                                      mesh=self.mesh)
+                                      max_num_seqs=self.seq_buckets[-1], mesh=self.mesh)
+        # [R] forward's previous_ids when no step is in flight (no input id is negative);
+        # committed like the samplers' outputs, which jit would otherwise tell apart
+        self._no_previous = jax.device_put(
+            np.zeros(self.seq_buckets[-1], np.int32),
+            jax.devices()[0] if self.mesh is None else self.input_sharding)
 
     @property
     def num_blocks(self) -> int:
@@ -123,7 +129,7 @@ class ModelRunner:
                 zeros = np.zeros(t, np.int32)
                 ids, positions, md = self._put((zeros, zeros, md))
                 hidden_last, hidden_all, self.kv_caches = self.programs.forward(
-                    self.param_leaves, self.kv_caches, ids, positions, md)
+                    self.param_leaves, self.kv_caches, ids, positions, md, self._no_previous)
                 bar.update()
                 if b not in sampled_seq_sizes:
                     sampled_seq_sizes.add(b)
@@ -145,16 +151,27 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(out))
 
-    def dispatch(self, out: SchedulerOutput) -> PendingStep:
-        """Prepares the step's inputs and launches its programs without waiting for them."""
+    def dispatch(self, out: SchedulerOutput, in_flight: PendingStep | None = None) -> PendingStep:
+        """Prepares the step's inputs and launches its programs without waiting for them.
+
+        `in_flight`: a dispatched step not collected yet (async scheduling); the tokens it
+        samples are this step's inputs where `out` schedules them, read on the device.
+        """
+        pending = previous_ids = None
+        if in_flight is not None and in_flight.inputs is not None:
+            pending = {r: i for i, r in enumerate(in_flight.inputs.req_ids)
+                       if in_flight.out.samples(r)}
+            previous_ids = in_flight.next_ids
         if out.total_num_scheduled_tokens == 0:
             self.batch.prepare(out)  # still applies finished/preempted deltas
             return PendingStep(out, None, None, [], None)
-        inputs = self.batch.prepare(out)
-        rows = self.batch.rows_of(inputs.req_ids)
+        inputs = self.batch.prepare(out, pending)
+        rows = inputs.rows
         num_padded_seqs = len(inputs.seq_lens)
+        # each row's history length; a token being sampled in flight counts (seq_lens)
+        history = np.maximum(self.batch.num_tokens[rows], inputs.seq_lens[:len(rows)])
         variant, tensors = self.batch.sampling.gather(
-            rows, self.batch.num_tokens[rows], self.batch.token_ids, num_padded_seqs)
+            rows, history, self.batch.token_ids, num_padded_seqs)
         md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
                                inputs.query_start_loc, inputs.logits_indices)
         num_seqs = np.int32(len(inputs.req_ids))  # the rest of B is padding
@@ -164,20 +181,22 @@ class ModelRunner:
         prompt_result = None
         with self._under_mesh():
             hidden_last, hidden_all, self.kv_caches = self.programs.forward(
-                self.param_leaves, self.kv_caches, input_ids, positions, md)
-            sampled = self.programs.sample[variant](self.param_leaves, hidden_last, num_seqs,
-                                                    tensors)
+                self.param_leaves, self.kv_caches, input_ids, positions, md,
+                self._no_previous if previous_ids is None else previous_ids)
+            sampled, next_ids = self.programs.sample[variant](self.param_leaves, hidden_last,
+                                                              num_seqs, tensors)
             if prompt_req:
                 targets = self._put(self._prompt_targets(inputs, rows))
                 prompt_result = self.programs.prompt_logprobs(self.param_leaves, hidden_all,
                                                               targets)
-        return PendingStep(out, inputs, sampled, prompt_req, prompt_result)
+        return PendingStep(out, inputs, sampled, prompt_req, prompt_result, next_ids)
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Waits for a dispatched step: its one device-to-host transfer, then the output."""
         if pending.inputs is None:
             return ModelRunnerOutput(sampled_token_ids={})
         sampled, prompt_result = jax.device_get((pending.sampled, pending.prompt_result))
+        self.batch.append_sampled(pending.inputs, pending.out.sampling_req_ids, sampled.token_ids)
         return self._runner_output(pending.out, pending.inputs, sampled, pending.prompt_req,
                                    prompt_result)
 
@@ -208,8 +227,8 @@ class ModelRunner:
         token_ids = sampled.token_ids
         sampled_ids, logprobs = {}, {}
         for i, req_id in enumerate(inputs.req_ids):
-            if not out.samples(req_id):
-                continue
+            if not out.samples(req_id) or not self.batch.knows(req_id):
+                continue  # gone since dispatch (async scheduling): nobody wants the token
             sampled_ids[req_id] = [int(token_ids[i])]
             num_top = self.batch.params_of(req_id).logprobs
             if num_top is not None:
@@ -219,7 +238,9 @@ class ModelRunner:
         prompt_logprobs = {}
         for i in prompt_req:
             req_id = inputs.req_ids[i]
-            row = self.batch.row_of[req_id]
+            row = inputs.rows[i]
+            if self.batch.generation[row] != inputs.generations[i]:
+                continue  # gone since dispatch
             num_top = self.batch.params_of(req_id).prompt_logprobs
             prompt_len = self.batch.sampling.prompt_lens[row]
             start, end = inputs.query_start_loc[i], inputs.query_start_loc[i + 1]

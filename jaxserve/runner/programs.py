@@ -7,6 +7,9 @@ pools are donated to `forward`, so the cache is updated in place. `forward` hand
 hidden states of each sequence's last token (for sampling) and of every token (for prompt
 logprobs); the LM head runs in the sampler programs, whose shapes depend on B only.
 Under a mesh the logits are gathered (replicated) before sampling, as with one device.
+Async scheduling: a sampler also returns its token ids padded to [R] (R = the largest
+sequence bucket), and `forward` takes such an array of the step before: an input id -1 - i
+(negative) is the token sampled for sequence i of that step, still on the device.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -26,17 +30,18 @@ from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS
 @dataclasses.dataclass(frozen=True)
 class Programs:
     # params: the list of parameter arrays, `jax.tree.leaves(state)`
-    # (params, kv_caches, input_ids [T], positions [T], metadata)
-    #   -> (hidden of last tokens [B, D], hidden [T, D], kv_caches); kv_caches donated
+    # (params, kv_caches, input_ids [T], positions [T], metadata, previous_ids [R])
+    #   -> (hidden of last tokens [B, D], hidden [T, D], kv_caches); kv_caches donated;
+    #   input ids < 0 are -1 - i: previous_ids[i], the previous step's sample i
     forward: Callable
     # variant -> (params, hidden [B, D], num_seqs [] int32, SamplingTensors | None)
-    #   -> SamplerOutput; rows of hidden past num_seqs are padding (their results unused)
+    #   -> (SamplerOutput, token ids padded to [R]); rows past num_seqs are padding
     sample: dict[str, Callable]
     # (params, hidden [T, D], targets [T]) -> (logprob [T], rank [T], top ids, top logprobs)
     prompt_logprobs: Callable
 
 
-def make_programs(graphdef: nnx.GraphDef, param_treedef, *,
+def make_programs(graphdef: nnx.GraphDef, param_treedef, *, max_num_seqs: int,
                   mesh: jax.sharding.Mesh | None = None) -> Programs:
     def gathered(logits):  # [..., V] sharded over vocab -> replicated on every device
         if mesh is None:
@@ -46,8 +51,10 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *,
     def state(leaves):  # list of arrays -> the NNX param state
         return jax.tree.unflatten(param_treedef, leaves)
 
-    def forward(params, kv_caches, input_ids, positions, metadata):
+    def forward(params, kv_caches, input_ids, positions, metadata, previous_ids):
         params = state(params)
+        pending = jnp.take(previous_ids, -1 - input_ids, mode="clip")  # [T]
+        input_ids = jnp.where(input_ids < 0, pending, input_ids)  # [T]
         hidden, kv_caches = run_model(graphdef, params, kv_caches, input_ids, positions,
                                       metadata)  # [T, D]
         return hidden[metadata.logits_indices], hidden, kv_caches
@@ -57,10 +64,18 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *,
             params = state(params)
             if variant == "greedy" and mesh is None:  # argmax only: maybe never writes logits
                 token_ids = greedy_token_ids(graphdef, params, hidden, num_seqs)  # [B]
-                return sampler.SamplerOutput(token_ids, None, None, None, None)
-            logits = gathered(compute_logits(graphdef, params, hidden, num_seqs))  # [B, V] f32
-            greedy = variant == "greedy"
-            return sampler.sample(logits, tensors, all_greedy=greedy, with_logprobs=not greedy)
+                out = sampler.SamplerOutput(token_ids, None, None, None, None)
+            else:
+                logits = gathered(compute_logits(graphdef, params, hidden, num_seqs))  # [B, V]
+                greedy = variant == "greedy"
+                out = sampler.sample(logits, tensors, all_greedy=greedy,
+                                     with_logprobs=not greedy)
+            padded = jnp.zeros((max_num_seqs,), jnp.int32).at[:hidden.shape[0]].set(
+                out.token_ids)  # [R]
+            if mesh is not None:  # replicated, as the runner's own [R] array is
+                padded = jax.lax.with_sharding_constraint(padded,
+                                                          NamedSharding(mesh, PartitionSpec()))
+            return out, padded
         return jax.jit(sample)
 
     def prompt_logprobs(params, hidden, targets):  # hidden [T, D], targets [T]

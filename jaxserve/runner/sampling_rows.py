@@ -49,8 +49,7 @@ class SamplingRows:
         self.presence[row] = params.presence_penalty
         self.frequency[row] = params.frequency_penalty
         self.repetition[row] = params.repetition_penalty
-        self.has_penalty[row] = (params.presence_penalty != 0 or params.frequency_penalty != 0
-                                 or params.repetition_penalty != 1)
+        self.has_penalty[row] = params.has_penalties
         self.seeds[row] = seed % 2**32
         self.prompt_lens[row] = prompt_len
         self.min_tokens[row] = params.min_tokens

@@ -1,6 +1,7 @@
 """A deterministic fake model runner and invariant checks for the scheduler tests.
 
-`FakeRunner` keeps only what `SchedulerOutput` tells it. Its "KV" of a token is a hash of
+`FakeRunner` keeps only what `SchedulerOutput` tells it, plus the tokens it samples (as the
+real runner does). Its "KV" of a token is a hash of
 the whole prefix up to that token, computed from the previous position's value *read back
 from a fake pool through the block table*, and the next token is a function of the last
 value. So a wrong block table, a bad prefix hit or a block reused too early changes the
@@ -74,6 +75,7 @@ class FakeRunner:
             assert out.samples(req_id) == (end == len(state.tokens))
             if out.samples(req_id):
                 sampled[req_id] = [next_token(self._read(state, end - 1))]
+                state.tokens.extend(sampled[req_id])  # the scheduler never sends them back
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
     def _slot(self, state, position: int) -> int:
@@ -129,6 +131,34 @@ def step(scheduler: Scheduler, runner: FakeRunner, *, check: bool = True):
     if check:
         check_invariants(scheduler)
     return out, updates
+
+
+def run_steps_ahead(scheduler: Scheduler, runner: FakeRunner, on_step=None,
+                    max_steps: int = 20_000) -> int:
+    """Runs the engine's async-scheduling loop to the end: each step planned ahead
+    (`schedule(ahead=True)`) while the one before is "in flight" (executed by the fake
+    runner, its output not applied yet). `on_step(i)` runs first in each step (arrivals,
+    aborts). Returns the number of steps."""
+    in_flight = None
+    for step_index in range(max_steps):
+        if on_step is not None:
+            on_step(step_index)
+        if in_flight is None:
+            if not scheduler.has_unfinished_requests() and (on_step is None or step_index > 12):
+                return step_index
+            out = scheduler.schedule()
+            check_step_budgets(scheduler, out)
+            result = runner.execute(out)
+        else:
+            (out, result), in_flight = in_flight, None
+        if out.sampling_req_ids and scheduler.can_schedule_ahead():
+            ahead = scheduler.schedule(ahead=True)
+            check_step_budgets(scheduler, ahead)
+            check_invariants(scheduler)
+            in_flight = (ahead, runner.execute(ahead))
+        scheduler.update_from_output(out, result)
+        check_invariants(scheduler)
+    raise AssertionError(f"requests still unfinished after {max_steps} steps")
 
 
 def make_request(req_id, prompt, *, priority=0, arrival_time=None, **params) -> Request:
@@ -189,6 +219,7 @@ def run_alone(request: Request, *, max_model_len: int, block_size: int = 4) -> R
 def sim() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         FakeRunner=FakeRunner, check_invariants=check_invariants, step=step,
+        run_steps_ahead=run_steps_ahead,
         make_scheduler=make_scheduler, run_alone=run_alone, copy_request=copy_request,
         request=make_request, sample_step=sample_step, scheduler=small_scheduler,
         next_token=next_token, VOCAB_SIZE=VOCAB_SIZE, EOS=EOS)

@@ -16,8 +16,8 @@ def test_cache_config_defaults():
 
 def test_scheduler_config_defaults():
     config = SchedulerConfig()
-    assert (config.long_prefill_token_threshold, config.policy, config.max_num_waiting) == (
-        0, "fcfs", None)
+    assert (config.long_prefill_token_threshold, config.policy, config.max_num_waiting,
+            config.async_scheduling) == (0, "fcfs", None, True)
 
 
 @pytest.mark.parametrize("field, value, allowed", [
@@ -33,7 +33,8 @@ def test_cache_config_names_the_bad_field_and_its_range(field, value, allowed):
 @pytest.mark.parametrize("field, value, allowed", [
     ("max_num_batched_tokens", 0, ">= 1"), ("max_num_seqs", -1, ">= 1"),
     ("max_model_len", 2.5, ">= 1"), ("long_prefill_token_threshold", -1, ">= 0"),
-    ("policy", "lifo", "fcfs"), ("max_num_waiting", 0, ">= 1")])
+    ("policy", "lifo", "fcfs"), ("max_num_waiting", 0, ">= 1"),
+    ("async_scheduling", "yes", "True or False")])
 def test_scheduler_config_names_the_bad_field_and_its_range(field, value, allowed):
     with pytest.raises(ValueError, match=f"SchedulerConfig.{field} must be .*{allowed}"):
         SchedulerConfig(**{field: value})

@@ -43,7 +43,8 @@ def test_running_requests_are_served_before_waiting_ones(sim):
     scheduler.add_request(sim.request("b", range(20, 40)))
     out = scheduler.schedule()
     assert list(out.num_scheduled_tokens.items()) == [("a", 1), ("b", 9)]
-    assert out.scheduled_cached_reqs[0].new_token_ids == (7,)  # the token sampled last step
+    # the runner keeps the token it sampled last step: nothing to send
+    assert out.scheduled_cached_reqs[0].new_token_ids == ()
 
 
 def test_max_num_seqs_caps_the_running_set(sim):
@@ -206,3 +207,64 @@ def test_add_request_refuses_beyond_max_num_waiting(sim):
 def test_a_pool_too_small_for_one_max_model_len_request_is_refused(sim):
     with pytest.raises(ValueError, match="num_blocks must be >= 17"):
         sim.make_scheduler(num_blocks=16, max_model_len=64)
+
+
+# -- async scheduling: schedule(ahead=True) while the last step's output is pending --------
+def test_ahead_decodes_the_pending_token_and_leaves_out_requests_it_ends(sim):
+    scheduler = sim.scheduler()
+    scheduler.add_request(sim.request("a", range(1, 9), max_tokens=1))
+    scheduler.add_request(sim.request("b", range(20, 28), max_tokens=3))
+    out = scheduler.schedule()  # both prompts; both sample
+    assert scheduler.can_schedule_ahead()
+    ahead = scheduler.schedule(ahead=True)  # "a"'s pending token is its last: left out
+    assert ahead.num_scheduled_tokens == {"b": 1} and ahead.sampling_req_ids == {"b"}
+    [cached] = ahead.scheduled_cached_reqs
+    assert cached.new_token_ids == () and cached.num_computed_tokens == 8  # on the device
+    [a_done, b_more] = scheduler.update_from_output(out, ModelRunnerOutput({"a": [5], "b": [6]}))
+    assert a_done.finished and a_done.finish_reason == "length" and not b_more.finished
+    ahead2 = scheduler.schedule(ahead=True)  # "b" has 1 token out and 1 pending of 3
+    assert ahead2.num_scheduled_tokens == {"b": 1} and ahead2.finished_req_ids == {"a"}
+    scheduler.update_from_output(ahead, ModelRunnerOutput({"b": [7]}))
+    assert scheduler.schedule(ahead=True).num_scheduled_tokens == {}  # its 3rd ends it
+    [last] = scheduler.update_from_output(ahead2, ModelRunnerOutput({"b": [8]}))
+    assert last.finished and scheduler.requests == {}
+
+
+def test_a_token_that_stops_a_request_drops_the_step_run_ahead_for_it(sim):
+    scheduler = sim.scheduler()
+    request = sim.request("a", range(1, 9))
+    scheduler.add_request(request)
+    out = scheduler.schedule()
+    ahead = scheduler.schedule(ahead=True)
+    assert ahead.num_scheduled_tokens == {"a": 1}
+    [update] = scheduler.update_from_output(out, ModelRunnerOutput({"a": [sim.EOS]}))
+    assert update.finished and scheduler.kv_cache_manager.get_block_ids("a") == ()
+    assert scheduler.update_from_output(ahead, ModelRunnerOutput({"a": [9]})) == []
+    assert request.output_token_ids == [sim.EOS]
+    assert scheduler.schedule().finished_req_ids == {"a"}
+
+
+def test_ahead_never_preempts_and_leaves_that_to_the_next_synchronous_step(sim):
+    # two 8-token prompts fill the 4 usable blocks; each needs a 5th block for its token
+    scheduler = sim.scheduler(num_blocks=5, max_model_len=16, enable_prefix_caching=False)
+    scheduler.add_request(sim.request("old", range(1, 9), arrival_time=0.0))
+    scheduler.add_request(sim.request("new", range(10, 18), arrival_time=1.0))
+    scheduler.add_request(sim.request("queued", range(30, 32), arrival_time=2.0))
+    out = scheduler.schedule()
+    ahead = scheduler.schedule(ahead=True)
+    assert ahead.num_scheduled_tokens == {} and not ahead.preempted_req_ids
+    assert scheduler.num_running == 2 and not scheduler.can_schedule_ahead()
+    scheduler.update_from_output(out, ModelRunnerOutput({"old": [5], "new": [6]}))
+    sync = scheduler.schedule()  # the engine plans in sync now: it preempts as usual
+    assert sync.preempted_req_ids == {"new"} and sync.num_scheduled_tokens == {"old": 1}
+    assert scheduler.can_schedule_ahead()
+
+
+def test_penalties_keep_every_step_synchronous(sim):
+    scheduler = sim.scheduler()
+    scheduler.add_request(sim.request("a", range(1, 9)))
+    scheduler.add_request(sim.request("p", range(20, 28), presence_penalty=0.5))
+    scheduler.schedule()
+    assert not scheduler.can_schedule_ahead()  # "p" samples from its whole history
+    scheduler.abort_requests("p")
+    assert scheduler.can_schedule_ahead()

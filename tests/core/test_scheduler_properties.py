@@ -97,6 +97,25 @@ def test_random_workloads_respect_budgets_finish_and_match_running_alone(sim, wo
     _check_outcome(sim, config, arrivals, scheduler)
 
 
+@settings(PROPERTY_SETTINGS, max_examples=150)
+@given(workloads())
+def test_async_scheduling_finishes_everything_with_the_same_tokens(sim, workload):
+    """Each step planned while the one before is in flight (placeholders for its tokens,
+    no preemption ahead, wasted slots after stops): the same outputs as running alone."""
+    config, arrivals = workload
+    scheduler, runner = sim.make_scheduler(**config)
+
+    def arrive(step_index):
+        for arrival in arrivals:
+            if arrival.arrive_at == step_index:
+                scheduler.add_request(arrival.request)
+            if arrival.abort_at == step_index:
+                scheduler.abort_requests([arrival.request.request_id])
+
+    sim.run_steps_ahead(scheduler, runner, arrive, max_steps=MAX_STEPS)
+    _check_outcome(sim, config, arrivals, scheduler)
+
+
 @settings(PROPERTY_SETTINGS, max_examples=100)
 @given(workloads(), st.sampled_from([1, 2, 4, 16]))
 def test_hash_collisions_never_change_output(sim, workload, num_hash_values):

@@ -1,6 +1,7 @@
 """InputBatch: scheduler deltas in, padded step arrays out, padding pointed at block 0."""
 
 import numpy as np
+import pytest
 
 from jaxserve.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from jaxserve.runner.input_batch import InputBatch
@@ -52,3 +53,46 @@ def test_deltas_extend_rows_and_preempted_requests_come_back_whole():
         scheduled={"a": 6}))
     np.testing.assert_array_equal(step.input_ids[:6], [1, 2, 3, 4, 77, 78])
     np.testing.assert_array_equal(step.slot_mapping[:6], [8, 9, 10, 11, 12, 13])
+
+
+def test_the_batch_keeps_its_samples_and_links_tokens_still_being_sampled():
+    batch = _batch()
+    params = SamplingParams()
+    first = batch.prepare(_output(new=[NewRequestData("a", (1, 2, 3, 4), params, (6,), 0),
+                                       NewRequestData("b", (9, 8), params, (5,), 0)],
+                                  scheduled={"a": 4, "b": 2}))
+    # async scheduling: the next step decodes the tokens `first` is still sampling
+    ahead = _output(cached=[CachedRequestData("b", (), (), 2, False),
+                            CachedRequestData("a", (), (), 4, False)],
+                    scheduled={"b": 1, "a": 1})
+    step = batch.prepare(ahead, {"a": 0, "b": 1})  # index of each in `first`
+    np.testing.assert_array_equal(step.input_ids[:2], [-2, -1])  # b is sample 1, a sample 0
+    np.testing.assert_array_equal(step.positions[:2], [2, 4])
+    batch.append_sampled(first, frozenset({"a", "b"}), np.array([40, 41]))
+    assert batch.token_ids[batch.row_of["a"], :5].tolist() == [1, 2, 3, 4, 40]
+    assert batch.num_tokens[batch.row_of["b"]] == 3
+    batch.append_sampled(step, frozenset({"a", "b"}), np.array([51, 50]))
+    assert batch.token_ids[batch.row_of["a"], 4:6].tolist() == [40, 50]
+
+
+def test_an_unknown_token_without_a_step_sampling_it_is_an_error():
+    batch = _batch()
+    params = SamplingParams()
+    batch.prepare(_output(new=[NewRequestData("a", (1, 2, 3, 4), params, (6,), 0)],
+                          scheduled={"a": 4}))
+    ahead = _output(cached=[CachedRequestData("a", (), (), 4, False)], scheduled={"a": 1})
+    with pytest.raises(RuntimeError, match="neither known nor being sampled"):
+        batch.prepare(ahead, {"other": 0})
+
+
+def test_samples_for_a_released_or_replaced_row_are_dropped():
+    batch = _batch()
+    params = SamplingParams()
+    first = batch.prepare(_output(new=[NewRequestData("a", (1, 2, 3), params, (6,), 0)],
+                                  scheduled={"a": 3}))
+    # "a" finished meanwhile and a new request reused its id (and its row)
+    batch.prepare(_output(new=[NewRequestData("a", (7, 7), params, (5,), 0)],
+                          scheduled={"a": 2}, finished=["a"]))
+    row = batch.row_of["a"]
+    batch.append_sampled(first, frozenset({"a"}), np.array([99]))
+    assert batch.num_tokens[row] == 2 and 99 not in batch.token_ids[row].tolist()
