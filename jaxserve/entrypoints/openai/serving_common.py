@@ -153,25 +153,35 @@ class Prompt:
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
                  req: CompletionRequest | ChatCompletionRequest) -> list[RequestStream]:
-    """Queues every prompt (ids `request_id-i`), or none: 400/503 on the first rejection."""
-    streams: list[RequestStream] = []
+    """Queues every prompt (ids `request_id-i`), or none: 400/503 on the first rejection.
+
+    All prompts are posted at once, so the engine takes them in one turn (not one step per
+    prompt), and a caller that goes away meanwhile aborts every one of them.
+    """
     arrival = time.time()
+    ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
     try:
-        for i, prompt in enumerate(prompts):
-            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await state.engine.add_request(
-                rid, prompt.token_ids, prompt.params, prompt=prompt.text, arrival_time=arrival,
-                priority=req.priority, cache_salt=req.cache_salt))
-    except BaseException as error:
-        abort_unfinished(state, streams)
-        if isinstance(error, WaitingQueueFullError):
-            raise APIError(503, f"the server is overloaded: {error}") from None
-        if isinstance(error, EngineDeadError):
-            raise APIError(503, str(error)) from None
-        if isinstance(error, ValueError):
-            raise from_value_error(error, KNOWN_PARAMS) from None
+        results = await asyncio.gather(*(
+            state.engine.add_request(rid, prompt.token_ids, prompt.params, prompt=prompt.text,
+                                     arrival_time=arrival, priority=req.priority,
+                                     cache_salt=req.cache_salt)
+            for rid, prompt in zip(ids, prompts)), return_exceptions=True)
+    except BaseException:  # cancelled: the accepted ones too (unknown ids are no-ops)
+        for rid in ids:
+            state.engine.abort(rid)
         raise
-    return streams
+    streams = [r for r in results if isinstance(r, RequestStream)]
+    error = next((r for r in results if isinstance(r, BaseException)), None)
+    if error is None:
+        return streams
+    abort_unfinished(state, streams)
+    if isinstance(error, WaitingQueueFullError):
+        raise APIError(503, f"the server is overloaded: {error}") from None
+    if isinstance(error, EngineDeadError):
+        raise APIError(503, str(error)) from None
+    if isinstance(error, ValueError):
+        raise from_value_error(error, KNOWN_PARAMS) from None
+    raise error
 
 
 def abort_unfinished(state: ServerState, streams: list[RequestStream]) -> None:
