@@ -122,17 +122,18 @@ class InputBatch:
                        token_ids: np.ndarray) -> None:  # [B] sampled ids of that step
         """Appends each sampled token to its row, where the row still holds the request
         it held at `prepare` (finished, preempted or replaced rows are skipped)."""
-        for i, req_id in enumerate(inputs.req_ids):
-            row = inputs.rows[i]
-            if req_id not in sampling or self.generation[row] != inputs.generations[i]:
-                continue
-            pos = inputs.positions[inputs.logits_indices[i]] + 1
-            if pos != self.num_tokens[row]:
-                raise RuntimeError(f"request {req_id!r}: sampled token at position {pos}, but "
-                                   f"the batch holds {self.num_tokens[row]} tokens")
-            if pos < self.token_ids.shape[1]:
-                self.token_ids[row, pos] = token_ids[i]
-                self.num_tokens[row] = pos + 1
+        n = len(inputs.req_ids)
+        keep = np.fromiter((r in sampling for r in inputs.req_ids), bool, n)  # [B_real]
+        keep &= self.generation[inputs.rows] == inputs.generations
+        rows = inputs.rows[keep]
+        pos = inputs.positions[inputs.logits_indices[:n][keep]] + 1  # where each token goes
+        wrong = pos != self.num_tokens[rows]
+        if wrong.any():
+            raise RuntimeError(f"sampled tokens at positions {pos[wrong].tolist()}, but the "
+                               f"rows hold {self.num_tokens[rows][wrong].tolist()} tokens")
+        inside = pos < self.token_ids.shape[1]
+        self.token_ids[rows[inside], pos[inside]] = np.asarray(token_ids)[:n][keep][inside]
+        self.num_tokens[rows[inside]] = pos[inside] + 1
 
     # -- one step ----------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput,
@@ -188,6 +189,3 @@ class InputBatch:
             raise RuntimeError(f"tokens of requests {sorted(set(owners))} are neither known "
                                "nor being sampled by the step in flight")
         input_ids[at] = -1 - np.asarray(index, np.int32)
-
-    def rows_of(self, req_ids: list[str]) -> np.ndarray:
-        return np.fromiter((self.row_of[r] for r in req_ids), np.int32, len(req_ids))
