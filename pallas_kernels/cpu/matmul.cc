@@ -75,6 +75,25 @@ struct WorkState {
   std::atomic<int64_t> done{0};
 };
 
+// Runs `work` on `tasks` pool threads and on the caller, then waits until `n` items are
+// done (the workers count them in state.done).
+template <typename W>
+void RunAndWait(ffi::ThreadPool& pool, int64_t tasks, const W& work, const WorkState& state,
+                int64_t n) {
+  for (int64_t t = 0; t < tasks; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  int spins = 0;
+  while (state.done.load(std::memory_order_acquire) < n) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+    if (++spins > 4096) std::this_thread::yield();
+  }
+}
+
 // (Threading pays even at M = 1, K = 512, N = 128 here, so there is no size threshold.)
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
@@ -94,19 +113,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  int64_t tasks = std::min<int64_t>(threads, n) - 1;
-  for (int64_t t = 0; t < tasks; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  int spins = 0;
-  while (state->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#endif
-    if (++spins > 4096) std::this_thread::yield();
-  }
+  RunAndWait(pool, std::min<int64_t>(threads, n) - 1, work, *state, n);
 }
 
 // Like ParallelFor, but each worker claims its next item before working on the current
@@ -131,19 +138,7 @@ void ParallelForAhead(ffi::ThreadPool& pool, int64_t n, const F& f) {
       i = j;
     }
   };
-  int64_t tasks = std::min<int64_t>(threads, n) - 1;
-  for (int64_t t = 0; t < tasks; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  int spins = 0;
-  while (state->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#endif
-    if (++spins > 4096) std::this_thread::yield();
-  }
+  RunAndWait(pool, std::min<int64_t>(threads, n) - 1, work, *state, n);
 }
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
