@@ -29,7 +29,10 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
                  args) -> tuple[float, dict]:
     """Seconds for one `LLM.generate` over all requests, and the engine's metrics."""
     from jaxserve import LLM, SamplingParams
+    from pallas_kernels.cpu import build
 
+    if args.cpu_march:
+        os.environ[build.MARCH_ENV] = build.resolve_march(args.cpu_march)
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, seed=args.seed, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
@@ -62,6 +65,7 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
     metrics["cpu_time"] = time.process_time() - cpu_start  # all threads; shows contention
     metrics["num_compilations_while_timed"] = metrics["num_compilations"] - compilations_before
     metrics["startup_s"] = startup
+    metrics["cpu"] = build.describe()
     return elapsed, metrics
 
 
@@ -93,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None, help="jaxserve, vllm")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                         help="jaxserve: KV pool size (default: the engine's choice)")
+    parser.add_argument("--cpu-march", default=None,
+                        help="jaxserve: build target of the native CPU kernels, e.g. "
+                             "x86-64-v3 (sets JAXSERVE_CPU_MARCH; default: its value, else "
+                             "native)")
     parser.add_argument("--attention-backend", choices=("cpu", "pallas", "reference"),
                         default=None, help="jaxserve: attention kernel (default: by platform)")
     parser.add_argument("--compilation-cache-dir", default=None,

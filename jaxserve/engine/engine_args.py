@@ -21,17 +21,17 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 def default_attention_backend() -> str:
-    """"pallas" on GPU/TPU; on CPU the native kernel, or the reference without a compiler."""
+    """"pallas" on GPU/TPU; on CPU the native kernel, or the reference where it does not build."""
     import jax
 
     if jax.default_backend() != "cpu":
         return "pallas"
     from pallas_kernels.ragged_paged_attention import cpu
 
-    if cpu.available():
+    if cpu.available():  # a failed build logs its reason (no compiler, or its errors)
         return "cpu"
-    logger.warning("no C++ compiler for the native CPU attention kernel: using the slower "
-                   "pure-jnp reference (install g++ to get it)")
+    logger.warning("the native CPU attention kernel is unavailable (see the warning above): "
+                   "using the slower pure-jnp reference")
     return "reference"
 
 

@@ -12,13 +12,17 @@ import os
 
 from jaxserve.testing.tokenizer import save_tokenizer
 
-# Qwen2 shapes per preset. qwen2-40m: 40,516,096 parameters (the LM head is tied).
+# Qwen2 shapes per preset. qwen2-40m: 40,516,096 parameters (the LM head is tied);
+# qwen2.5-0.5b: Qwen2.5-0.5B's shapes (tied), 494,032,768 parameters.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "qwen2-40m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536,
                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                       max_position_embeddings=4096),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768),
 }
 
 

@@ -1,11 +1,13 @@
-// Helpers shared by the native CPU kernels: scalar bfloat16 <-> float32 conversions and a
-// 16-lane e^x. Every .cc of this directory is built on its own; build.py hashes this header
+// Helpers shared by the native CPU kernels: scalar bfloat16 <-> float32 conversions, a cache
+// prefetch hint, and e^x on 16 (AVX-512) or 8 (AVX2) lanes. Every .cc of this directory is built on its own; build.py hashes this header
 // into each library's cache key, so a change here rebuilds them all.
 
 #ifndef JAXSERVE_PALLAS_KERNELS_CPU_COMMON_H_
 #define JAXSERVE_PALLAS_KERNELS_CPU_COMMON_H_
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -19,6 +21,11 @@ inline float Bf16ToF32(uint16_t h) {
   return f;
 }
 
+// A hint to bring the cache line of `p` into L1 (prefetcht0 on x86); any architecture.
+inline void PrefetchL1(const void* p) { __builtin_prefetch(p, 0, 3); }
+// The same into L2 (prefetcht1): for data needed later than the current loop's.
+inline void PrefetchL2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
 inline uint16_t F32ToBf16(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -26,6 +33,14 @@ inline uint16_t F32ToBf16(float f) {  // round to nearest even; NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+
+// bf16 (uint16_t) or float32 <-> float32.
+template <typename T> inline float ToF32(T v);
+template <> inline float ToF32<float>(float v) { return v; }
+template <> inline float ToF32<uint16_t>(uint16_t v) { return Bf16ToF32(v); }
+template <typename T> inline T FromF32(float v);
+template <> inline float FromF32<float>(float v) { return v; }
+template <> inline uint16_t FromF32<uint16_t>(float v) { return F32ToBf16(v); }
 
 #ifdef __AVX512F__
 // exp(v) per lane (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial, then
@@ -44,6 +59,29 @@ inline __m512 Exp512(__m512 v) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// exp(v) per lane, as Exp512, with 2^n built in the exponent bits: v is clamped to
+// [-87, 88] so that n stays a normal exponent (e^-87 ~ 1.6e-38 stands for 0, e^88 ~ 1.7e38
+// for inf).
+inline __m256 Exp256(__m256 v) {
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 #endif
 

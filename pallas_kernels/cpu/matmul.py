@@ -1,18 +1,18 @@
 """A native CPU GEMM, y = x @ W, as XLA FFI handlers (matmul.cc) for the small-M dots of decoding.
 
-float32, or bfloat16 via AVX512_BF16 vdpbf16ps, with float32 accumulation; W is "kn" ([K, N],
+float32 or bfloat16 (vdpbf16ps with AVX512_BF16, else widened to float32 on load), with
+float32 accumulation, for AVX-512, AVX2 + FMA or plain x86-64; W is "kn" ([K, N],
 a Linear kernel) or "nk" ([N, K], a tied LM head: logits = h @ E^T); bfloat16 products can
 return float32 (`out_dtype`, e.g. for logits). `gated_mlp` fuses a gated MLP's
 up-projection, silu(x @ w_gate) * (x @ w_up), into one pass. `available()` says whether
 the kernel builds here; callers fall back to jnp when it does not.
 `lm_head_argmax` fuses a tied LM head with greedy sampling: argmax(h @ E^T) per row, the
 [B, V] logits never written; E is [V, D] ("nk") or pre-transposed [D, V] ("kn").
-Each takes `rows`, an int32 scalar (traced or not): only the first `rows` rows of the
-flattened x are computed and the rest of the result is zeros, so that a step padded to its
-bucket pays for its real tokens only (None: all rows).
+Each takes `march`, the build target (see `build.resolve_march`), and `rows`, an int32
+scalar (traced or not): only the first `rows` rows of the flattened x are computed and the
+rest of the result is zeros, so that a step padded to its bucket pays for its real tokens
+only (None: all rows).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,10 @@ _TARGETS = ("matmul_f32_kn", "matmul_f32_nk", "matmul_bf16_kn", "matmul_bf16_nk"
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
 
 
-@functools.cache
-def available() -> bool:
-    """Whether matmul.cc builds and registers with XLA here."""
-    return build.available("matmul", _TARGETS)
+def available(march: str | None = None) -> bool:
+    """Whether matmul.cc builds and registers with XLA here for `march` (see
+    `build.resolve_march`: default $JAXSERVE_CPU_MARCH, else native)."""
+    return build.available("matmul", _TARGETS, march)
 
 
 def _rows_operand(rows, m: int) -> jax.Array:  # -> [1] int32
@@ -54,7 +54,8 @@ def _check_x(x: jax.Array, name: str = "x") -> None:
 
 def matmul(x: jax.Array,  # [..., K]
            w: jax.Array,  # [K, N] ("kn") or [N, K] ("nk")
-           *, w_layout: str = "kn", out_dtype=None, rows=None) -> jax.Array:  # [..., N]
+           *, w_layout: str = "kn", out_dtype=None, rows=None,
+           march: str | None = None) -> jax.Array:  # [..., N]
     """x @ w ("kn") or x @ w.T ("nk") with float32 accumulation, on the native CPU kernel.
 
     x and w must both be float32 or both bfloat16. The result has their dtype, or
@@ -86,9 +87,8 @@ def matmul(x: jax.Array,  # [..., K]
     target = f"matmul_{_DTYPE_NAMES[jnp.dtype(x.dtype)]}_{w_layout}"
     if out != jnp.dtype(x.dtype):
         target += "_outf32"
-    build.register("matmul", _TARGETS)
     x2 = x.reshape(m, k)  # [M, K]
-    y = jax.ffi.ffi_call(f"jaxserve_{target}",
+    y = jax.ffi.ffi_call(build.ffi_target("matmul", _TARGETS, target, march),
                          jax.ShapeDtypeStruct((m, n), out))(x2, w, _rows_operand(rows, m))
     return y.reshape(*batch, n)
 
@@ -96,7 +96,7 @@ def matmul(x: jax.Array,  # [..., K]
 def gated_mlp(x: jax.Array,  # [..., K]
               w_gate: jax.Array,  # [K, F]
               w_up: jax.Array,  # [K, F]
-              *, rows=None) -> jax.Array:  # [..., F]
+              *, rows=None, march: str | None = None) -> jax.Array:  # [..., F]
     """silu(x @ w_gate) * (x @ w_up), a gated MLP's up-projection, on the native CPU kernel.
 
     Both products for the same output columns are computed in one tile loop with float32
@@ -124,8 +124,8 @@ def gated_mlp(x: jax.Array,  # [..., K]
     m = 1
     for d in batch:
         m *= d
-    build.register("matmul", _TARGETS)
-    target = f"jaxserve_gated_mlp_{_DTYPE_NAMES[jnp.dtype(x.dtype)]}"
+    target = build.ffi_target("matmul", _TARGETS,
+                              f"gated_mlp_{_DTYPE_NAMES[jnp.dtype(x.dtype)]}", march)
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, f), x.dtype))(
         x.reshape(m, k), w_gate, w_up, _rows_operand(rows, m))  # [M, F]
     return y.reshape(*batch, f)
@@ -133,7 +133,8 @@ def gated_mlp(x: jax.Array,  # [..., K]
 
 def lm_head_argmax(h: jax.Array,  # [B, D]
                    w: jax.Array,  # [V, D] ("nk", the embedding) or [D, V] ("kn", its transpose)
-                   *, w_layout: str = "nk", rows=None) -> jax.Array:  # [B] int32
+                   *, w_layout: str = "nk", rows=None,
+                   march: str | None = None) -> jax.Array:  # [B] int32
     """argmax(h @ E.T, axis=-1) per row, on the native CPU kernel, never writing logits.
 
     E is the tied embedding [V, D]: `w` is E itself (w_layout="nk") or E.T materialized as
@@ -165,9 +166,9 @@ def lm_head_argmax(h: jax.Array,  # [B, D]
     b = 1
     for n in batch:
         b *= n
-    build.register("matmul", _TARGETS)
     layout = "_kn" if w_layout == "kn" else ""
-    target = f"jaxserve_lm_head_argmax{layout}_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}"
+    target = build.ffi_target("matmul", _TARGETS,
+                              f"lm_head_argmax{layout}_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}", march)
     idx = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b,), jnp.int32))(
         h.reshape(b, d), w, _rows_operand(rows, b))  # [B]
     return idx.reshape(batch)

@@ -9,8 +9,6 @@
 // and values stay in L1 while every query row of the item (tokens x grouped heads) uses
 // them. Slots after a sequence's length are never read, so NaN in unused pages is harmless.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -21,6 +19,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "attention_avx2.h"
 #include "common.h"
 
 namespace ffi = xla::ffi;
@@ -67,6 +66,8 @@ inline const float* AsFloat(const Problem& p, const void* src, int64_t offset, i
     _mm512_storeu_ps(scratch + i, _mm512_castsi512_ps(
                                       _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
   }
+#elif defined(JAXSERVE_ATTENTION_AVX2)
+  i = jaxserve_cpu::attention_avx2::Widen(in, n, scratch);
 #endif
   for (; i < n; ++i) scratch[i] = Bf16ToF32(in[i]);
   return scratch;
@@ -176,6 +177,8 @@ inline void Scores(const float* q, const float* keys, int head_dim, int j0, int 
     }
     return;
   }
+#elif defined(JAXSERVE_ATTENTION_AVX2)
+  if (head_dim % 8 == 0) return jaxserve_cpu::attention_avx2::Scores(q, keys, head_dim, j0, j1, s);
 #endif
   for (int j = j0; j < j1; ++j) {
     const float* kj = keys + static_cast<int64_t>(j) * head_dim;
@@ -229,6 +232,9 @@ inline void Accumulate(float* acc, float alpha, const float* p, const float* val
     for (int i = 0; i < nv; ++i) _mm512_storeu_ps(acc + 16 * i, r[i]);
     return;
   }
+#elif defined(JAXSERVE_ATTENTION_AVX2)
+  if (head_dim % 8 == 0)
+    return jaxserve_cpu::attention_avx2::Accumulate(acc, alpha, p, values, head_dim, a, b);
 #endif
   for (int h = 0; h < head_dim; ++h) acc[h] *= alpha;
   for (int j = a; j < b; ++j) {
@@ -291,8 +297,8 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
         const int64_t at = (static_cast<int64_t>(item.kv_head) * p.num_pages + next) * S * hd;
         const int64_t bytes = static_cast<int64_t>(S) * hd * (p.bf16 ? 2 : 4);
         for (int64_t line = 0; line < bytes; line += 64) {
-          _mm_prefetch(static_cast<const char*>(p.k) + at * (p.bf16 ? 2 : 4) + line, _MM_HINT_T0);
-          _mm_prefetch(static_cast<const char*>(p.v) + at * (p.bf16 ? 2 : 4) + line, _MM_HINT_T0);
+          jaxserve_cpu::PrefetchL1(static_cast<const char*>(p.k) + at * (p.bf16 ? 2 : 4) + line);
+          jaxserve_cpu::PrefetchL1(static_cast<const char*>(p.v) + at * (p.bf16 ? 2 : 4) + line);
         }
       }
     }
@@ -342,6 +348,9 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
         const __mmask16 mask = static_cast<__mmask16>((1u << std::min(16, b - jm)) - 1u);
         row_max = std::max(row_max, _mm512_mask_reduce_max_ps(mask, _mm512_maskz_loadu_ps(mask, s + jm)));
       }
+#elif defined(JAXSERVE_ATTENTION_AVX2)
+      row_max = jaxserve_cpu::attention_avx2::RowMax(s, a, b);
+      jm = b;
 #endif
       for (; jm < b; ++jm) row_max = std::max(row_max, s[jm]);
       const float m_new = std::max(w.m[r], row_max);
@@ -365,6 +374,9 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
         j = b;
       }
       sum = _mm512_reduce_add_ps(vsum);
+#elif defined(JAXSERVE_ATTENTION_AVX2)
+      sum = jaxserve_cpu::attention_avx2::ExpSum(s, m_new, a, b, prob);
+      j = b;
 #endif
       for (; j < b; ++j) {
         prob[j] = std::exp(s[j] - m_new);

@@ -5,8 +5,6 @@ handler aliases the pool to its result and copies only the new rows. `available(
 whether it builds here.
 """
 
-import functools
-
 import jax
 
 from pallas_kernels.cpu import build
@@ -14,16 +12,16 @@ from pallas_kernels.cpu import build
 _TARGETS = ("set_rows_cpu",)
 
 
-@functools.cache
-def available() -> bool:
-    """Whether set_rows.cc builds and registers with XLA here."""
-    return build.available("set_rows", _TARGETS)
+def available(march: str | None = None) -> bool:
+    """Whether set_rows.cc builds and registers with XLA here for `march` (see
+    `build.resolve_march`)."""
+    return build.available("set_rows", _TARGETS, march)
 
 
 def set_rows(pool,   # [..., L, S, W] (L blocks of S slots of W values)
              slots,  # [T] int32 slot (block * S + offset) of each new row, in [0, L*S)
              rows,   # [T, ..., W] in the pool's dtype (token-major)
-             ) -> jax.Array:  # [..., L, S, W]
+             *, march: str | None = None) -> jax.Array:  # [..., L, S, W]
     """The pool with rows[t, ..., :] at slot slots[t]; in place when the pool is donated.
 
     The pool keeps its block axes (a reshaped operand would make XLA copy the whole pool
@@ -38,7 +36,7 @@ def set_rows(pool,   # [..., L, S, W] (L blocks of S slots of W values)
         raise ValueError(f"rows dtype {rows.dtype} != pool dtype {pool.dtype}")
     if slots.shape != (rows.shape[0],):
         raise ValueError(f"slots shape {slots.shape} != ({rows.shape[0]},) (one per row)")
-    build.register("set_rows", _TARGETS)
-    call = jax.ffi.ffi_call("jaxserve_set_rows_cpu", jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+    call = jax.ffi.ffi_call(build.ffi_target("set_rows", _TARGETS, "set_rows_cpu", march),
+                            jax.ShapeDtypeStruct(pool.shape, pool.dtype),
                             input_output_aliases={0: 0})
     return call(pool, slots.astype("int32"), rows)

@@ -16,9 +16,10 @@ _LIBRARY = "ragged_paged_attention"
 _TARGETS = ("ragged_paged_attention_cpu",)
 
 
-def available() -> bool:
-    """Whether the native kernel builds and registers on this machine."""
-    return build.available(_LIBRARY, _TARGETS)
+def available(march: str | None = None) -> bool:
+    """Whether the native kernel builds and registers on this machine for `march` (see
+    `build.resolve_march`)."""
+    return build.available(_LIBRARY, _TARGETS, march)
 
 
 def ragged_paged_attention(
@@ -33,17 +34,17 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
+    march: str | None = None,  # the build target (default $JAXSERVE_CPU_MARCH, else native)
 ) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
     """The reference's semantics (see reference.ragged_paged_attention), run natively.
 
     Metadata pointing outside the pools (a page id >= P, a sequence longer than its page
     row) fails the call with an XLA runtime error instead of reading out of bounds.
     """
-    build.register(_LIBRARY, _TARGETS)
     slopes = (jnp.zeros((0,), jnp.float32) if alibi_slopes is None
               else jnp.asarray(alibi_slopes, jnp.float32))
-    call = jax.ffi.ffi_call(f"jaxserve_{_TARGETS[0]}", jax.ShapeDtypeStruct(q.shape, q.dtype),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(build.ffi_target(_LIBRARY, _TARGETS, _TARGETS[0], march),
+                            jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, slopes,
                 sm_scale=np.float32(sm_scale), sliding_window=np.int32(sliding_window or 0),
                 soft_cap=np.float32(soft_cap or 0.0))

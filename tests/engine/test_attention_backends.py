@@ -5,13 +5,13 @@ import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.testing.hf_reference import random_prompts
-from pallas_kernels.ragged_paged_attention import cpu
+from pallas_kernels.cpu import build
 
 
 @pytest.mark.parametrize("backend", ["pallas", "cpu"])
 def test_backend_matches_reference_backend(backend, engine_checkpoint):
-    if backend == "cpu" and not cpu.available():
-        pytest.skip("no C++ compiler for the native kernel")
+    if backend == "cpu" and not build.has_compiler():
+        pytest.skip("no C++ compiler ($CXX, g++, c++ or clang++) for the native kernel")
     path = str(engine_checkpoint("llama_hd64"))
     prompts = [{"prompt_token_ids": p} for p in random_prompts([1, 16, 17, 40])]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.model.layers import dense_dot
-from pallas_kernels.cpu import matmul
+from jaxserve.testing.native_kernels import needs_compiler
 
-pytestmark = pytest.mark.skipif(not matmul.available(), reason="no C++ compiler")
+pytestmark = needs_compiler
 
 
 def _hlo(fn, *args) -> str:

@@ -1,13 +1,25 @@
-"""Builds ragged batches for the attention kernel tests: a shuffled page pool in which
-every slot that no sequence may read (unused pages, the null page 0, the tail of each
-sequence's last page) holds NaN, so any stray read shows up in the output."""
+"""Fixtures of the kernel tests.
+
+`make_batch` builds ragged batches for the attention kernel tests: a shuffled page pool in
+which every slot that no sequence may read (unused pages, the null page 0, the tail of each
+sequence's last page) holds NaN, so any stray read shows up in the output.
+`march` runs a native CPU kernel test once per build target this CPU can execute
+(`jaxserve.testing.native_kernels.kernel_marches`).
+"""
 
 import numpy as np
 import pytest
 
 import jax.numpy as jnp
 
+from jaxserve.testing.native_kernels import kernel_marches
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
+
+
+@pytest.fixture(params=kernel_marches())
+def march(request) -> str:
+    """The -march a native kernel test builds its kernel for."""
+    return request.param
 
 
 def build_batch(q_lens, kv_lens, *, num_heads=4, num_kv_heads=2, head_dim=64, page_size=16,

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels.ragged_paged_attention as rpa
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.ragged_paged_attention import cpu
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the kernel")
+pytestmark = needs_compiler
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
@@ -39,12 +40,12 @@ def _check(out, ref, batch, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpu_kernel_matches_reference(case, dtype, make_batch):
+def test_cpu_kernel_matches_reference(case, dtype, make_batch, march):
     q_lens, kv_lens, num_tokens, (n, k), head_dim, page_size = CASES[case]
     batch = make_batch(q_lens, kv_lens, num_heads=n, num_kv_heads=k, head_dim=head_dim,
                        page_size=page_size, num_tokens=num_tokens, dtype=dtype)
     ref = rpa.reference_attention(*batch, sm_scale=head_dim ** -0.5)
-    out = cpu.ragged_paged_attention(*batch, sm_scale=head_dim ** -0.5)
+    out = cpu.ragged_paged_attention(*batch, sm_scale=head_dim ** -0.5, march=march)
     assert out.dtype == dtype
     _check(out, ref, batch, dtype)
 
@@ -52,22 +53,22 @@ def test_cpu_kernel_matches_reference(case, dtype, make_batch):
 @pytest.mark.parametrize("extras", [dict(sliding_window=5), dict(soft_cap=2.0),
                                     dict(sliding_window=16, soft_cap=30.0)],
                          ids=["sliding_window", "soft_cap", "both"])
-def test_cpu_kernel_options_match_reference(extras, make_batch):
+def test_cpu_kernel_options_match_reference(extras, make_batch, march):
     batch = make_batch([1, 6, 2, 40], [40, 6, 19, 45], num_heads=8, num_kv_heads=2,
                        num_tokens=52)
     ref = rpa.reference_attention(*batch, sm_scale=0.3, **extras)
-    out = cpu.ragged_paged_attention(*batch, sm_scale=0.3, **extras)
+    out = cpu.ragged_paged_attention(*batch, sm_scale=0.3, march=march, **extras)
     _check(out, ref, batch, jnp.float32)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
-def test_cpu_kernel_with_alibi_matches_reference(heads, make_batch):
+def test_cpu_kernel_with_alibi_matches_reference(heads, make_batch, march):
     n, k = heads
     batch = make_batch([1, 9, 4, 0], [31, 9, 20, 0], num_heads=n, num_kv_heads=k,
                        num_tokens=16)
     slopes = jnp.asarray(2.0 ** -np.arange(1, n + 1), jnp.float32)  # [N]
     ref = rpa.reference_attention(*batch, sm_scale=0.125, alibi_slopes=slopes)
-    out = cpu.ragged_paged_attention(*batch, sm_scale=0.125, alibi_slopes=slopes)
+    out = cpu.ragged_paged_attention(*batch, sm_scale=0.125, alibi_slopes=slopes, march=march)
     _check(out, ref, batch, jnp.float32)
 
 

@@ -8,10 +8,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.cpu import matmul as native
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason="the native matmul kernel does not build here")
+# Each test that computes takes `march` (tests/pallas_kernels/conftest.py): it runs once per
+# build target this CPU can execute (AVX-512 BF16, AVX-512, AVX2 + FMA, x86-64-v2).
+pytestmark = needs_compiler
 
 # (M, K, N): M over 1, row tails and the W-packing thresholds (nk: M 16 bf16 / 64 f32;
 # kn: M 256 or K 1024); N over column tails and partial 64-wide panels; K odd, off 16 and
@@ -51,25 +53,25 @@ def check(y, x, w, layout):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_matches_numpy(m, k, n, layout, dtype):
+def test_matches_numpy(m, k, n, layout, dtype, march):
     x, w = inputs(m, k, n, layout, dtype)
-    y = native.matmul(x, w, w_layout=layout)
+    y = native.matmul(x, w, w_layout=layout, march=march)
     assert y.dtype == dtype and y.shape == (m, n)
     check(y, x, w, layout)
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])
-def test_jit_batch_dims(layout):
+def test_jit_batch_dims(layout, march):
     x, w = inputs(2 * 35, 72, 90, layout, jnp.bfloat16, seed=1)
     x3 = x.reshape(2, 35, 72)  # [B, T, K]
-    y3 = jax.jit(lambda a, b: native.matmul(a, b, w_layout=layout))(x3, w)  # [B, T, N]
+    y3 = jax.jit(lambda a, b: native.matmul(a, b, w_layout=layout, march=march))(x3, w)  # [B, T, N]
     assert y3.shape == (2, 35, 90)
     check(y3.reshape(70, 90), x, w, layout)
 
 
-def test_f32_bit_close_to_xla():
+def test_f32_bit_close_to_xla(march):
     x, w = inputs(64, 512, 640, "kn", jnp.float32, seed=2)
-    np.testing.assert_allclose(np.asarray(native.matmul(x, w)),
+    np.testing.assert_allclose(np.asarray(native.matmul(x, w, march=march)),
                                np.asarray(jnp.dot(x, w, precision="highest")),
                                rtol=1e-4, atol=1e-4)
 
@@ -96,13 +98,14 @@ F32_OUT_SHAPES = [(1, 512, 512), (3, 17, 33), (16, 130, 70), (65, 513, 100),
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("m,k,n", F32_OUT_SHAPES)
-def test_bf16_float32_out(m, k, n, layout):
+def test_bf16_float32_out(m, k, n, layout, march):
     x, w = inputs(m, k, n, layout, jnp.bfloat16, seed=3)
-    y = jax.jit(lambda a, b: native.matmul(a, b, w_layout=layout, out_dtype=jnp.float32))(x, w)
+    y = jax.jit(lambda a, b: native.matmul(a, b, w_layout=layout, out_dtype=jnp.float32,
+                                          march=march))(x, w)
     assert y.dtype == jnp.float32 and y.shape == (m, n)
     check(y, x, w, layout)  # float32 tolerance: not rounded to bf16
     # the same sums as the bf16 result, before its one rounding
-    y16 = native.matmul(x, w, w_layout=layout)
+    y16 = native.matmul(x, w, w_layout=layout, march=march)
     np.testing.assert_array_equal(np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)),
                                   np.asarray(y16.astype(jnp.float32)))
 
@@ -148,17 +151,17 @@ def check_gated(y, x, w_gate, w_up):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("m,k,f", GATED_SHAPES)
-def test_gated_mlp_matches_numpy(m, k, f, dtype):
+def test_gated_mlp_matches_numpy(m, k, f, dtype, march):
     x, w_gate, w_up = gated_inputs(m, k, f, dtype)
-    y = jax.jit(native.gated_mlp)(x, w_gate, w_up)
+    y = jax.jit(native.gated_mlp, static_argnames="march")(x, w_gate, w_up, march=march)
     assert y.dtype == dtype and y.shape == (m, f)
     check_gated(y, x, w_gate, w_up)
 
 
-def test_gated_mlp_batch_dims_and_extremes():
+def test_gated_mlp_batch_dims_and_extremes(march):
     x, w_gate, w_up = gated_inputs(2 * 35, 72, 90, jnp.float32, seed=1)
     x = x.at[0].multiply(1e3)  # gate sums far beyond exp's range: silu(g) -> 0 or g
-    y3 = native.gated_mlp(x.reshape(2, 35, 72), w_gate, w_up)  # [B, T, F]
+    y3 = native.gated_mlp(x.reshape(2, 35, 72), w_gate, w_up, march=march)  # [B, T, F]
     assert y3.shape == (2, 35, 90) and np.all(np.isfinite(np.asarray(y3)))
     check_gated(y3.reshape(70, 90), x, w_gate, w_up)
 
@@ -194,7 +197,7 @@ def argmax_w(e, layout):
     return e if layout == "nk" else jnp.asarray(np.ascontiguousarray(np.asarray(e).T))
 
 
-_argmax_jit = jax.jit(native.lm_head_argmax, static_argnames="w_layout")
+_argmax_jit = jax.jit(native.lm_head_argmax, static_argnames=("w_layout", "march"))
 LAYOUTS = pytest.mark.parametrize("layout", ["nk", "kn"])
 
 
@@ -218,11 +221,11 @@ def argmax_reference(h, e):
 @LAYOUTS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("b,d,v", ARGMAX_SHAPES)
-def test_lm_head_argmax_matches_numpy(b, d, v, dtype, layout):
+def test_lm_head_argmax_matches_numpy(b, d, v, dtype, layout, march):
     rng = np.random.default_rng(b * 7 + v)
     h = jnp.asarray(rng.standard_normal((b, d)), dtype)  # [B, D]
     e = jnp.asarray(rng.standard_normal((v, d)), dtype)  # [V, D]
-    got = _argmax_jit(h, argmax_w(e, layout), w_layout=layout)
+    got = _argmax_jit(h, argmax_w(e, layout), w_layout=layout, march=march)
     assert got.dtype == jnp.int32 and got.shape == (b,)
     ref, clear = argmax_reference(h, e)
     assert clear.mean() >= 0.75, "too many near-ties: pick other inputs"
@@ -232,7 +235,7 @@ def test_lm_head_argmax_matches_numpy(b, d, v, dtype, layout):
 @LAYOUTS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("b", [1, 8, 64])
-def test_lm_head_argmax_ties_take_the_first(b, dtype, layout):
+def test_lm_head_argmax_ties_take_the_first(b, dtype, layout, march):
     v, d = 32003, 96
     rng = np.random.default_rng(3)
     h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
@@ -249,20 +252,20 @@ def test_lm_head_argmax_ties_take_the_first(b, dtype, layout):
             e[j] = planted
         firsts.append(dups[0])
     h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
-    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout))
+    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout, march=march))
     ref, clear = argmax_reference(h, e)
     np.testing.assert_array_equal(got, np.asarray(firsts))
     np.testing.assert_array_equal(ref, np.asarray(firsts))  # numpy agrees: first of ties
     # All logits equal (a zero embedding): index 0, as jnp.argmax.
     zero = native.lm_head_argmax(h, argmax_w(jnp.zeros((v, d), dtype), layout),
-                                 w_layout=layout)
+                                 w_layout=layout, march=march)
     np.testing.assert_array_equal(np.asarray(zero), np.zeros(b, np.int32))
 
 
 @LAYOUTS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("b", [2, 64])
-def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype, layout):
+def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype, layout, march):
     v, d = 1000, 64
     rng = np.random.default_rng(4)
     h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
@@ -275,7 +278,7 @@ def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype, layout):
     e[90, :] = 0.0
     e[90, 3] = np.inf  # logit 90: +-inf, but 0 * inf = NaN in row 1 -> 90
     h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
-    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout))
+    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout, march=march))
     logits = jnp.dot(h.astype(jnp.float32), e.astype(jnp.float32).T,
                      precision=jax.lax.Precision.HIGHEST)  # [B, V]
     want = np.asarray(jnp.argmax(logits, axis=-1))
@@ -284,12 +287,12 @@ def test_lm_head_argmax_nan_takes_the_first_nan(b, dtype, layout):
 
 
 @LAYOUTS
-def test_lm_head_argmax_batch_dims_and_bad_arguments(layout):
+def test_lm_head_argmax_batch_dims_and_bad_arguments(layout, march):
     rng = np.random.default_rng(5)
     h = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)  # [B, T, D]
     e = jnp.asarray(rng.standard_normal((300, 40)), jnp.float32)  # [V, D]
     w = argmax_w(e, layout)
-    got = native.lm_head_argmax(h, w, w_layout=layout)
+    got = native.lm_head_argmax(h, w, w_layout=layout, march=march)
     assert got.shape == (2, 3) and got.dtype == jnp.int32
     ref, clear = argmax_reference(h.reshape(6, 40), e)
     np.testing.assert_array_equal(np.asarray(got).reshape(6)[clear], ref[clear])
@@ -324,33 +327,37 @@ def _rows_check(full, got, rows, exact=False):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", ["kn", "nk"])
-def test_rows_computes_the_leading_rows_and_zeros_the_rest(layout, dtype):
+def test_rows_computes_the_leading_rows_and_zeros_the_rest(layout, dtype, march):
     # M = 64 with a row count known only at run time (traced), as in the engine's steps
     x, w = inputs(64, 96, 200, layout, dtype, seed=3)
-    run = jax.jit(lambda x, w, r: native.matmul(x, w, w_layout=layout, rows=r))
-    full = native.matmul(x, w, w_layout=layout)
+    run = jax.jit(lambda x, w, r: native.matmul(x, w, w_layout=layout, rows=r, march=march))
+    full = native.matmul(x, w, w_layout=layout, march=march)
     for rows in ROWS:
         _rows_check(full, run(x, w, jnp.int32(rows)), rows)
     if dtype == jnp.bfloat16:  # the float32-output variant too
-        full = native.matmul(x, w, w_layout=layout, out_dtype=jnp.float32)
+        full = native.matmul(x, w, w_layout=layout, out_dtype=jnp.float32, march=march)
         _rows_check(full, native.matmul(x, w, w_layout=layout, out_dtype=jnp.float32,
-                                        rows=10), 10)
+                                        rows=10, march=march), 10)
     # batch dims are flattened: rows counts rows of [..., K] in row-major order
     x3 = x.reshape(4, 16, 96)
-    got = native.matmul(x3, w, w_layout=layout, rows=20).reshape(64, 200)
-    _rows_check(full if dtype == jnp.float32 else native.matmul(x, w, w_layout=layout), got, 20)
+    got = native.matmul(x3, w, w_layout=layout, rows=20, march=march).reshape(64, 200)
+    if dtype == jnp.bfloat16:
+        full = native.matmul(x, w, w_layout=layout, march=march)
+    _rows_check(full, got, 20)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_rows_for_the_gated_mlp_and_the_lm_head_argmax(dtype):
+def test_rows_for_the_gated_mlp_and_the_lm_head_argmax(dtype, march):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((64, 128)), dtype)  # [M, K]
     wg, wu = (jnp.asarray(rng.standard_normal((128, 96)), dtype) for _ in range(2))
     e = jnp.asarray(rng.standard_normal((300, 128)), dtype)  # [V, D]
-    gated = jax.jit(lambda x, r: native.gated_mlp(x, wg, wu, rows=r))
-    head = jax.jit(lambda x, r: native.lm_head_argmax(x, e, rows=r))
-    head_kn = jax.jit(lambda x, r: native.lm_head_argmax(x, e.T, w_layout="kn", rows=r))
-    full_gated, full_idx = native.gated_mlp(x, wg, wu), native.lm_head_argmax(x, e)
+    gated = jax.jit(lambda x, r: native.gated_mlp(x, wg, wu, rows=r, march=march))
+    head = jax.jit(lambda x, r: native.lm_head_argmax(x, e, rows=r, march=march))
+    head_kn = jax.jit(lambda x, r: native.lm_head_argmax(x, e.T, w_layout="kn", rows=r,
+                                                         march=march))
+    full_gated = native.gated_mlp(x, wg, wu, march=march)
+    full_idx = native.lm_head_argmax(x, e, march=march)
     for rows in ROWS:
         _rows_check(full_gated, gated(x, jnp.int32(rows)), rows)
         _rows_check(full_idx, head(x, jnp.int32(rows)), rows, exact=True)

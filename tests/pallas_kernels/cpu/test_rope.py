@@ -6,20 +6,22 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.cpu import rope
 
-pytestmark = pytest.mark.skipif(not rope.available(), reason="no C++ compiler")
+pytestmark = needs_compiler
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(5, 3, 64), (1, 1, 2), (17, 8, 128)])
-def test_rope_matches_the_rotate_half_formula(dtype, shape):
+def test_rope_matches_the_rotate_half_formula(dtype, shape, march):
     rng = np.random.default_rng(0)
     tokens, _, head_dim = shape
     x = jnp.asarray(rng.standard_normal(shape), dtype)
     angles = rng.uniform(0, 100, (tokens, head_dim // 2)).astype(np.float32)
     cos, sin = np.cos(angles), np.sin(angles)
-    got = jax.jit(rope.rope)(x, jnp.asarray(cos), jnp.asarray(sin))
+    got = jax.jit(rope.rope, static_argnames="march")(x, jnp.asarray(cos), jnp.asarray(sin),
+                                                      march=march)
     xf = np.asarray(x, np.float32)
     x1, x2 = np.split(xf, 2, axis=-1)
     c, s = cos[:, None, :], sin[:, None, :]

@@ -8,20 +8,21 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.cpu import set_rows
 
-pytestmark = pytest.mark.skipif(not set_rows.available(), reason="no C++ compiler")
+pytestmark = needs_compiler
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("pool_shape", [(2, 6, 4, 8), (6, 4, 8)], ids=["kv", "latent"])
-def test_rows_land_where_xla_scatter_puts_them(dtype, pool_shape):
+def test_rows_land_where_xla_scatter_puts_them(dtype, pool_shape, march):
     rng = np.random.default_rng(0)
     *outer, blocks, block_size, width = pool_shape
     pool = jnp.asarray(rng.standard_normal(pool_shape), dtype)
     slots = jnp.asarray([5, 0, 23, 9, 17], jnp.int32)
     rows = jnp.asarray(rng.standard_normal((5, *outer, width)), dtype)  # token-major
-    got = set_rows.set_rows(pool, slots, rows)
+    got = set_rows.set_rows(pool, slots, rows, march=march)
     flat = pool.reshape(*outer, blocks * block_size, width)
     want = flat.at[..., slots, :].set(jnp.moveaxis(rows, 0, -2)).reshape(pool_shape)
     assert got.dtype == dtype
