@@ -75,9 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_prompts(args) -> list[tuple[object, int, int]]:
     """(prompt, input_len, output_len) per request: token ids or their decoded text."""
-    from transformers import AutoTokenizer
+    from jaxserve.tokenizer_utils import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)  # an HF directory or a GGUF
     rng = np.random.default_rng(args.seed)
     allowed = allowed_ids(tokenizer)
     in_lens = random_lengths(rng, args.input_len, args.random_range_ratio, args.num_prompts)

@@ -18,11 +18,15 @@ followed by XLA's jnp.argmax (and XLA's f32 dot + argmax), and the fused kernel 
 pre-transposed embedding [D, V] (`w_layout="kn"`) against it on E [V, D] ("nk"), at --m
 (default 64 256), in milliseconds per call; with --cold the weights come from DRAM on
 every call.
+--march: the build target of the native kernels (sets JAXSERVE_CPU_MARCH; default: its
+value, else native), so that e.g. the AVX2 build (x86-64-v3) can be timed on any machine.
 Usage: PYTHONPATH=. python benchmarks/kernels/bench_cpu_matmul.py [--cold] [--gated]
-       [--lm-head-argmax] [--m 64 512] [--dtype bfloat16] [--what gate/up down] [--out F.md]
+       [--lm-head-argmax] [--m 64 512] [--dtype bfloat16] [--what gate/up down]
+       [--march x86-64-v3] [--out F.md]
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -31,6 +35,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.cpu import build
 from pallas_kernels.cpu import matmul as native
 
 M_VALUES = (1, 16, 64, 128, 512)
@@ -94,8 +99,12 @@ def main():
     parser.add_argument("--no-xla", action="store_true", help="time the native kernel only")
     parser.add_argument("--lm-head-argmax", action="store_true",
                         help="only the fused LM head + argmax vs matmul + jnp.argmax")
+    parser.add_argument("--march", default=None,
+                        help="build target of the native kernels (default: the environment's)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
+    if args.march:
+        os.environ[build.MARCH_ENV] = build.resolve_march(args.march)
     if not native.available():
         raise SystemExit("the native matmul kernel does not build here")
 
@@ -106,7 +115,7 @@ def main():
         args.m = M_VALUES
     mode = (f"cold: each loop rotates through >= {args.cold_mb:.0f} MB of distinct weights"
             if args.cold else "hot: one weight matrix, reused")
-    lines = [f"CPU: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+    lines = [f"CPU: {build.describe()}, jax {jax.__version__}, "
              f"jitted calls back to back, median of {args.repeats} timed loops; {mode}", "",
              "| M | K | N | layout | what | dtype | XLA GFLOP/s | native GFLOP/s | speedup |",
              "|---:|---:|---:|:---|:---|:---|---:|---:|---:|"]
@@ -179,7 +188,7 @@ def lm_head_argmax_main(args, rng):
     ms = args.m or (64, 256)
     mode = (f"cold: each loop rotates through >= {args.cold_mb:.0f} MB of distinct weights"
             if args.cold else "hot: one weight matrix, reused")
-    lines = [f"CPU: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+    lines = [f"CPU: {build.describe()}, jax {jax.__version__}, "
              f"jitted calls back to back, median of {args.repeats} timed loops; {mode}; "
              f"LM head D={k}, V={n} + argmax, ms per call", "",
              "| B | dtype | XLA dot f32 + argmax | native matmul nk f32 out + jnp.argmax | "

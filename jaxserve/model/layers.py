@@ -42,11 +42,13 @@ def _native_rope(x) -> bool:
 
 
 def native_cpu_gemm_enabled() -> bool:
-    """CPU platform, the kernel builds here, and JAXSERVE_CPU_GEMM is not "xla"."""
+    """CPU platform, the kernel builds here with SIMD microkernels (AVX2 or AVX-512: the
+    portable loops are slower than XLA's dot), and JAXSERVE_CPU_GEMM is not "xla"."""
     from pallas_kernels.cpu import matmul
 
     return (os.environ.get("JAXSERVE_CPU_GEMM", "native") != "xla"
-            and jax.default_backend() == "cpu" and matmul.available())
+            and jax.default_backend() == "cpu" and matmul.vectorized()
+            and matmul.available())
 
 
 def dense_dot(x,  # [..., K]

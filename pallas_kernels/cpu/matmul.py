@@ -32,6 +32,16 @@ def available(march: str | None = None) -> bool:
     return build.available("matmul", _TARGETS, march)
 
 
+def vectorized(march: str | None = None) -> bool:
+    """Whether the build for `march` has SIMD microkernels (AVX2 + FMA, or AVX-512). Without
+    them (x86-64-v2, other architectures) the portable loops run ~6x slower than XLA's dot,
+    so callers should keep XLA's."""
+    try:
+        return {"__AVX2__", "__FMA__"} <= build.code_path(march)
+    except build.NativeKernelUnavailable:
+        return False
+
+
 def _rows_operand(rows, m: int) -> jax.Array:  # -> [1] int32
     """The kernels' `rows` operand: how many leading rows of the [M, K] operand to compute
     (clamped to [0, M] by the kernel); None: all M."""

@@ -43,6 +43,21 @@ def test_mixed_dtypes_and_the_environment_switch_keep_xlas_dot(monkeypatch):
     assert "jaxserve_matmul" not in _hlo(dense_dot, x, x.T)
 
 
+def test_a_build_without_simd_microkernels_keeps_xlas_dot(monkeypatch):
+    # x86-64-v2 (no AVX2): the portable loops are slower than XLA's dot
+    from pallas_kernels.cpu import build, matmul
+
+    if not build.can_execute("x86-64-v2"):
+        pytest.skip("not an x86-64 CPU")
+    assert not matmul.vectorized("x86-64-v2") and matmul.vectorized("x86-64-v3")
+    x, w = jnp.ones((3, 32), jnp.float32), jnp.ones((32, 8), jnp.float32)
+    monkeypatch.setenv(build.MARCH_ENV, "x86-64-v2")  # read when tracing: fresh lambdas
+    assert "jaxserve_matmul" not in _hlo(lambda x, w: dense_dot(x, w), x, w)
+    monkeypatch.setenv(build.MARCH_ENV, "x86-64-v3")
+    if build.can_execute("x86-64-v3"):
+        assert "jaxserve_matmul_f32_kn__x86_64_v3" in _hlo(lambda x, w: dense_dot(x, w), x, w)
+
+
 def test_gated_mlp_runs_as_one_native_call_with_xlas_numbers(monkeypatch):
     from flax import nnx
 
