@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
                          enable_prefix_caching=caching, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
                          max_model_len=args.max_model_len, block_size=args.block_size,
-                         kv_cache_memory_bytes=args.kv_cache_memory_bytes, progress=False)
+                         kv_cache_memory_bytes=args.kv_cache_memory_bytes, progress=False,
+                         background_compilation=False)  # every bucket before timing
             for caching in (True, False)}
     host_times = {caching: CachingHostTime(llm.llm_engine) for caching, llm in llms.items()}
     workloads = make_workloads(args, llms[True].get_tokenizer())

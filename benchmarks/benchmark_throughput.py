@@ -41,7 +41,9 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
               kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               compilation_cache_dir=args.compilation_cache_dir,
               attention_backend=args.attention_backend, progress=False)
-    startup = time.perf_counter() - start  # loading and compiling every bucket
+    startup = time.perf_counter() - start  # loading, and compiling the smallest buckets
+    llm.wait_for_compilation()  # the rest compile in the background: not while timed
+    compiled = time.perf_counter() - start
 
     def generate(batch: list[BenchRequest], max_tokens: int | None = None) -> float:
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in batch]
@@ -65,6 +67,7 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
     metrics["cpu_time"] = time.process_time() - cpu_start  # all threads; shows contention
     metrics["num_compilations_while_timed"] = metrics["num_compilations"] - compilations_before
     metrics["startup_s"] = startup
+    metrics["all_compiled_s"] = compiled
     metrics["cpu"] = build.describe()
     return elapsed, metrics
 

@@ -352,6 +352,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # devices the model is sharded over ("model" mesh axis)
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache; None = off
     skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
+    # Serve once the smallest buckets are compiled and compile the others in a background
+    # thread (steps stay inside what is compiled meanwhile); False: all before serving.
+    background_compilation: bool = True
 
     def __post_init__(self) -> None:
         check = functools.partial(_check_config_field, "EngineConfig")
@@ -360,6 +363,8 @@ class EngineConfig:
         check(_is_plain_int(self.seed), "seed", "an integer", self.seed)
         tp = self.tensor_parallel_size
         check(_is_plain_int(tp) and tp >= 1, "tensor_parallel_size", "an integer >= 1", tp)
+        check(isinstance(self.background_compilation, bool), "background_compilation",
+              "True or False", self.background_compilation)
         sched_len, model_len = self.scheduler_config.max_model_len, self.model_config.max_model_len
         check(sched_len == model_len, "scheduler_config.max_model_len",
               f"equal to model_config.max_model_len={model_len}", sched_len)

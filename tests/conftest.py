@@ -180,8 +180,19 @@ def paged_step():
     return make_paged_step
 
 
-# Small budgets keep warm-up to a handful of programs: T buckets 16..128, B buckets 8, 16.
-ENGINE_KWARGS = dict(max_num_seqs=16, max_num_batched_tokens=128, progress=False)
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One JAX persistent compilation cache for the whole session: engines built from the
+    same tiny checkpoint and budgets compile each program once and read it afterwards."""
+    from jaxserve.engine.llm_engine import enable_persistent_cache
+
+    enable_persistent_cache(str(tmp_path_factory.mktemp("jax-compilation-cache")))
+
+
+# Small budgets keep compilation to a handful of programs: T buckets 16..128, B buckets 8,
+# 16; every bucket compiled before a test steps (background compilation has its own tests).
+ENGINE_KWARGS = dict(max_num_seqs=16, max_num_batched_tokens=128, progress=False,
+                     background_compilation=False)
 
 
 @pytest.fixture(scope="session")

@@ -102,20 +102,26 @@ class Scheduler:
         return bool(self.running) and not self._ahead_fell_short and not any(
             r.sampling_params.has_penalties for r in self.running.values())
 
-    def schedule(self, *, ahead: bool = False) -> SchedulerOutput:
+    def schedule(self, *, ahead: bool = False,
+                 capacity: tuple[int, int] | None = None) -> SchedulerOutput:
         """The next step. `ahead`: the previous step's output is not applied yet (see the
-        module doc); only call it when `can_schedule_ahead()`."""
-        plan = _StepPlan(self.scheduler_config.max_num_batched_tokens)
+        module doc); only call it when `can_schedule_ahead()`. `capacity`: (tokens,
+        sequences) the step may not exceed, below the budgets (the runner's compiled
+        buckets, while the rest compile); prompts are chunked and admissions wait to fit."""
+        config = self.scheduler_config
+        max_tokens, max_seqs = capacity or (config.max_num_batched_tokens, config.max_num_seqs)
+        budget = min(config.max_num_batched_tokens, max_tokens)
+        plan = _StepPlan(budget)
         self._ahead_fell_short = False
         self._schedule_running(plan, ahead)
         if not plan.preempted_req_ids and not self._ahead_fell_short:  # nor one short of blocks
-            self._admit_waiting(plan)
+            self._admit_waiting(plan, min(config.max_num_seqs, max_seqs))
         finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
         return SchedulerOutput(
             scheduled_new_reqs=tuple(plan.new_reqs),
             scheduled_cached_reqs=tuple(plan.cached_reqs),
             num_scheduled_tokens=plan.num_scheduled_tokens,
-            total_num_scheduled_tokens=self.scheduler_config.max_num_batched_tokens - plan.budget,
+            total_num_scheduled_tokens=budget - plan.budget,
             sampling_req_ids=frozenset(plan.sampling_req_ids),
             finished_req_ids=frozenset(finished_req_ids),
             preempted_req_ids=frozenset(plan.preempted_req_ids))
@@ -230,11 +236,10 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.add_preempted(request)
 
-    def _admit_waiting(self, plan: _StepPlan) -> None:
+    def _admit_waiting(self, plan: _StepPlan, max_num_seqs: int) -> None:
         """Admits waiting requests in queue order while budgets and blocks allow. Never
         preempts: a request that does not fit waits, and so do those behind it."""
         manager = self.kv_cache_manager
-        max_num_seqs = self.scheduler_config.max_num_seqs
         while self.waiting and plan.budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting.peek()
             hit_blocks, num_hit = manager.get_computed_blocks(request)

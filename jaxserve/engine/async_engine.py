@@ -169,6 +169,11 @@ class AsyncEngine:
             self._inbox.append(item)
             self._cond.notify()
 
+    def compilation_stats(self) -> dict[str, int]:
+        """Programs compiled so far and still to compile (in the background); read at any
+        time, also while the engine thread is idle."""
+        return self.engine.compilation_stats()
+
     # -- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         try:

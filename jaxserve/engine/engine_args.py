@@ -49,7 +49,8 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
                          scheduling_policy: str = "fcfs",
                          max_num_waiting: int | None = None,
                          enable_expert_parallel: bool = False,
-                         async_scheduling: bool = True) -> EngineConfig:
+                         async_scheduling: bool = True,
+                         background_compilation: bool = True) -> EngineConfig:
     """Reads the model's config and builds every part; ValueError names a bad option."""
     apply_preferred_cpu_flags()
     model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
@@ -83,4 +84,4 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
             async_scheduling=async_scheduling),
         attention_backend=attention_backend or default_attention_backend(), seed=seed,
         tensor_parallel_size=tensor_parallel_size, compilation_cache_dir=compilation_cache_dir,
-        skip_tokenizer_init=skip_tokenizer_init)
+        skip_tokenizer_init=skip_tokenizer_init, background_compilation=background_compilation)

@@ -58,14 +58,18 @@ class LLMEngine:
         self.tokenizer = tokenizer
         if config.compilation_cache_dir is not None:
             enable_persistent_cache(config.compilation_cache_dir)
+        # XLA compilations of this engine: the programs' (at start-up and in the background)
+        # and any of a step's, which must never happen (`num_compilations_after_warm_up`).
         self.compilations = CompilationCounter()
+        self.step_compilations = CompilationCounter()
         self.runner = ModelRunner(self.model_config, config.cache_config, config.scheduler_config,
                                   attention_backend=config.attention_backend, seed=config.seed,
-                                  tensor_parallel_size=config.tensor_parallel_size)
-        if warm_up:
-            with self.compilations.track():
-                self.runner.warm_up(progress=progress)
-        self.num_warm_up_compilations = self.compilations.count
+                                  tensor_parallel_size=config.tensor_parallel_size,
+                                  track_compilation=self.compilations.track)
+        if warm_up:  # the smallest buckets now; the rest now or in the background
+            self.runner.compile_programs(
+                background=config.background_compilation and step_broadcaster is None,
+                progress=progress)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config,
                                    num_blocks=self.runner.num_blocks)
         self.output_processor = OutputProcessor(tokenizer)
@@ -156,20 +160,20 @@ class LLMEngine:
         """
         if self._in_flight is None:  # nothing computing: plan this step now
             scheduled = self._schedule()
-            with self.compilations.track():  # counts this engine's compilations only
+            with self.step_compilations.track():  # this engine's, on this thread only
                 pending = self.runner.dispatch(scheduled)
         else:
             (scheduled, pending), self._in_flight = self._in_flight, None
         if self._may_schedule_ahead(scheduled):  # plan and launch the next one meanwhile
             ahead = self._schedule(ahead=True)
-            with self.compilations.track():
+            with self.step_compilations.track():
                 self._in_flight = (ahead, self.runner.dispatch(ahead, pending))
         outputs = self._finish_step(*self._unprocessed) if self._unprocessed else []
         self._unprocessed = None
         if on_outputs is not None and outputs:
             on_outputs(outputs)
             outputs = []
-        with self.compilations.track():
+        with self.step_compilations.track():
             sampled = self.runner.collect(pending)
         updates = self.scheduler.update_from_output(scheduled, sampled)
         if updates or sampled.prompt_logprobs:
@@ -177,7 +181,10 @@ class LLMEngine:
         return outputs
 
     def _schedule(self, *, ahead: bool = False):
-        scheduled = self.scheduler.schedule(ahead=ahead)
+        if self.runner.capacity is None:
+            raise RuntimeError("no step program is compiled yet: an LLMEngine built with "
+                               "warm_up=False needs runner.compile_programs() first")
+        scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
         if self.step_broadcaster is not None:
             self.step_broadcaster.send(scheduled)
         return scheduled
@@ -196,6 +203,17 @@ class LLMEngine:
         self.num_generation_tokens += sum(len(u.new_token_ids) for u in updates)
         return outputs
 
+    def compilation_stats(self) -> dict[str, int]:
+        """Step programs compiled so far and still to compile (safe from any thread)."""
+        compiled = self.runner.compiled
+        return {"num_programs_compiled": compiled.num_compiled,
+                "num_programs_pending": compiled.num_programs - compiled.num_compiled}
+
+    def wait_for_compilation(self, timeout: float | None = None) -> bool:
+        """Blocks until every program is compiled (see `EngineConfig.background_compilation`)
+        or `timeout` seconds passed; returns whether all are."""
+        return self.runner.compiled.wait(timeout)
+
     # -- stats ---------------------------------------------------------------------------
     def get_stats(self) -> dict[str, float]:
         kv = self.scheduler.kv_cache_manager
@@ -206,9 +224,9 @@ class LLMEngine:
             "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
-            "num_compilations": self.compilations.count,
-            "num_compilations_after_warm_up": self.compilations.count
-            - self.num_warm_up_compilations,
+            "num_compilations": self.compilations.count + self.step_compilations.count,
+            "num_compilations_after_warm_up": self.step_compilations.count,
+            **self.compilation_stats(),
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
         }

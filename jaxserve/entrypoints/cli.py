@@ -100,6 +100,9 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=["cpu", "pallas", "reference"], default=None,
                    help="default: cpu (the native kernel) on CPU, pallas on GPU/TPU; "
                         "reference is pure jnp")
+    g.add_argument("--background-compilation", action=argparse.BooleanOptionalAction,
+                   default=True, help="serve once the smallest buckets are compiled and "
+                   "compile the rest meanwhile (default: on; off under multi-host)")
     g.add_argument("--compilation-cache-dir", default=_default_cache_dir(),
                    help="JAX persistent compilation cache, so later starts compile nothing "
                         "(default: %(default)s; '' turns it off)")
@@ -200,7 +203,10 @@ def build_engine(model_path: str, args: argparse.Namespace):
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         scheduling_policy=args.scheduling_policy, max_num_waiting=args.max_num_waiting,
         enable_expert_parallel=args.enable_expert_parallel,
-        async_scheduling=args.async_scheduling)
+        async_scheduling=args.async_scheduling,
+        # multi-host followers replay process 0's steps: every program must exist first
+        background_compilation=(args.background_compilation
+                                and args.distributed_coordinator is None))
     model_config = config.model_config
     max_len = model_config.max_model_len
     logger.info("loading %s (%s, max_model_len=%d)", model_path, model_config.dtype, max_len)

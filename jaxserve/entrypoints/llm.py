@@ -30,7 +30,7 @@ class LLM:
                  skip_tokenizer_init: bool = False, compilation_cache_dir: str | None = None,
                  long_prefill_token_threshold: int = 0, scheduling_policy: str = "fcfs",
                  progress: bool = True, enable_expert_parallel: bool = False,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, background_compilation: bool = True):
         config = create_engine_config(
             model, dtype=dtype, seed=seed, block_size=block_size, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -42,7 +42,7 @@ class LLM:
             skip_tokenizer_init=skip_tokenizer_init, compilation_cache_dir=compilation_cache_dir,
             long_prefill_token_threshold=long_prefill_token_threshold,
             scheduling_policy=scheduling_policy, enable_expert_parallel=enable_expert_parallel,
-            async_scheduling=async_scheduling)
+            async_scheduling=async_scheduling, background_compilation=background_compilation)
         self.llm_engine = LLMEngine(config, progress=progress)
 
     def get_tokenizer(self):
@@ -120,3 +120,9 @@ class LLM:
 
     def get_metrics(self) -> dict[str, float]:
         return self.llm_engine.get_stats()
+
+    def wait_for_compilation(self, timeout: float | None = None) -> bool:
+        """Blocks until every program is compiled (`background_compilation` compiles the
+        larger buckets while the engine already serves) or `timeout` seconds passed;
+        returns whether all are."""
+        return self.llm_engine.wait_for_compilation(timeout)

@@ -3,7 +3,9 @@
 Programs: one forward per reachable (token bucket, sequence bucket) pair, the KV pools
 donated; one sampler per (sequence bucket, variant) that applies the LM head to each
 sequence's last hidden state and samples; one prompt-logprobs program per token bucket.
-`warm_up()` compiles them all (tqdm bar) so that serving never compiles; a step does one
+`compile_programs()` compiles them ahead of time (`CompiledPrograms`): the smallest buckets
+before it returns, the rest at once or in the background; `capacity` says which buckets a
+step may use now. A step only calls compiled executables (it never compiles), with one
 host-to-device put of its inputs and one device-to-host get of its results. With
 `tensor_parallel_size` > 1, params and pools shard over a ("data", "model") mesh, inputs are
 replicated on it, and every program runs under `jax.set_mesh` (attention uses shard_map).
@@ -33,16 +35,10 @@ from jaxserve.parallel.sharding import make_mesh
 from jaxserve.parallel.tensor_parallel import tp_model_config
 from jaxserve.runner.input_batch import InputBatch, StepInputs
 from jaxserve.runner.kv_cache import allocate_kv_caches, plan_kv_cache
+from jaxserve.runner.compiled_programs import CompiledPrograms, StepSignature
 from jaxserve.runner.programs import make_programs
-from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS, dummy_tensors
 
 logger = logging.getLogger(__name__)
-
-
-def reachable_bucket_pairs(tokens: tuple[int, ...], seqs: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(T bucket, B bucket) pairs some step can pad to: B <= T, so B's lowest value <= T."""
-    lowest = {b: (seqs[i - 1] + 1 if i else 1) for i, b in enumerate(seqs)}
-    return [(t, b) for t in tokens for b in seqs if lowest[b] <= t]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +56,8 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
-                 seed: int = 0, model=None, tensor_parallel_size: int = 1):
+                 seed: int = 0, model=None, tensor_parallel_size: int = 1,
+                 track_compilation=None):
         self.model_config = model_config
         tp = tensor_parallel_size
         self.mesh = make_mesh(tp) if tp > 1 else None
@@ -92,60 +89,53 @@ class ModelRunner:
         self._no_previous = jax.device_put(
             np.zeros(self.seq_buckets[-1], np.int32),
             jax.devices()[0] if self.mesh is None else self.input_sharding)
+        like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
+        signature = StepSignature(
+            params=[like(a) for a in self.param_leaves], kv_caches=jax.tree.map(like, self.kv_caches),
+            previous_ids=like(self._no_previous), input_sharding=self.input_sharding,
+            max_blocks=self.batch.max_blocks, vocab_size=model_config.vocab_size,
+            max_model_len=model_config.max_model_len)
+        self.compiled = CompiledPrograms(self.programs, signature, self.token_buckets,
+                                         self.seq_buckets, mesh=self.mesh,
+                                         track=track_compilation)
 
     @property
     def num_blocks(self) -> int:
         return self.kv_spec.num_blocks
 
     def _put(self, tree):
-        """Host arrays -> device, replicated over the mesh under TP."""
-        return jax.device_put(tree, self.input_sharding)
+        """Host arrays -> device, replicated over the mesh under TP.
+
+        Across processes every host holds the same inputs (the step broadcast), so each
+        builds its own shards (`make_array_from_callback`): `device_put` would check that
+        the hosts agree with a collective (and one compilation) per input shape.
+        """
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.input_sharding)
+        return jax.tree.map(lambda x: jax.make_array_from_callback(
+            np.shape(x), self.input_sharding, lambda index: np.asarray(x)[index]), tree)
 
     def _under_mesh(self):
         """The context every program is called in: the mesh's, so that shard_map finds it."""
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-    # -- warm-up -----------------------------------------------------------------------
-    def warm_up(self, *, progress: bool = True) -> int:
-        """Compiles every program the engine can need; returns how many ran.
+    # -- compilation ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> tuple[int, int] | None:
+        """(largest token bucket, largest sequence bucket) a step may use now."""
+        return self.compiled.capacity
 
-        Each program is called exactly as `execute` calls it (the sampler and prompt-logprob
-        programs on real forward outputs), so that no argument differs in shape, dtype or
-        placement and serving never compiles again.
-        """
-        pairs = reachable_bucket_pairs(self.token_buckets, self.seq_buckets)
-        cfg = self.model_config
-        sampled_seq_sizes, logprob_token_sizes = set(), set()
-        num_programs = len(pairs) + len({b for _, b in pairs}) * len(SAMPLER_VARIANTS) + len(
-            {t for t, _ in pairs})
-        with (tqdm(total=num_programs, desc="Compiling", disable=not progress) as bar,
-              self._under_mesh()):
-            for t, b in pairs:
-                md = AttentionMetadata(
-                    slot_mapping=np.arange(t, dtype=np.int32) % self.kv_spec.block_size,
-                    block_tables=np.zeros((b, self.batch.max_blocks), np.int32),
-                    seq_lens=np.zeros(b, np.int32), query_start_loc=np.zeros(b + 1, np.int32),
-                    logits_indices=np.zeros(b, np.int32))
-                zeros = np.zeros(t, np.int32)
-                ids, positions, md = self._put((zeros, zeros, md))
-                hidden_last, hidden_all, self.kv_caches = self.programs.forward(
-                    self.param_leaves, self.kv_caches, ids, positions, md, self._no_previous)
-                bar.update()
-                if b not in sampled_seq_sizes:
-                    sampled_seq_sizes.add(b)
-                    for variant in SAMPLER_VARIANTS:
-                        num_seqs, tensors = self._put((np.int32(b), dummy_tensors(
-                            variant, b, vocab_size=cfg.vocab_size, max_model_len=cfg.max_model_len)))
-                        self.programs.sample[variant](self.param_leaves, hidden_last, num_seqs,
-                                                      tensors)
-                        bar.update()
-                if t not in logprob_token_sizes:
-                    logprob_token_sizes.add(t)
-                    targets = self._put(zeros)
-                    self.programs.prompt_logprobs(self.param_leaves, hidden_all, targets)
-                    bar.update()
-        jax.block_until_ready(self.kv_caches)
-        return num_programs
+    def compile_programs(self, *, background: bool = False, progress: bool = True) -> None:
+        """Compiles the smallest buckets' programs, then the rest: in a background thread, or
+        here (tqdm bar) before returning."""
+        total = self.compiled.num_programs
+        with tqdm(total=total, desc="Compiling", disable=not progress) as bar:
+            self.compiled.compile_next_stage()
+            bar.update(self.compiled.num_compiled)
+            if background:
+                self.compiled.start_background()
+                return
+            self.compiled.compile_all(lambda n: bar.update(n - bar.n))
 
     # -- one step ----------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -179,16 +169,18 @@ class ModelRunner:
         input_ids, positions, md, num_seqs, tensors = device_in
         prompt_req = self._prompt_logprob_requests(out, inputs)
         prompt_result = None
+        num_tokens = len(inputs.input_ids)  # the step's buckets
         with self._under_mesh():
-            hidden_last, hidden_all, self.kv_caches = self.programs.forward(
+            hidden_last, hidden_all, self.kv_caches = self.compiled.forward(
+                num_tokens, num_padded_seqs)(
                 self.param_leaves, self.kv_caches, input_ids, positions, md,
                 self._no_previous if previous_ids is None else previous_ids)
-            sampled, next_ids = self.programs.sample[variant](self.param_leaves, hidden_last,
-                                                              num_seqs, tensors)
+            sampled, next_ids = self.compiled.sample(variant, num_padded_seqs)(
+                self.param_leaves, hidden_last, num_seqs, tensors)
             if prompt_req:
                 targets = self._put(self._prompt_targets(inputs, rows))
-                prompt_result = self.programs.prompt_logprobs(self.param_leaves, hidden_all,
-                                                              targets)
+                prompt_result = self.compiled.prompt_logprobs(num_tokens)(
+                    self.param_leaves, hidden_all, targets)
         return PendingStep(out, inputs, sampled, prompt_req, prompt_result, next_ids)
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxserve.core.buckets import pad_to_bucket, seq_buckets, token_buckets
+from jaxserve.core.buckets import (compile_stages, pad_to_bucket, reachable_pairs, seq_buckets,
+                                  token_buckets)
 
 
 def test_token_buckets_are_powers_of_two_from_16_up_to_the_budget():
@@ -41,3 +42,27 @@ def test_pad_to_bucket_refuses_more_than_the_largest_bucket():
 def test_a_budget_below_one_is_refused():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         token_buckets(0)
+
+
+def test_reachable_pairs_need_a_token_per_sequence():
+    pairs = reachable_pairs(token_buckets(64), seq_buckets(32))
+    assert (16, 16) in pairs and (16, 32) not in pairs  # 17+ sequences need 17+ tokens
+    assert (32, 32) in pairs and len(pairs) == 2 + 3 + 3
+
+
+@pytest.mark.parametrize("tokens, seqs", [(2048, 256), (128, 16), (100, 12), (16, 8),
+                                          (4096, 8), (16, 512)])
+def test_compile_stages_grow_one_rung_at_a_time_from_the_smallest_to_the_full_ladders(
+        tokens, seqs):
+    t, s = token_buckets(tokens), seq_buckets(seqs)
+    stages = compile_stages(t, s)
+    assert stages[0] == (t[0], s[0]) and stages[-1] == (t[-1], s[-1])
+    for (t0, b0), (t1, b1) in zip(stages, stages[1:]):
+        grew = (t.index(t1) - t.index(t0), s.index(b1) - s.index(b0))
+        assert grew in ((1, 0), (0, 1))
+    assert len(stages) == len(t) + len(s) - 1
+
+
+def test_compile_stages_reach_the_early_token_rung_before_more_sequences():
+    stages = compile_stages(token_buckets(2048), seq_buckets(256))
+    assert stages[:7] == [(16, 8), (32, 8), (64, 8), (128, 8), (256, 8), (512, 8), (512, 16)]

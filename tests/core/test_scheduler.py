@@ -56,6 +56,26 @@ def test_max_num_seqs_caps_the_running_set(sim):
     assert (scheduler.num_running, scheduler.num_waiting) == (2, 1)
 
 
+def test_a_capacity_below_the_budgets_chunks_prompts_and_holds_admissions(sim):
+    # the runner has compiled only its smallest buckets so far: 8 tokens, 2 sequences
+    scheduler = sim.scheduler(max_num_batched_tokens=32, max_num_seqs=4)
+    for i, name in enumerate("abc"):
+        scheduler.add_request(sim.request(name, range(20 * i + 1, 20 * i + 13)))
+
+    def step(capacity):
+        out = scheduler.schedule(capacity=capacity)
+        sampled = {r: [7] for r in out.sampling_req_ids}
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+        return out
+
+    assert step((8, 2)).num_scheduled_tokens == {"a": 8}
+    out = step((8, 2))
+    assert out.num_scheduled_tokens == {"a": 4, "b": 4} and out.total_num_scheduled_tokens == 8
+    assert (scheduler.num_running, scheduler.num_waiting) == (2, 1)
+    out = step((32, 4))  # more buckets are compiled now: the budgets again
+    assert out.num_scheduled_tokens == {"a": 1, "b": 8, "c": 12}
+
+
 def test_eos_finishes_a_request_with_reason_stop(sim):
     scheduler = sim.scheduler()
     scheduler.add_request(sim.request("a", range(1, 5)))

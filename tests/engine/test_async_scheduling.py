@@ -16,9 +16,9 @@ def engine(qwen2_llm):
     calls = {"ahead": 0, "sync": 0}
     schedule = engine.scheduler.schedule
 
-    def counted(*, ahead=False):
+    def counted(*, ahead=False, **kwargs):
         calls["ahead" if ahead else "sync"] += 1
-        return schedule(ahead=ahead)
+        return schedule(ahead=ahead, **kwargs)
 
     engine.scheduler.schedule = counted
     engine.calls = calls

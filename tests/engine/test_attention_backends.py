@@ -15,7 +15,8 @@ def test_backend_matches_reference_backend(backend, engine_checkpoint):
     path = str(engine_checkpoint("llama_hd64"))
     prompts = [{"prompt_token_ids": p} for p in random_prompts([1, 16, 17, 40])]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    kwargs = dict(max_num_seqs=8, max_num_batched_tokens=32, progress=False)
+    kwargs = dict(max_num_seqs=8, max_num_batched_tokens=32, progress=False,
+                  background_compilation=False)
     tokens = {}
     for name in ("reference", backend):
         llm = LLM(path, attention_backend=name, **kwargs)

@@ -23,7 +23,7 @@ from jaxserve.model.registry import model_class
 FLOAT32_MAX_ERROR = 1e-4
 NUM_GREEDY = 12
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
-              enable_prefix_caching=True, progress=False)
+              enable_prefix_caching=True, progress=False, background_compilation=False)
 # ALiBi model: D = 384, 6 heads of 64 (a head dim the Pallas kernels take).
 ALIBI_SHAPE = dict(vocab_size=320, hidden_size=384, num_attention_heads=6,
                    num_hidden_layers=2, intermediate_size=256)

@@ -46,7 +46,7 @@ def test_smollm2_answers_a_chat_and_matches_transformers_greedy():
     start = time.perf_counter()
     path = default_model_path()
     llm = LLM(path, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
-              progress=False)
+              progress=False, background_compilation=False)
     conversation = [{"role": "user", "content": "What is the capital of France?"}]
     answer, continued = llm.chat(
         [conversation, conversation],

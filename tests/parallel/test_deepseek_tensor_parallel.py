@@ -17,7 +17,7 @@ needs_4_devices = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 dev
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=32, num_gpu_blocks_override=12,
               max_model_len=96, enable_prefix_caching=True, progress=False,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, background_compilation=False)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 # 7 blocks of 16 tokens for 6 prompts of up to 54 tokens force preemption; one T bucket.
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=16, num_gpu_blocks_override=7,
               max_model_len=80, enable_prefix_caching=True, progress=False,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, background_compilation=False)
 FAMILIES = ("mixtral", "qwen2_moe")
 LAYOUTS = ((2, False), (2, True), (4, False), (4, True))  # (TP, expert parallel)
 

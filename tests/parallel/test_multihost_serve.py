@@ -55,7 +55,7 @@ def test_two_processes_serve_like_one_process(engine_checkpoint, start_jaxserve,
                          "--process-id", str(i)], devices=4) for i in range(2)]
     try:
         llm = LLM(model, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=128,
-                  progress=False)
+                  progress=False, background_compilation=False)
         [expected] = llm.generate([{"prompt_token_ids": PROMPT}],
                                   SamplingParams(max_tokens=8, temperature=0))
         url = f"http://127.0.0.1:{port}"

@@ -19,7 +19,7 @@ from jaxserve.parallel.sharding import make_mesh
 needs_8_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=96, progress=False,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, background_compilation=False)
 
 
 @pytest.fixture(scope="module")

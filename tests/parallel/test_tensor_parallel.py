@@ -18,7 +18,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 # Small buckets; 12 blocks of 16 tokens for 8 prompts of up to 82 tokens force preemption.
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=32, num_gpu_blocks_override=12,
               max_model_len=96, enable_prefix_caching=True, progress=False,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, background_compilation=False)
 
 
 @pytest.fixture(scope="module")

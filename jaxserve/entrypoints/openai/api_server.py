@@ -48,7 +48,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
                         model_root=model_root or served_model_names[0],
                         max_logprobs=max_logprobs, chat_template=chat_template,
                         trust_request_chat_template=trust_request_chat_template)
-    metrics = ServerMetrics(lambda: engine.stats, served_model_names[0])
+    metrics = ServerMetrics(lambda: {**engine.stats, **engine.compilation_stats()},
+                            served_model_names[0])
     engine.observer = metrics
     app = web.Application(middlewares=[_error_middleware(api_key)],
                           client_max_size=max_request_body_bytes)
@@ -172,8 +173,11 @@ async def serve_http(app: web.Application, host: str, port: int, *,
         await site.start()
         bound_port = runner.addresses[0][1] if runner.addresses else port
         state = app[STATE]
-        logger.info("jaxserve is ready: serving %s at http://%s:%d/v1 (max_model_len=%d)",
-                    state.served_model_names[0], host, bound_port, state.max_model_len)
+        programs = state.engine.compilation_stats()
+        logger.info("jaxserve is ready: serving %s at http://%s:%d/v1 (max_model_len=%d; "
+                    "%d programs compiled, %d compiling in the background)",
+                    state.served_model_names[0], host, bound_port, state.max_model_len,
+                    programs["num_programs_compiled"], programs["num_programs_pending"])
         await stop.wait()
         logger.info("shutting down: no new requests; in-flight ones get %.0f s to finish",
                     shutdown_timeout)

@@ -34,7 +34,11 @@ _ENGINE_METRICS = (
     ("generation_tokens", "counter", "generation_tokens", "Tokens generated."),
     ("num_compilations", "counter", "num_compilations", "XLA compilations, warm-up included."),
     ("num_compilations_after_warm_up", "counter", "num_compilations_after_warm_up",
-     "XLA compilations after warm-up (should stay 0)."),
+     "XLA compilations of steps (must stay 0: steps only run compiled programs)."),
+    ("num_programs_compiled", "gauge", "num_programs_compiled",
+     "Step programs compiled (the smallest buckets first)."),
+    ("num_programs_pending", "gauge", "num_programs_pending",
+     "Step programs still compiling in the background (their buckets wait)."),
 )
 
 

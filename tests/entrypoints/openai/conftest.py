@@ -30,7 +30,10 @@ from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.entrypoints.openai.api_server import build_app
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
-SMALL_ENGINE = ("--max-num-seqs", "16", "--max-num-batched-tokens", "128")
+# Every bucket compiled before the server reports ready (the background compilation has
+# its own test).
+SMALL_ENGINE = ("--max-num-seqs", "16", "--max-num-batched-tokens", "128",
+                "--no-background-compilation")
 
 
 def free_port() -> int:
@@ -211,6 +214,9 @@ class ScriptedEngine:
 
     def get_stats(self):
         return {"num_running": len(self.live)}
+
+    def compilation_stats(self):
+        return {"num_programs_compiled": 0, "num_programs_pending": 0}
 
 
 class ScriptedApp:

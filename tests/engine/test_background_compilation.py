@@ -1,0 +1,90 @@
+"""Serving while compiling: an engine answers from the buckets compiled so far while the
+others compile in the background; its steps stay inside them, never compile, and give the
+tokens of an engine that compiled everything first."""
+
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.engine.engine_args import create_engine_config
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.testing import forbid_compilation
+from jaxserve.testing.hf_reference import random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [{"prompt_token_ids": p} for p in random_prompts([3, 20, 41, 60, 7, 33, 90, 12,
+                                                             5, 17], seed=4)]
+
+
+@pytest.fixture(scope="module")
+def expected(engine_checkpoint, engine_kwargs, prompts):
+    llm = LLM(str(engine_checkpoint("qwen2")),
+              **{**engine_kwargs, "background_compilation": False})
+    assert llm.llm_engine.runner.compiled.done
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def _engine(path, engine_kwargs) -> LLMEngine:
+    kwargs = {k: v for k, v in engine_kwargs.items() if k != "progress"}
+    return LLMEngine(create_engine_config(str(path), **kwargs), warm_up=False,
+                     progress=False)
+
+
+def _run(engine: LLMEngine, prompts) -> tuple[list, list[tuple[int, int]]]:
+    """Greedy token ids of each prompt, and each step's (tokens, sequences)."""
+    schedule, steps = engine.scheduler.schedule, []
+
+    def recording(**kwargs):
+        out = schedule(**kwargs)
+        steps.append((out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)))
+        return out
+
+    engine.scheduler.schedule = recording
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p["prompt_token_ids"], GREEDY)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))], steps
+
+
+def test_steps_stay_inside_the_buckets_compiled_so_far(engine_checkpoint, engine_kwargs,
+                                                       prompts, expected):
+    engine = _engine(engine_checkpoint("qwen2"), engine_kwargs)
+    compiled = engine.runner.compiled
+    assert engine.runner.capacity is None
+    with pytest.raises(RuntimeError, match="compile_programs"):
+        engine.step()
+    assert compiled.compile_next_stage() and engine.runner.capacity == (16, 8)
+    assert compiled.num_compiled < compiled.num_programs
+    with forbid_compilation():
+        tokens, steps = _run(engine, prompts)
+    assert tokens == expected  # chunked into 16-token steps: the same greedy tokens
+    assert max(t for t, _ in steps) == 16 and max(b for _, b in steps) <= 8
+    assert engine.get_stats()["num_compilations_after_warm_up"] == 0
+    compiled.compile_all()
+    assert compiled.done and engine.runner.capacity == (128, 16)
+    assert compiled.num_compiled == compiled.num_programs == engine.get_stats()[
+        "num_programs_compiled"]
+    with pytest.raises(RuntimeError, match="not compiled"):
+        compiled.forward(256, 8)
+
+
+def test_requests_run_while_the_rest_compiles_in_the_background(engine_checkpoint,
+                                                                engine_kwargs, prompts,
+                                                                expected):
+    llm = LLM(str(engine_checkpoint("qwen2")),
+              **{**engine_kwargs, "background_compilation": True})
+    engine = llm.llm_engine
+    assert engine.runner.capacity is not None  # the first stage is there at once
+    with forbid_compilation():  # the background thread may compile; steps may not
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.wait_for_compilation(timeout=600)
+    stats = llm.get_metrics()
+    assert stats["num_programs_pending"] == 0 and stats["num_compilations_after_warm_up"] == 0
+    assert engine.runner.compiled.error is None
+    assert engine.runner.capacity == (128, 16)
