@@ -4,7 +4,7 @@
 holding exactly one and no config.json. `gguf_hf_config(file)` rebuilds the transformers
 config from the file's metadata. `GGUFCheckpointReader` serves tensors by HF name, memory-mapped
 and dequantized to float32 one tensor at a time, with llama.cpp's Q/K row permutation undone.
-All three parse the file once per process (`open_gguf`): parsing costs seconds.
+All three share one parse per file and process (`open_gguf`, a `gguf_file.GGUFFile`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import gguf
 import numpy as np
 
+from jaxserve.model.gguf_file import GGUFFile
+
 # llama.cpp permutes the rows of Q and K (per head: interleaved rotary pairs instead of
 # halves) when it converts these architectures; Qwen2/Qwen3 files keep HF's order.
 _PERMUTED_ARCHITECTURES = ("llama",)
@@ -23,7 +25,7 @@ _ROPE_SCALING_TYPES = ("none", "linear", "yarn")
 _YARN_KEYS = (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"))
 
 
-def open_gguf(gguf_file) -> gguf.GGUFReader:
+def open_gguf(gguf_file) -> GGUFFile:
     """The parsed, memory-mapped file; parsed again only when the file changes."""
     path = os.path.realpath(os.fspath(gguf_file))
     stat = os.stat(path)
@@ -31,9 +33,9 @@ def open_gguf(gguf_file) -> gguf.GGUFReader:
 
 
 @functools.lru_cache(maxsize=2)
-def _parse(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+def _parse(path: str, size: int, mtime_ns: int) -> GGUFFile:
     del size, mtime_ns  # part of the cache key only
-    return gguf.GGUFReader(path)
+    return GGUFFile(path)
 
 
 def find_gguf_file(path) -> str | None:
@@ -71,7 +73,7 @@ def gguf_hf_config(gguf_file: str):
     if architecture is None:
         raise ValueError(f"{gguf_file}: GGUF architecture {arch!r} names no transformers "
                          "causal LM")
-    names = {tensor.name: tensor for tensor in reader.tensors}  # GGUF name -> tensor
+    names = reader.tensors  # GGUF name -> tensor
     if "token_embd.weight" not in names:
         raise ValueError(f"{gguf_file}: no token embedding tensor 'token_embd.weight'")
     key = lambda name, default=None: _value(reader, f"{arch}.{name}", default)  # noqa: E731
@@ -137,8 +139,8 @@ class GGUFCheckpointReader:
         self.num_kv_heads = key("attention.head_count_kv") or self.num_heads
         # HF module name -> GGUF tensor name (without .weight/.bias), for every layer
         self._names = gguf.get_tensor_name_map(arch_ids[self.architecture], key("block_count"))
-        # GGUF name -> ReaderTensor (a memory-mapped view of its stored bytes)
-        self.tensors = {tensor.name: tensor for tensor in self._reader.tensors}
+        # GGUF name -> GGUFTensor (a memory-mapped view of its stored bytes)
+        self.tensors = self._reader.tensors
 
     def __contains__(self, name: str) -> bool:
         return self._gguf_name(name) is not None
@@ -244,8 +246,7 @@ def llama3_rope_from_factors(factors: np.ndarray,  # [H/2]: each frequency is di
             "high_freq_factor": 1.0 + width, "original_max_position_embeddings": slope * width}
 
 
-def _value(reader: gguf.GGUFReader, key: str, default=None):
+def _value(reader: GGUFFile, key: str, default=None):
     """One metadata value as a Python scalar, string or list; `default` when absent."""
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+    return reader.get(key, default)
 

@@ -3,7 +3,7 @@
 The model is built abstractly (shapes only, no initialiser runs); every `nnx.Param` is then
 filled from the tensor its `hf_name` metadata names, transposed when `hf_transpose` says so,
 cast to the config dtype and placed with the sharding its logical `axes` give under `mesh`
-(the default device when None). Missing or mis-shaped tensors fail naming the tensor and
+(the default device when None), one tensor per core at a time. Missing or mis-shaped tensors fail naming the tensor and
 both shapes; checkpoint tensors no parameter asks for (a tied lm_head, say) are ignored.
 Under a mesh whose "model" axis exceeds the KV heads, K/V tensors are replicated into slots.
 A parameter with `hf_stack=E` (MoE experts) stacks E tensors named by its `{expert}` template.
@@ -11,6 +11,9 @@ A parameter with `hf_stack=E` (MoE experts) stacks E tensors named by its `{expe
 W_pack); `hf_normalize_axis=a`: its vectors along model axis `a` are L2-normalised (NormHead).
 A directory `jaxserve convert` wrote is restored by Orbax instead (`orbax_checkpoint`).
 """
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +67,11 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
             bar.update()
             return variable.replace(value)
 
-        state = jax.tree.map(load, state, is_leaf=is_variable)
+        # Dequantizing, transposing and casting run in numpy, which lets go of the GIL:
+        # one tensor per core at a time.
+        variables, treedef = jax.tree.flatten(state, is_leaf=is_variable)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            state = jax.tree.unflatten(treedef, list(pool.map(load, variables)))
     return nnx.merge(graphdef, state)
 
 

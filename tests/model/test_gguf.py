@@ -302,10 +302,28 @@ def test_gguf_without_tokenizer_asks_for_skip_tokenizer_init(tiny_gguf):
 def test_config_tokenizer_and_weights_parse_the_file_once(tiny_gguf, monkeypatch):
     path = tiny_gguf("qwen2", with_tokenizer=True)
     parses = []
-    real = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or real(*a, **k))
+    real = gguf_reader.GGUFFile
+    monkeypatch.setattr(gguf_reader, "GGUFFile", lambda *a, **k: parses.append(a) or real(*a, **k))
     gguf_reader._parse.cache_clear()
     gguf_reader.gguf_hf_config(path)
     gguf_reader.gguf_chat_template(path)
     gguf_reader.GGUFCheckpointReader(path)
     assert len(parses) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tokenizer_equals_the_one_autotokenizer_builds_from_the_file(tiny_gguf, family):
+    """Ours is built from our parse of the metadata (no torch, no second parse)."""
+    from transformers import AutoTokenizer
+
+    path = tiny_gguf(family, with_tokenizer=True)
+    folder, name = os.path.split(path)
+    ours, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    chat = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(
+        chat, tokenize=False)
+    for text in ("Hello world!", "  two spaces\nand\ttabs", "caf\u00e9 \U0001f916 ok"):
+        assert ours(text).input_ids == auto(text).input_ids
+        assert ours.decode(ours(text).input_ids) == auto.decode(auto(text).input_ids)
+    assert (ours.bos_token, ours.eos_token, len(ours)) == (auto.bos_token, auto.eos_token,
+                                                           len(auto))
