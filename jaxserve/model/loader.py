@@ -68,9 +68,11 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
             return variable.replace(value)
 
         # Dequantizing, transposing and casting run in numpy, which lets go of the GIL:
-        # one tensor per core at a time.
+        # one tensor per core at a time. Across processes, one at a time: a device_put onto
+        # a multi-host mesh is a collective, which every process must issue in one order.
         variables, treedef = jax.tree.flatten(state, is_leaf=is_variable)
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        workers = (os.cpu_count() or 1) if jax.process_count() == 1 else 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             state = jax.tree.unflatten(treedef, list(pool.map(load, variables)))
     return nnx.merge(graphdef, state)
 
