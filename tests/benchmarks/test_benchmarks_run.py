@@ -1,11 +1,13 @@
 """The throughput benchmark runs end to end on a tiny random checkpoint (jaxserve and hf).
 
-The checkpoint maker and the benchmark run as subprocesses, exactly as documented; the
-request samplers and vLLM's static-batching rule are checked directly as plain functions.
-`hf-cb` and `vllm` never run here; only the message for a missing vLLM venv is checked.
+The benchmark runs as a subprocess, exactly as documented (slow); the checkpoint maker's
+`main`, the request samplers, the flags and vLLM's static-batching rule are checked directly
+as plain functions. `hf-cb` and `vllm` never run here; only the message for a missing vLLM
+venv is checked.
 """
 
-import importlib
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -26,28 +28,26 @@ def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def bench():
-    """The throughput benchmark's request and batching functions, from its sibling modules
-    (benchmarks/ is not a package: its scripts import each other by name)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    names = ("throughput_workloads", "throughput_hf")
-    try:
-        workloads, hf = (importlib.import_module(name) for name in names)
-        yield types.SimpleNamespace(**vars(workloads), hf_batches=hf.hf_batches)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-        for name in names:
-            sys.modules.pop(name, None)
+def bench(import_benchmarks):
+    """The throughput benchmark's request and batching functions, from its sibling modules."""
+    modules = import_benchmarks("throughput_workloads", "throughput_hf")
+    return types.SimpleNamespace(**vars(modules.throughput_workloads),
+                                 hf_batches=modules.throughput_hf.hf_batches)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, import_benchmarks):
+    """The checkpoint maker's `main`, in this process (the benchmark runs below are scripts)."""
     path = tmp_path_factory.mktemp("tiny-random") / "model"
-    done = _run("make_random_checkpoint.py", "--preset", "tiny", str(path))
-    assert "parameters" in done.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        import_benchmarks("make_random_checkpoint").make_random_checkpoint.main(
+            ["--preset", "tiny", str(path)])
+    assert "parameters" in printed.getvalue()
     return path
 
 
+@pytest.mark.slow
 def test_comparison_runs_each_backend_skips_a_missing_vllm_and_plots(tiny_model_dir, tmp_path):
     out, plot = tmp_path / "compare.json", tmp_path / "compare.png"
     done = _run("compare_throughput.py", "--model", str(tiny_model_dir), "--repeats", "1",
@@ -112,16 +112,40 @@ def test_sharegpt_like_requests_follow_the_seed_and_the_shipped_histogram(bench,
     assert [r.output_len for r in fixed] == [7] * 5
 
 
+def _sharegpt_run_flags(model, out) -> list[str]:
+    return ["--backend", "jaxserve", "--model", model, "--dataset-name", "sharegpt-like",
+            "--num-prompts", "3", "--sharegpt-output-len", "3", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "64", "--output-json", out]
+
+
+def test_throughput_benchmark_accepts_the_flags_of_its_run(import_benchmarks):
+    script = import_benchmarks("benchmark_throughput").benchmark_throughput
+    args = script.parse_args(_sharegpt_run_flags("m", "o.json"))
+    assert (args.backend, args.dataset_name, args.output_json) == ("jaxserve", "sharegpt-like",
+                                                                   "o.json")
+
+
+@pytest.mark.slow
 def test_throughput_benchmark_runs_the_sharegpt_like_workload(tiny_model_dir, tmp_path):
     out = tmp_path / "result.json"
-    _run("benchmark_throughput.py", "--backend", "jaxserve", "--model", str(tiny_model_dir),
-         "--dataset-name", "sharegpt-like", "--num-prompts", "3", "--sharegpt-output-len", "3",
-         "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--output-json", str(out))
+    _run("benchmark_throughput.py", *_sharegpt_run_flags(str(tiny_model_dir), str(out)))
     result = json.loads(out.read_text())
     assert result["num_requests"] == 3 and result["total_output_tokens"] == 9
     assert result["total_num_tokens"] > 9 + 3 * 3 and result["output_tokens_per_second"] > 0
 
 
+def test_vllm_backend_without_its_venv_exits_2_saying_how_to_make_it(import_benchmarks,
+                                                                    tiny_model_dir, tmp_path,
+                                                                    capsys):
+    script = import_benchmarks("benchmark_throughput").benchmark_throughput
+    with pytest.raises(SystemExit) as exited:
+        script.main(["--backend", "vllm", "--model", str(tiny_model_dir), "--num-prompts", "2",
+                     "--input-len", "4", "--output-len", "2",
+                     "--vllm-venv", str(tmp_path / "no-such-venv")])
+    assert exited.value.code == 2 and "setup_vllm_cpu.sh" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_vllm_backend_without_its_venv_says_how_to_make_it(tiny_model_dir, tmp_path):
     done = _run("benchmark_throughput.py", "--backend", "vllm", "--model", str(tiny_model_dir),
                 "--num-prompts", "2", "--input-len", "4", "--output-len", "2",

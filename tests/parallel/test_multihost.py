@@ -2,7 +2,9 @@
 CPU devices each run one TP = 4 engine over both and answer as one process with TP = 1.
 
 Cross-process collectives go through gloo; each process runs the same prompts, and the
-first prints. Flags that only make sense together are checked before any device starts.
+first prints (slow: three engine starts in subprocesses; the default run has the multi-host
+serve test, tests/parallel/test_multihost_serve.py, over the same distributed set-up). Flags
+that only make sense together are checked before any device starts.
 """
 
 import pytest
@@ -22,6 +24,7 @@ def _answers(stdout: str) -> list[str]:
             if "[Gloo]" not in line and "peer ranks" not in line]
 
 
+@pytest.mark.slow
 def test_two_processes_with_tp4_answer_like_one_process(engine_checkpoint, start_jaxserve,
                                                        free_port):
     model = str(engine_checkpoint("qwen2"))
