@@ -13,11 +13,13 @@ executables up, so it never compiles.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -134,6 +136,9 @@ class CompiledPrograms:
         self._thread = threading.Thread(target=self._background, name=COMPILE_THREAD,
                                         daemon=True)
         self._thread.start()
+        # A daemon thread still inside XLA when the interpreter finalizes aborts the process:
+        # at exit, let the stage in progress finish and start no other.
+        atexit.register(_stop_at_exit, weakref.ref(self))
 
     def _background(self) -> None:
         try:
@@ -185,3 +190,9 @@ class CompiledPrograms:
     def _compile_prompt_logprobs(self, t: int, hidden):
         return self._programs.prompt_logprobs.lower(self._sig.params, hidden,
                                                     self._inputs(t)).compile()
+
+
+def _stop_at_exit(ref: weakref.ref) -> None:
+    programs = ref()
+    if programs is not None:
+        programs.stop()

@@ -20,11 +20,10 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def expected(engine_checkpoint, engine_kwargs, prompts):
-    llm = LLM(str(engine_checkpoint("qwen2")),
-              **{**engine_kwargs, "background_compilation": False})
-    assert llm.llm_engine.runner.compiled.done
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+def expected(qwen2_llm, prompts):
+    """The tokens of the shared engine, which compiled every program first."""
+    assert qwen2_llm.llm_engine.runner.compiled.done
+    return [o.outputs[0].token_ids for o in qwen2_llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
 def _engine(path, engine_kwargs) -> LLMEngine:
@@ -88,3 +87,30 @@ def test_requests_run_while_the_rest_compiles_in_the_background(engine_checkpoin
     assert stats["num_programs_pending"] == 0 and stats["num_compilations_after_warm_up"] == 0
     assert engine.runner.compiled.error is None
     assert engine.runner.capacity == (128, 16)
+
+
+
+def test_a_process_that_exits_while_compiling_joins_the_compile_thread(engine_checkpoint,
+                                                                       tmp_path):
+    """A daemon compile thread still inside XLA when the interpreter finalizes can abort the
+    process (seen as SIGABRT): at exit the stage in progress finishes and the thread ends
+    before finalization. The script's own exit hook, registered first, runs last."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys\n"
+              "from jaxserve import LLM, SamplingParams\n"
+              "held = {}\n"
+              "atexit.register(lambda: print('alive at exit:',\n"
+              "                held['llm'].llm_engine.runner.compiled._thread.is_alive()))\n"
+              "llm = held['llm'] = LLM(sys.argv[1], max_num_seqs=64, max_model_len=256,\n"
+              "    max_num_batched_tokens=1024, progress=False, compilation_cache_dir=sys.argv[2])\n"
+              "out = llm.generate([{'prompt_token_ids': [5, 6, 7]}], SamplingParams(max_tokens=2),\n"
+              "                   use_tqdm=False)\n"
+              "assert not llm.llm_engine.runner.compiled.done, 'finished compiling: no test'\n"
+              "print(len(out[0].outputs[0].token_ids))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(engine_checkpoint("qwen2")),
+                           str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-2:] == ["2", "alive at exit: False"]
