@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -64,16 +65,24 @@ class ModelRunner:
         # Replicated inputs on the mesh; None: the default device, as without TP.
         self.input_sharding = (None if self.mesh is None
                                else NamedSharding(self.mesh, PartitionSpec()))
-        if model is None:
-            model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
-                               attention_backend=attention_backend)
-        if (tp == 1 and getattr(model, "lm_head", False) is None
-                and native_cpu_gemm_enabled()):
-            model.embed_tokens.add_kn_head()  # greedy steps stream it untransposed
-        self.graphdef, self.params = nnx.split(model)
         pool_config = tp_model_config(model_config, tp)  # K' KV head slots
-        self.kv_spec = plan_kv_cache(pool_config, cache_config, num_shards=tp)
-        self.kv_caches = allocate_kv_caches(pool_config, self.kv_spec, mesh=self.mesh)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # On the CPU the pool's size does not depend on the weights: its zeroing (first
+            # touch of ~2 GiB: seconds) overlaps the model's loading. Elsewhere it sizes
+            # from the memory the weights leave free, so it waits for them.
+            early = jax.default_backend() == "cpu" and jax.process_count() == 1
+            if early:
+                kv_caches = self._plan_and_allocate(pool, pool_config, cache_config, tp)
+            if model is None:
+                model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
+                                   attention_backend=attention_backend)
+            if not early:
+                kv_caches = self._plan_and_allocate(pool, pool_config, cache_config, tp)
+            if (tp == 1 and getattr(model, "lm_head", False) is None
+                    and native_cpu_gemm_enabled()):
+                model.embed_tokens.add_kn_head()  # greedy steps stream it untransposed
+            self.graphdef, self.params = nnx.split(model)
+            self.kv_caches = kv_caches.result()
         self.token_buckets = token_buckets(scheduler_config.max_num_batched_tokens)
         self.seq_buckets = seq_buckets(scheduler_config.max_num_seqs)
         self.batch = InputBatch(
@@ -98,6 +107,12 @@ class ModelRunner:
         self.compiled = CompiledPrograms(self.programs, signature, self.token_buckets,
                                          self.seq_buckets, mesh=self.mesh,
                                          track=track_compilation)
+
+    def _plan_and_allocate(self, pool: ThreadPoolExecutor, pool_config: ModelConfig,
+                           cache_config: CacheConfig, tp: int) -> Future:
+        """Sizes the KV pools (`kv_spec`) and allocates them in `pool`'s thread."""
+        self.kv_spec = plan_kv_cache(pool_config, cache_config, num_shards=tp)
+        return pool.submit(allocate_kv_caches, pool_config, self.kv_spec, mesh=self.mesh)
 
     @property
     def num_blocks(self) -> int:
