@@ -183,10 +183,14 @@ def paged_step():
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
     """One JAX persistent compilation cache for the whole session: engines built from the
-    same tiny checkpoint and budgets compile each program once and read it afterwards."""
+    same tiny checkpoint and budgets compile each program once and read it afterwards. Its
+    path: servers the tests start use it too, with this process's XLA_FLAGS (the cache keys
+    include them), so they read what the in-process engines compiled."""
     from jaxserve.engine.llm_engine import enable_persistent_cache
 
-    enable_persistent_cache(str(tmp_path_factory.mktemp("jax-compilation-cache")))
+    path = tmp_path_factory.mktemp("jax-compilation-cache")
+    enable_persistent_cache(str(path))
+    return path
 
 
 # Small budgets keep compilation to a handful of programs: T buckets 16..128, B buckets 8,
@@ -206,8 +210,10 @@ def engine_checkpoint(tiny_checkpoint):
     return lambda family="qwen2": tiny_checkpoint(family, with_tokenizer=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def qwen2_llm(engine_checkpoint):
+    """One engine for every test that needs a plain qwen2 engine with ENGINE_KWARGS: tests
+    read its metrics as differences and leave nothing running or changed."""
     from jaxserve import LLM
 
     return LLM(str(engine_checkpoint("qwen2")), **ENGINE_KWARGS)

@@ -1,4 +1,9 @@
-"""LLM.generate gives HF's greedy tokens, however the engine batches, chunks or caches."""
+"""LLM.generate gives HF's greedy tokens, however the engine batches, chunks or caches.
+
+The default run checks qwen2 on the session's shared engine (`qwen2_llm`, built with
+`engine_kwargs`); the other families' engine runs are slow (tests/model/test_llama_parity.py
+checks each family's logits in the default run).
+"""
 
 import pytest
 
@@ -29,18 +34,29 @@ def hf_reference(engine_checkpoint, prompts):
             for family in ("qwen2",)}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "llama_head_dim"])
-def test_greedy_tokens_equal_transformers(engine_checkpoint, engine_kwargs, prompts, family):
+@pytest.mark.parametrize("family", [
+    pytest.param(family, marks=() if family == "qwen2" else pytest.mark.slow)
+    for family in ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim")])
+def test_greedy_tokens_equal_transformers(engine_checkpoint, engine_kwargs, prompts, family,
+                                          request):
     path = engine_checkpoint(family)
-    llm = LLM(str(path), **engine_kwargs)
-    assert _generate(llm, prompts) == hf_greedy(path, prompts, NEW_TOKENS)
+    if family == "qwen2":  # the shared engine: the same checkpoint and engine_kwargs
+        llm = request.getfixturevalue("qwen2_llm")
+        expected = request.getfixturevalue("hf_reference")["qwen2"]
+    else:
+        llm, expected = LLM(str(path), **engine_kwargs), hf_greedy(path, prompts, NEW_TOKENS)
+    assert _generate(llm, prompts) == expected
     assert llm.get_metrics()["num_compilations_after_warm_up"] == 0
 
 
+# Chunked prefill and preemption are slow here: conftest's assert_greedy_parity runs (the MoE
+# and MLA models, default run) chunk every prompt into 32-token steps and must preempt.
 @pytest.mark.parametrize("kwargs", [
     dict(enable_prefix_caching=False),
-    dict(max_num_batched_tokens=32),                      # chunked prefill of every prompt
-    dict(num_gpu_blocks_override=40, max_num_seqs=8),     # a pool that forces preemption
+    pytest.param(dict(max_num_batched_tokens=32),         # chunked prefill of every prompt
+                 marks=pytest.mark.slow, id="chunked-32"),
+    pytest.param(dict(num_gpu_blocks_override=40, max_num_seqs=8),  # a pool that preempts
+                 marks=pytest.mark.slow, id="preemption"),
     dict(long_prefill_token_threshold=24),
 ], ids=["no-prefix-cache", "chunked-32", "preemption", "long-prefill-threshold"])
 def test_scheduling_choices_never_change_greedy_tokens(engine_checkpoint, engine_kwargs, prompts,

@@ -93,6 +93,14 @@ def test_a_cached_repo_resolves_offline(tmp_path):
     assert result.stdout.strip() == str(snapshot)
 
 
+def test_a_model_that_cannot_be_loaded_is_status_2_with_the_reason(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["serve", str(tmp_path)]) == 2  # in this process: no interpreter start
+    err = capsys.readouterr().err
+    assert "jaxserve serve: error:" in err and "model_type" in err
+
+
+@pytest.mark.slow  # the same through `python -m jaxserve.entrypoints.cli` (seconds of imports)
 def test_a_model_that_cannot_be_loaded_exits_2_with_the_reason(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = run_cli("serve", str(tmp_path))

@@ -4,8 +4,9 @@
 fused into W_pack, config.json with model_type "baichuan"); the oracle is that Llama with its
 LM head rows L2-normalised, so the un-normalised Baichuan copy needs NormHead to match.
 13B style (ALiBi, 6 heads: a non-power-of-two slope set): a numpy forward of the whole model.
-Both: logits within 1e-4 in float32 over ragged prefills and decodes, and the oracle's greedy
-tokens through `LLM.generate` with prefix caching and a 32-token chunked prefill.
+Both: logits within 1e-4 in float32 over ragged prefills and decodes (ALiBi also on a TP = 2
+mesh), and the oracle's greedy tokens through `LLM.generate` with prefix caching and a
+32-token chunked prefill (slow).
 """
 
 import dataclasses
@@ -239,6 +240,10 @@ def test_alibi_paged_logits_match_a_numpy_model(alibi_checkpoint, paged_parity):
     assert np.isfinite(diffs).all() and diffs.max() < FLOAT32_MAX_ERROR
 
 
+# The engine runs below are slow: the default run has both models' paged logits (above and
+# the TP = 2 prefill below), and the engine's caching and chunking for qwen2, Qwen2-MoE and
+# DeepSeek-V2 (tests/engine, tests/model/test_moe.py, tests/model/test_deepseek_v2.py).
+@pytest.mark.slow
 def test_rope_greedy_tokens_equal_transformers_with_caching_and_chunking(rope_checkpoints):
     from jaxserve.testing.hf_reference import hf_greedy
 
@@ -256,6 +261,7 @@ def alibi_greedy(alibi_checkpoint):
     return prompts, numpy_alibi_greedy(alibi_checkpoint[1], prompts, NUM_GREEDY)
 
 
+@pytest.mark.slow
 def test_alibi_greedy_tokens_equal_numpy_with_caching_and_chunking(alibi_checkpoint,
                                                                    alibi_greedy):
     prompts, expected = alibi_greedy
@@ -264,6 +270,9 @@ def test_alibi_greedy_tokens_equal_numpy_with_caching_and_chunking(alibi_checkpo
     assert metrics["prefix_cache_hits"] > 0
 
 
+# Also slow: the default run has ALiBi in both Pallas kernels (tests/pallas_kernels) and the
+# Pallas backend through the engine (tests/engine/test_attention_backends.py).
+@pytest.mark.slow
 def test_alibi_greedy_tokens_equal_numpy_on_the_pallas_backend(alibi_checkpoint,
                                                                alibi_greedy):
     prompts, expected = alibi_greedy
@@ -271,6 +280,41 @@ def test_alibi_greedy_tokens_equal_numpy_on_the_pallas_backend(alibi_checkpoint,
     assert tokens == expected
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
+def test_alibi_prefill_logits_with_tensor_parallel_2_match_the_numpy_model(alibi_checkpoint,
+                                                                           paged_step):
+    """One ragged prefill on a TP = 2 mesh, under `jax.set_mesh` as the engine runs it: each
+    rank attends with 3 of the 6 heads and must take their slopes."""
+    from flax import nnx
+
+    from jaxserve.model.forward import make_forward
+    from jaxserve.model.loader import load_model
+    from jaxserve.parallel.sharding import kv_pool_sharding, make_mesh
+    from pallas_kernels.ragged_paged_attention import kv_pool_shape
+
+    path, weights = alibi_checkpoint
+    config, mesh = ModelConfig.from_pretrained(path, dtype="float32"), make_mesh(tp=2)
+    tokens = [list(range(3, 40)), list(range(50, 60))]
+    inputs = paged_step(tokens, [0, 0], [[3, 1, 5], [2]], block_size=16, num_tokens=64,
+                        num_seqs=2, max_blocks=4)  # (ids [T], positions [T], metadata)
+    shape = kv_pool_shape(config.num_kv_heads, 8, 16, config.head_dim)
+    pools = tuple(tuple(jax.device_put(np.zeros(shape, np.float32),
+                                       kv_pool_sharding(shape, mesh)) for _ in "kv")
+                  for _ in range(config.num_layers))
+    graphdef, params = nnx.split(load_model(path, config, mesh=mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
+        logits, _ = make_forward(graphdef, all_token_logits=True)(
+            params, pools, *jax.device_put(inputs, replicated))
+    logits, starts = np.asarray(logits), inputs[2].query_start_loc  # [T, V], [B + 1]
+    for b, sequence in enumerate(tokens):
+        np.testing.assert_allclose(logits[starts[b]:starts[b] + len(sequence)],
+                                   numpy_alibi_logits(weights, sequence),
+                                   atol=FLOAT32_MAX_ERROR)
+
+
+# Slow: the default run has the TP = 2 prefill above.
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
 def test_alibi_greedy_tokens_equal_numpy_with_tensor_parallel_2(alibi_checkpoint,
                                                                 alibi_greedy):

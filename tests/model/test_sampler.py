@@ -9,6 +9,9 @@ from jaxserve.model import sampler
 from jaxserve.model.sampler import SamplingTensors
 
 V = 12
+# The sampler as the engine runs it: one compiled program per shape and variant (op-by-op
+# dispatch would compile each of its many operations on its own).
+sample = jax.jit(sampler.sample, static_argnames=("all_greedy", "with_logprobs"))
 
 
 def _tensors(num_rows, **overrides):
@@ -32,7 +35,7 @@ def logits():
 
 
 def test_all_greedy_fast_path_is_argmax(logits):
-    out = sampler.sample(jnp.asarray(logits), None, all_greedy=True, with_logprobs=False)
+    out = sample(jnp.asarray(logits), None, all_greedy=True, with_logprobs=False)
     np.testing.assert_array_equal(out.token_ids, logits.argmax(-1))
 
 
@@ -49,7 +52,7 @@ def test_argmax_takes_the_first_maximum_and_a_nan_like_jnp_argmax():
 
 def test_zero_temperature_rows_are_greedy_in_a_mixed_batch(logits):
     t = _tensors(3, temperature=[0.0, 1.0, 0.0])
-    out = sampler.sample(jnp.asarray(logits), t, all_greedy=False, with_logprobs=False)
+    out = sample(jnp.asarray(logits), t, all_greedy=False, with_logprobs=False)
     assert out.token_ids[0] == logits[0].argmax() and out.token_ids[2] == logits[2].argmax()
 
 
@@ -108,7 +111,7 @@ def test_random_sampling_follows_the_softmax_distribution():
     row = np.log(np.array([0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4), np.float32))
     n = 4000
     t = _tensors(n, seeds=np.arange(n))
-    out = sampler.sample(jnp.asarray(np.tile(row, (n, 1))), t, all_greedy=False, with_logprobs=False)
+    out = sample(jnp.asarray(np.tile(row, (n, 1))), t, all_greedy=False, with_logprobs=False)
     freq = np.bincount(np.asarray(out.token_ids), minlength=V) / n
     np.testing.assert_allclose(freq[:4], [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
@@ -116,14 +119,14 @@ def test_random_sampling_follows_the_softmax_distribution():
 def test_a_rows_sample_depends_only_on_its_seed_and_output_length(logits):
     batch = np.concatenate([logits, logits[::-1]])
     t1 = _tensors(6, seeds=[7, 8, 9, 10, 11, 7], output_lens=[3, 0, 0, 0, 0, 3])
-    out = sampler.sample(jnp.asarray(batch), t1, all_greedy=False, with_logprobs=False)
-    alone = sampler.sample(jnp.asarray(logits[:1]), _tensors(1, seeds=[7], output_lens=[3]),
-                           all_greedy=False, with_logprobs=False)
+    out = sample(jnp.asarray(batch), t1, all_greedy=False, with_logprobs=False)
+    alone = sample(jnp.asarray(logits[:1]), _tensors(1, seeds=[7], output_lens=[3]),
+                   all_greedy=False, with_logprobs=False)
     assert out.token_ids[0] == out.token_ids[5] == alone.token_ids[0]
 
 
 def test_logprobs_are_of_the_raw_logits(logits):
-    out = sampler.sample(jnp.asarray(logits), None, all_greedy=True, with_logprobs=True)
+    out = sample(jnp.asarray(logits), None, all_greedy=True, with_logprobs=True)
     ref = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
     np.testing.assert_allclose(out.logprobs, ref[np.arange(3), logits.argmax(-1)], rtol=1e-6)
     np.testing.assert_array_equal(out.ranks, [1, 1, 1])

@@ -1,5 +1,12 @@
-"""Each kernel, run by the Pallas interpreter on CPU, matches the pure-jnp reference."""
+"""Each kernel, run by the Pallas interpreter on CPU, matches the pure-jnp reference.
 
+The interpreter takes seconds per call, so the default run takes each batch case, dtype, knob
+set and option once, the kernels taking turns (each kernel sees both dtypes, and
+`test_entry_point_runs_the_named_kernel` runs both on one more batch); the remaining
+combinations are marked slow.
+"""
+
+import itertools
 import re
 
 import numpy as np
@@ -36,10 +43,21 @@ def _check(out, ref, batch, dtype):
     assert q_lens.sum() == num_real
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", list(KERNELS))
+def _default_or_slow(combos, default):
+    """pytest.params of `combos` (tuples), marked slow unless in `default`."""
+    return [pytest.param(*c, marks=() if c in default else pytest.mark.slow) for c in combos]
+
+
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+# Default: every case once, the kernels taking turns and, every other turn, the dtypes.
+CASE_COMBOS = _default_or_slow(
+    list(itertools.product(KERNELS, CASES, DTYPES)),
+    {(list(KERNELS)[i % 2], case, list(DTYPES)[i // 2 % 2]) for i, case in enumerate(CASES)})
+
+
+@pytest.mark.parametrize("backend,case,dtype", CASE_COMBOS)
 def test_kernel_matches_reference(backend, case, dtype, make_batch):
+    dtype = DTYPES[dtype]
     q_lens, kv_lens, num_tokens, (n, k), head_dim, page_size = CASES[case]
     batch = make_batch(q_lens, kv_lens, num_heads=n, num_kv_heads=k, head_dim=head_dim,
                        page_size=page_size, num_tokens=num_tokens, dtype=dtype)
@@ -48,14 +66,19 @@ def test_kernel_matches_reference(backend, case, dtype, make_batch):
     _check(out, ref, batch, dtype)
 
 
-@pytest.mark.parametrize("backend,knobs", [
-    ("gpu", dict(num_splits=3, block_n=16)),
-    ("gpu", dict(num_splits=2, block_q=4, block_n=32)),
-    ("tpu", dict(pages_per_block=1, block_q=2)),
-])
-@pytest.mark.parametrize("extras", [dict(sliding_window=5), dict(soft_cap=2.0)],
-                         ids=["sliding_window", "soft_cap"])
-def test_kernel_knobs_and_options_match_reference(backend, knobs, extras, make_batch):
+KNOBS = {"gpu-splits3": ("gpu", dict(num_splits=3, block_n=16)),
+         "gpu-splits2-block_q4": ("gpu", dict(num_splits=2, block_q=4, block_n=32)),
+         "tpu-pages1": ("tpu", dict(pages_per_block=1, block_q=2))}
+OPTIONS = {"sliding_window": dict(sliding_window=5), "soft_cap": dict(soft_cap=2.0)}
+
+
+# Default: each knob set once; the GPU kernel with both options, the TPU kernel with one.
+@pytest.mark.parametrize("knob_set,option", _default_or_slow(
+    list(itertools.product(KNOBS, OPTIONS)),
+    {("gpu-splits3", "sliding_window"), ("gpu-splits2-block_q4", "soft_cap"),
+     ("tpu-pages1", "soft_cap")}))
+def test_kernel_knobs_and_options_match_reference(knob_set, option, make_batch):
+    (backend, knobs), extras = KNOBS[knob_set], OPTIONS[option]
     batch = make_batch([1, 6, 2], [40, 6, 19], num_heads=8, num_kv_heads=2, num_tokens=12)
     ref = rpa.reference_attention(*batch, sm_scale=0.3, **extras)
     out = KERNELS[backend](*batch, sm_scale=0.3, interpret=True, **knobs, **extras)
@@ -71,8 +94,10 @@ ALIBI_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ALIBI_CASES))
-@pytest.mark.parametrize("backend", list(KERNELS))
+# Default: each case once, each kernel once.
+@pytest.mark.parametrize("backend,case", _default_or_slow(
+    list(itertools.product(KERNELS, ALIBI_CASES)),
+    {("gpu", "decode_gqa_splits"), ("tpu", "mixed_with_prefix_hits_mha")}))
 def test_kernel_with_alibi_matches_reference(backend, case, make_batch):
     q_lens, kv_lens, num_tokens, (n, k), page_size, knobs = ALIBI_CASES[case]
     batch = make_batch(q_lens, kv_lens, num_heads=n, num_kv_heads=k, page_size=page_size,
@@ -90,7 +115,8 @@ def test_entry_point_names_an_alibi_slopes_mismatch(make_batch):
         rpa.ragged_paged_attention(*batch, sm_scale=1.0, alibi_slopes=jnp.ones(3))
 
 
-@pytest.mark.parametrize("group", [3, 5, 7])
+@pytest.mark.parametrize("group", [3, pytest.param(5, marks=pytest.mark.slow),
+                                   pytest.param(7, marks=pytest.mark.slow)])
 def test_gpu_kernel_pads_odd_gqa_groups(group, make_batch):
     batch = make_batch([1, 3], [18, 3], num_heads=group, num_kv_heads=1)
     ref = rpa.reference_attention(*batch, sm_scale=0.125)

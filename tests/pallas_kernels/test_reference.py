@@ -1,7 +1,11 @@
 """The reference itself, both formulations, against a plain numpy loop on NaN-poisoned pools.
 
 ALiBi: each head adds `slope * (key_pos - query_pos)` to its scores in both formulations.
+The default run takes each formulation, batch and option once (`_diagonal`); the other
+combinations are marked slow.
 """
+
+import itertools
 
 import numpy as np
 import pytest
@@ -38,14 +42,27 @@ def numpy_attention(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc
     return out
 
 
-@pytest.mark.parametrize("block_q", [0, 16, 4])
-@pytest.mark.parametrize("q_lens,kv_lens", [
-    ([1, 1, 1, 1], [1, 16, 17, 70]),           # decode
-    ([40, 3, 17], [40, 35, 50]),               # prefill chunks and prefix hits
-    ([0, 5, 0, 33], [0, 30, 0, 33]),           # padding sequences between real ones
-])
-@pytest.mark.parametrize("options", [{}, dict(sliding_window=20), dict(soft_cap=2.0)])
-def test_both_formulations_match_numpy(make_batch, block_q, q_lens, kv_lens, options):
+def _diagonal(*axes):
+    """pytest.params of every combination of `axes` (lists of (id, value)), marked slow but
+    for the i-th value of every axis together (i up to the longest axis, shorter axes
+    wrapping around): each value of each axis stays in the default run."""
+    default = {tuple(i % len(axis) for axis in axes) for i in range(max(map(len, axes)))}
+    return [pytest.param(*(axis[i][1] for axis, i in zip(axes, index)),
+                         id="-".join(str(axis[i][0]) for axis, i in zip(axes, index)),
+                         marks=() if index in default else pytest.mark.slow)
+            for index in itertools.product(*(range(len(axis)) for axis in axes))]
+
+
+BLOCK_Q = [(0, 0), (16, 16), (4, 4)]  # 0: the whole-sequence formulation; else query blocks
+
+
+@pytest.mark.parametrize("block_q,lens,options", _diagonal(BLOCK_Q, [
+    ("decode", ([1, 1, 1, 1], [1, 16, 17, 70])),
+    ("prefill", ([40, 3, 17], [40, 35, 50])),      # prefill chunks and prefix hits
+    ("padding", ([0, 5, 0, 33], [0, 30, 0, 33])),  # padding sequences between real ones
+], [("plain", {}), ("window", dict(sliding_window=20)), ("soft_cap", dict(soft_cap=2.0))]))
+def test_both_formulations_match_numpy(make_batch, block_q, lens, options):
+    q_lens, kv_lens = lens
     batch = make_batch(q_lens, kv_lens, num_heads=4, num_kv_heads=2, head_dim=16,
                        num_tokens=sum(q_lens) + 5)
     got = np.asarray(ragged_paged_attention(*batch, sm_scale=0.3, pages_per_chunk=2,
@@ -55,14 +72,12 @@ def test_both_formulations_match_numpy(make_batch, block_q, q_lens, kv_lens, opt
     assert np.all(got[sum(q_lens):] == 0)  # padding tokens
 
 
-@pytest.mark.parametrize("block_q", [0, 16, 4])
-@pytest.mark.parametrize("q_lens,kv_lens", [
-    ([1, 1, 1, 1], [1, 16, 17, 70]),           # decode
-    ([40, 3, 0, 17], [40, 35, 0, 50]),         # prefill chunks, prefix hits, a padding seq
-])
-@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_alibi_matches_numpy_in_both_formulations(make_batch, block_q, q_lens, kv_lens,
-                                                  num_kv_heads):
+@pytest.mark.parametrize("block_q,lens,num_kv_heads", _diagonal(BLOCK_Q, [
+    ("decode", ([1, 1, 1, 1], [1, 16, 17, 70])),
+    ("prefill", ([40, 3, 0, 17], [40, 35, 0, 50])),  # chunks, prefix hits, a padding seq
+], [("mha", 4), ("gqa", 2)]))
+def test_alibi_matches_numpy_in_both_formulations(make_batch, block_q, lens, num_kv_heads):
+    q_lens, kv_lens = lens
     batch = make_batch(q_lens, kv_lens, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16,
                        num_tokens=sum(q_lens) + 5)
     slopes = np.array([0.5, 0.25, 0.0625, 0.03], np.float32)  # [N]

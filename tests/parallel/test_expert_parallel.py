@@ -39,8 +39,12 @@ def _moe_block(expert_parallel: bool) -> SparseMoE:
     return moe
 
 
+# Default: the width split (TP = 2), the expert split (TP = 4) and its fallback to the width
+# (TP = 8 > E = 4); the two other layouts are slow.
 @needs_8_devices
-@pytest.mark.parametrize("tp,expert_parallel", LAYOUTS + ((8, True),))  # 8: E=4 falls back to F
+@pytest.mark.parametrize("tp,expert_parallel", [
+    pytest.param(tp, ep, marks=pytest.mark.slow if (tp, ep) in ((2, True), (4, False)) else ())
+    for tp, ep in LAYOUTS + ((8, True),)])
 def test_sharded_moe_block_equals_one_device_and_gathers_nothing(tp, expert_parallel):
     moe = _moe_block(expert_parallel)
     x = np.random.default_rng(0).normal(size=(37, 32)).astype(np.float32)  # [T, D]
@@ -73,13 +77,28 @@ def _generate(llm, prompts):
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# Qwen2-MoE (shared expert, a dense layer) through the engines in the default run; Mixtral's
+# are slow (the MoE block test above covers both ways of splitting in the default run).
+@pytest.fixture(scope="module", params=[pytest.param("mixtral", marks=pytest.mark.slow),
+                                        "qwen2_moe"])
 def engines(request, tiny_checkpoint):
+    """`engines[tp, expert_parallel]`: that layout's engine, built on first use."""
     path = str(tiny_checkpoint(request.param))
-    built = {(1, False): LLM(path, **ENGINE)}
-    for tp, ep in LAYOUTS:
-        built[tp, ep] = LLM(path, tensor_parallel_size=tp, enable_expert_parallel=ep, **ENGINE)
-    return built
+
+    class Engines(dict):
+        def __missing__(self, layout):
+            tp, ep = layout
+            self[layout] = LLM(path, tensor_parallel_size=tp, enable_expert_parallel=ep,
+                               **ENGINE)
+            return self[layout]
+
+    return Engines()
+
+
+# The engine layouts: the expert split at TP = 4 in the default run, the other three slow
+# (the MoE block test above splits both ways in the default run).
+ENGINE_LAYOUTS = [pytest.param(tp, ep, marks=() if (tp, ep) == (4, True) else pytest.mark.slow)
+                  for tp, ep in LAYOUTS]
 
 
 def _moe(engine):
@@ -93,28 +112,28 @@ def _shard_shape(array):
 
 
 @needs_8_devices
-def test_greedy_tokens_equal_tp1_with_and_without_expert_parallel(engines, prompts):
-    expected = _generate(engines[1, False], prompts)
-    for layout in LAYOUTS:
-        with forbid_compilation():
-            assert _generate(engines[layout], prompts) == expected, layout
-        metrics = engines[layout].get_metrics()
-        assert metrics["num_preemptions"] > 0
-        assert metrics["prefix_cache_hits"] > 0
+@pytest.mark.parametrize("tp,ep", ENGINE_LAYOUTS)
+def test_greedy_tokens_equal_tp1_with_and_without_expert_parallel(engines, prompts, tp, ep):
+    expected, llm = _generate(engines[1, False], prompts), engines[tp, ep]
+    with forbid_compilation():
+        assert _generate(llm, prompts) == expected
+    metrics = llm.get_metrics()
+    assert metrics["num_preemptions"] > 0
+    assert metrics["prefix_cache_hits"] > 0
 
 
 @needs_8_devices
-def test_expert_stacks_split_on_experts_with_expert_parallel_else_on_width(engines):
+@pytest.mark.parametrize("tp,ep", ENGINE_LAYOUTS)
+def test_expert_stacks_split_on_experts_with_expert_parallel_else_on_width(engines, tp, ep):
     num_experts, dim, width = _moe(engines[1, False])["w_gate"][...].shape
-    for tp, ep in LAYOUTS:
-        moe = _moe(engines[tp, ep])
-        w_gate, w_down = moe["w_gate"][...], moe["w_down"][...]
-        if ep:
-            assert _shard_shape(w_gate) == (num_experts // tp, dim, width)
-            assert _shard_shape(w_down) == (num_experts // tp, width, dim)
-        else:
-            assert _shard_shape(w_gate) == (num_experts, dim, width // tp)
-            assert _shard_shape(w_down) == (num_experts, width // tp, dim)
-        assert len(w_gate.sharding.device_set) == tp
-        # the router stays whole on every rank
-        assert _shard_shape(moe["gate"]["kernel"][...]) == (dim, num_experts)
+    moe = _moe(engines[tp, ep])
+    w_gate, w_down = moe["w_gate"][...], moe["w_down"][...]
+    if ep:
+        assert _shard_shape(w_gate) == (num_experts // tp, dim, width)
+        assert _shard_shape(w_down) == (num_experts // tp, width, dim)
+    else:
+        assert _shard_shape(w_gate) == (num_experts, dim, width // tp)
+        assert _shard_shape(w_down) == (num_experts, width // tp, dim)
+    assert len(w_gate.sharding.device_set) == tp
+    # the router stays whole on every rank
+    assert _shard_shape(moe["gate"]["kernel"][...]) == (dim, num_experts)

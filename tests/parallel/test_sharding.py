@@ -66,8 +66,9 @@ def test_without_a_mesh_everything_goes_to_the_default_device():
     assert no_sharding().device_set == {jax.devices()[0]}
 
 
+# TP = 4 is slow: the default run has TP = 4 engines (tests/parallel: DeepSeek-V2, Qwen2-MoE).
 @needs_4_devices
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_tensor_parallel_logits_match_a_single_device(tp, tiny_checkpoint, paged_step):
     path = tiny_checkpoint("llama")
     config = ModelConfig.from_pretrained(path, dtype="float32")

@@ -35,16 +35,27 @@ def _generate(llm, prompts):
 
 @pytest.fixture(scope="module")
 def engines(heads8_checkpoint):
-    return {tp: LLM(heads8_checkpoint, tensor_parallel_size=tp, **ENGINE) for tp in (1, 2, 4, 8)}
+    """`engines[tp]`: the engine at that TP size, built on first use."""
+    class Engines(dict):
+        def __missing__(self, tp):
+            self[tp] = LLM(heads8_checkpoint, tensor_parallel_size=tp, **ENGINE)
+            return self[tp]
+
+    return Engines()
+
+
+# TP = 8 (KV heads replicated into slots) in the default run; TP = 2 (one KV head per rank,
+# whose logits tests/parallel/test_sharding.py checks in the default run) and 4 are slow.
+TP_SIZES = [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 8]
 
 
 @needs_8_devices
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", TP_SIZES)
 def test_greedy_tokens_equal_tp1_with_prefix_caching_and_preemption(engines, prompts, tp):
-    expected = _generate(engines[1], prompts)
+    expected, llm = _generate(engines[1], prompts), engines[tp]  # built before the check
     with forbid_compilation():
-        assert _generate(engines[tp], prompts) == expected
-    metrics = engines[tp].get_metrics()
+        assert _generate(llm, prompts) == expected
+    metrics = llm.get_metrics()
     assert metrics["num_preemptions"] > 0
     assert metrics["prefix_cache_hits"] > 0
 
@@ -54,7 +65,7 @@ def _shard_shape(array):
 
 
 @needs_8_devices
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", TP_SIZES)
 def test_params_and_pool_shard_over_the_model_axis(engines, tp):
     runner = engines[tp].llm_engine.runner
     layer = runner.params["layers"][0]

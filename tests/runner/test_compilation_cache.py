@@ -1,10 +1,19 @@
-"""JAX's persistent compilation cache: a second start reads every program from disk."""
+"""JAX's persistent compilation cache: a second start reads every program from disk.
+
+In this process (default run): the session's engine (`qwen2_llm`) has written its programs
+to the session's cache, and a second engine of the same checkpoint and budgets reads each of
+them back. Across processes (slow: two interpreter starts): a restart with the cache
+directory of the first start.
+"""
 
 import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import jax
+import pytest
 
 _SCRIPT = textwrap.dedent("""
     import json, sys, jax
@@ -21,6 +30,26 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_a_second_engine_reads_every_program_of_the_first_from_the_cache(
+        qwen2_llm, engine_checkpoint, engine_kwargs):
+    from jaxserve import LLM
+
+    hits = []
+
+    def on_event(event: str, **kwargs) -> None:
+        if event.endswith("/cache_hits"):
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    try:  # qwen2_llm: the same checkpoint and engine_kwargs, built before
+        second = LLM(str(engine_checkpoint("qwen2")), **engine_kwargs)
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
+    programs = second.get_metrics()["num_programs_compiled"]
+    assert programs == qwen2_llm.get_metrics()["num_programs_compiled"] > 0
+    assert len(hits) >= programs  # every step program came from disk
+
+
 def _start(model_dir, cache_dir):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _SCRIPT, str(model_dir), str(cache_dir)],
@@ -29,6 +58,7 @@ def _start(model_dir, cache_dir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_restart_hits_the_persistent_cache_for_every_program(tiny_checkpoint, tmp_path):
     model_dir = tiny_checkpoint("llama")
     first = _start(model_dir, tmp_path / "cache")

@@ -2,7 +2,8 @@
 
 `start_server(*flags)` launches the tiny qwen2 checkpoint with small engine budgets (a few
 seconds of warm-up, cached on disk for the session) and waits for /health; `ServerProcess`
-knows its URL, reads /metrics, and stops the process (checking how it exited).
+knows its URL, reads /metrics, and stops the process (checking how it exited); `api_server`
+is one such server shared by the API tests.
 `scripted.serve(test)` runs `await test(client, engine)` against `build_app` in-process over
 `ScriptedEngine`, which answers every prompt with one fixed text and made-up logprobs.
 """
@@ -31,7 +32,8 @@ from jaxserve.entrypoints.openai.api_server import build_app
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 # Every bucket compiled before the server reports ready (the background compilation has
-# its own test).
+# its own test); the budgets of tests/conftest.py's ENGINE_KWARGS, whose programs the
+# session's compilation cache holds.
 SMALL_ENGINE = ("--max-num-seqs", "16", "--max-num-batched-tokens", "128",
                 "--no-background-compilation")
 
@@ -47,8 +49,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+        # This process's XLA_FLAGS (8 host devices; the server uses one): with them the
+        # session's compilation cache has the programs of qwen2_llm, which has these budgets.
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "jaxserve.entrypoints.cli", "serve", str(checkpoint),
                "--port", str(self.port), "--compilation-cache-dir", str(cache_dir), *flags]
         self._log = open(log_path, "wb")
@@ -129,8 +132,8 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def compilation_cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jaxserve-compilation-cache")
+def compilation_cache_dir(shared_compilation_cache):
+    return shared_compilation_cache
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +147,22 @@ def start_server(engine_checkpoint, compilation_cache_dir, tmp_path_factory):
         return server
 
     return start
+
+
+# The served name and key of `api_server`, which the API tests use; background compilation
+# on (the serve default), which test_server_compilation.py checks from the start-up log.
+API_SERVER_FLAGS = ("--served-model-name", "tiny-qwen2", "--api-key", "test-key",
+                    "--max-request-body-bytes", "1MiB", "--background-compilation")
+
+
+@pytest.fixture(scope="session")
+def api_server(start_server):
+    """One server for the API tests (test_server.py, test_server_errors.py,
+    test_server_compilation.py): they read its metrics as differences, so they can share
+    its start-up."""
+    server = start_server(*API_SERVER_FLAGS)
+    yield server
+    assert server.stop() == 0, server.log()
 
 
 ANSWER = " the quick brown fox"

@@ -1,8 +1,9 @@
 """The OpenAI server end to end: a real `jaxserve serve` process driven by the openai client.
 
-One server (tiny random qwen2, real BPE tokenizer, 512-token context) serves the whole
-module: completions and chat, streamed == non-streamed, exact usage, seeded n, logprobs,
-stop strings, max_tokens clamping, tokenize, metrics and disconnects under load.
+One server (tiny random qwen2, real BPE tokenizer, 512-token context; the session's
+`api_server`, which the other API tests share) serves the whole module: completions and
+chat, streamed == non-streamed, exact usage, seeded n, logprobs, stop strings, max_tokens
+clamping, tokenize, metrics and disconnects under load.
 """
 
 import asyncio
@@ -10,17 +11,15 @@ import asyncio
 import openai
 import pytest
 
-API_KEY = "test-key"
+API_KEY = "test-key"  # as api_server serves (conftest.API_SERVER_FLAGS)
 MODEL = "tiny-qwen2"
 MAX_MODEL_LEN = 512
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    server = start_server("--served-model-name", MODEL, "--api-key", API_KEY)
-    yield server
-    assert server.stop() == 0, server.log()
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")

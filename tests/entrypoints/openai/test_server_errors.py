@@ -5,18 +5,15 @@ the OpenAI error body naming the parameter, and the server still serving afterwa
 import openai
 import pytest
 
-API_KEY = "test-key"
+API_KEY = "test-key"  # as api_server serves (conftest.API_SERVER_FLAGS), with 1 MiB bodies
 MODEL = "tiny-qwen2"
 MAX_MODEL_LEN = 512
 VOCAB = 320
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    server = start_server("--served-model-name", MODEL, "--api-key", API_KEY,
-                          "--max-request-body-bytes", "1MiB")
-    yield server
-    assert server.stop() == 0, server.log()
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The server under pressure and at the end of its life: a full waiting queue is a 503 that
-leaves it serving; SIGTERM lets an in-flight stream finish and exits 0.
+leaves it serving (slow); SIGTERM lets an in-flight stream finish and exits 0.
 """
 
 import json
@@ -16,6 +16,10 @@ def small_queue_server(start_server):
     assert server.stop() == 0, server.log()
 
 
+# Slow (a server start of its own): the default run has the scheduler's refusal beyond
+# max_num_waiting (tests/core/test_scheduler.py) and the app's 503 for it, the queued requests
+# still finishing (tests/entrypoints/openai/test_app.py).
+@pytest.mark.slow
 def test_full_waiting_queue_is_503_and_the_server_keeps_serving(small_queue_server):
     body = {"prompt": "Hello", "max_tokens": 4, "n": 24}  # 24 samples, 20 may wait
     status, result = small_queue_server.request("POST", "/v1/completions", body)
