@@ -108,6 +108,22 @@ def test_a_model_that_cannot_be_loaded_exits_2_with_the_reason(tmp_path):
     assert "jaxserve serve: error:" in result.stderr and "model_type" in result.stderr
 
 
+def test_generate_prints_one_answer_per_prompt_in_this_process(engine_checkpoint, qwen2_llm,
+                                                               shared_compilation_cache,
+                                                               capsys):
+    # qwen2_llm's checkpoint and budgets: its programs are in the session's cache
+    code = cli.main(["generate", str(engine_checkpoint("qwen2")), "--prompt", "Hello",
+                     "--prompt", "Paged attention", "--chat", "--max-tokens", "4",
+                     "--max-num-seqs", "16", "--max-num-batched-tokens", "128",
+                     "--no-background-compilation",
+                     "--compilation-cache-dir", str(shared_compilation_cache)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert len(printed.out.splitlines()) >= 2
+    assert "Compiling" in printed.err  # the warm-up progress bar
+
+
+@pytest.mark.slow  # the same as a command (seconds of interpreter start and imports)
 def test_generate_prints_one_answer_per_prompt(engine_checkpoint):
     result = run_cli("generate", str(engine_checkpoint("qwen2")), "--prompt", "Hello",
                      "--prompt", "Paged attention", "--chat", "--max-tokens", "4",

@@ -62,9 +62,10 @@ def test_invalid_values_name_the_parameter(engine_checkpoint, kwargs, name):
         LLM(str(engine_checkpoint("qwen2")), progress=False, **kwargs)
 
 
-def test_skip_tokenizer_init_serves_token_ids(tiny_checkpoint, engine_kwargs):
-    llm = LLM(str(tiny_checkpoint("llama")), skip_tokenizer_init=True,  # one (T, B) bucket
-              **{**engine_kwargs, "max_num_seqs": 8, "max_num_batched_tokens": 16})
+def test_skip_tokenizer_init_serves_token_ids(engine_checkpoint, engine_kwargs, qwen2_llm):
+    # qwen2_llm's checkpoint and budgets (its programs come from the compilation cache); its
+    # tokenizer is never loaded (the tests in tests/parallel run checkpoints that have none)
+    llm = LLM(str(engine_checkpoint("qwen2")), skip_tokenizer_init=True, **engine_kwargs)
     out = llm.generate({"prompt_token_ids": [1, 2, 3]},
                        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
                                       detokenize=False), use_tqdm=False)[0]

@@ -1,5 +1,6 @@
-"""Fixtures of the parallel tests: a tiny checkpoint whose heads split over up to 8 ranks,
-and `jaxserve` subprocesses with their own number of CPU devices (multi-host tests)."""
+"""Fixtures of the parallel tests: a tiny checkpoint whose heads split over up to 8 ranks and
+the engine budgets its tests share, and `jaxserve` subprocesses with their own number of CPU
+devices (multi-host tests)."""
 
 import os
 import socket
@@ -53,3 +54,13 @@ def heads8_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2-8heads")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def heads8_engine_kwargs():
+    """The budgets of every engine on `heads8_checkpoint`: small buckets, and 12 blocks of
+    16 tokens, which tests/parallel/test_tensor_parallel.py's prompts overflow (preemption).
+    One set, so engines of one TP size share their programs through the compilation cache."""
+    return dict(max_num_seqs=8, max_num_batched_tokens=32, num_gpu_blocks_override=12,
+                max_model_len=96, enable_prefix_caching=True, progress=False,
+                skip_tokenizer_init=True, background_compilation=False)

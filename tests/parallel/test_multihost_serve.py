@@ -1,9 +1,10 @@
-"""Multi-host `jaxserve serve`: two processes of four CPU devices, one TP = 8 mesh over both.
+"""Multi-host `jaxserve serve`: two processes of two CPU devices, one TP = 4 mesh over both.
 
-Process 0 serves HTTP and broadcasts each step's SchedulerOutput; process 1 follows. A
-greedy completion from a token-id prompt (chunked over two prefill steps) must answer as
-one in-process engine at TP = 1, compile nothing after warm-up, and SIGTERM on process 0
-must end both with status 0 (process 1 leaves when it receives STOP).
+Process 0 serves HTTP and broadcasts each step's SchedulerOutput; process 1 follows. The
+tiny qwen2 (2 KV heads, each replicated into two of the four slots) must answer a greedy
+completion from a token-id prompt (chunked over two prefill steps) as the session's
+in-process engine at TP = 1 (`qwen2_llm`), compile nothing after warm-up, and SIGTERM on
+process 0 must end both with status 0 (process 1 leaves when it receives STOP).
 """
 
 import json
@@ -13,11 +14,11 @@ import time
 import urllib.error
 import urllib.request
 
-from jaxserve import LLM, SamplingParams
+from jaxserve import SamplingParams
 
 
 FLAGS = ["--max-num-seqs", "8", "--max-num-batched-tokens", "16", "--max-model-len", "128",
-         "--compilation-cache-dir", "", "-tp", "8", "--served-model-name", "tiny"]
+         "--compilation-cache-dir", "", "-tp", "4", "--served-model-name", "tiny"]
 PROMPT = [(7 * i + 3) % 300 + 10 for i in range(20)]  # 20 tokens: prefill 16 + 4
 
 
@@ -47,17 +48,17 @@ def _complete(url: str) -> dict:
         return json.loads(response.read())
 
 
-def test_two_processes_serve_like_one_process(engine_checkpoint, start_jaxserve, free_port):
-    model = str(engine_checkpoint("qwen2_8heads"))
+def test_two_processes_serve_like_one_process(engine_checkpoint, qwen2_llm, start_jaxserve,
+                                              free_port):
+    model = str(engine_checkpoint("qwen2"))
     port, coordinator = free_port(), f"localhost:{free_port()}"
     processes = [start_jaxserve(["serve", model, *FLAGS, "--port", str(port),
                          "--distributed-coordinator", coordinator, "--num-processes", "2",
-                         "--process-id", str(i)], devices=4) for i in range(2)]
+                         "--process-id", str(i)], devices=2) for i in range(2)]
     try:
-        llm = LLM(model, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=128,
-                  progress=False, background_compilation=False)
-        [expected] = llm.generate([{"prompt_token_ids": PROMPT}],
-                                  SamplingParams(max_tokens=8, temperature=0))
+        [expected] = qwen2_llm.generate([{"prompt_token_ids": PROMPT}],
+                                        SamplingParams(max_tokens=8, temperature=0),
+                                        use_tqdm=False)
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, processes, time.monotonic() + 180)
         answer = _complete(url)

@@ -18,8 +18,6 @@ from jaxserve.parallel.sharding import make_mesh
 
 needs_8_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=96, progress=False,
-              skip_tokenizer_init=True, background_compilation=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +49,13 @@ def test_restored_params_equal_the_loaded_ones_with_their_shardings(heads8_check
 
 @needs_8_devices
 def test_serving_the_converted_checkpoint_gives_identical_greedy_tokens(heads8_checkpoint,
+                                                                        heads8_engine_kwargs,
                                                                         converted):
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 40)]
 
     def tokens(path):
-        outs = LLM(path, tensor_parallel_size=4, **ENGINE).generate(prompts, GREEDY,
-                                                                     use_tqdm=False)
+        llm = LLM(path, tensor_parallel_size=4, **heads8_engine_kwargs)
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs]
 
     assert tokens(converted) == tokens(heads8_checkpoint)

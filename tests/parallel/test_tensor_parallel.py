@@ -15,10 +15,6 @@ from jaxserve.testing.hf_reference import random_prompts
 
 needs_8_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-# Small buckets; 12 blocks of 16 tokens for 8 prompts of up to 82 tokens force preemption.
-ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=32, num_gpu_blocks_override=12,
-              max_model_len=96, enable_prefix_caching=True, progress=False,
-              skip_tokenizer_init=True, background_compilation=False)
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +30,21 @@ def _generate(llm, prompts):
 
 
 @pytest.fixture(scope="module")
-def engines(heads8_checkpoint):
-    """`engines[tp]`: the engine at that TP size, built on first use."""
+def engines(heads8_checkpoint, heads8_engine_kwargs):
+    """`engines[tp]`: the engine at that TP size, built on first use (12 blocks of 16 tokens
+    for 8 prompts of up to 82 tokens: preemption)."""
     class Engines(dict):
         def __missing__(self, tp):
-            self[tp] = LLM(heads8_checkpoint, tensor_parallel_size=tp, **ENGINE)
+            self[tp] = LLM(heads8_checkpoint, tensor_parallel_size=tp, **heads8_engine_kwargs)
             return self[tp]
 
     return Engines()
 
 
-# TP = 8 (KV heads replicated into slots) in the default run; TP = 2 (one KV head per rank,
-# whose logits tests/parallel/test_sharding.py checks in the default run) and 4 are slow.
-TP_SIZES = [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 8]
+# TP = 4 (KV heads replicated into slots; test_orbax_checkpoint.py's TP = 4 engines then
+# read its programs) in the default run; TP = 2 (one KV head per rank, whose logits
+# tests/parallel/test_sharding.py checks in the default run) and 8 are slow.
+TP_SIZES = [pytest.param(2, marks=pytest.mark.slow), 4, pytest.param(8, marks=pytest.mark.slow)]
 
 
 @needs_8_devices

@@ -3,7 +3,8 @@
 `start_server(*flags)` launches the tiny qwen2 checkpoint with small engine budgets (a few
 seconds of warm-up, cached on disk for the session) and waits for /health; `ServerProcess`
 knows its URL, reads /metrics, and stops the process (checking how it exited); `api_server`
-is one such server shared by the API tests.
+is one such server shared by the API tests, launched with `plain_server` (for the SIGTERM
+test) so that the two start at once.
 `scripted.serve(test)` runs `await test(client, engine)` against `build_app` in-process over
 `ScriptedEngine`, which answers every prompt with one fixed text and made-up logprobs.
 """
@@ -137,12 +138,22 @@ def compilation_cache_dir(shared_compilation_cache):
 
 
 @pytest.fixture(scope="session")
-def start_server(engine_checkpoint, compilation_cache_dir, tmp_path_factory):
+def launch_server(engine_checkpoint, compilation_cache_dir, tmp_path_factory):
+    """`launch_server(*flags) -> ServerProcess` serving the tiny qwen2 checkpoint, started
+    (`wait_ready()` waits for it)."""
+    def launch(*flags: str) -> ServerProcess:
+        log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+        return ServerProcess(engine_checkpoint("qwen2"), [*SMALL_ENGINE, *flags],
+                             log_path=log_path, cache_dir=compilation_cache_dir)
+
+    return launch
+
+
+@pytest.fixture(scope="session")
+def start_server(launch_server):
     """`start_server(*flags) -> ServerProcess` serving the tiny qwen2 checkpoint, ready."""
     def start(*flags: str) -> ServerProcess:
-        log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-        server = ServerProcess(engine_checkpoint("qwen2"), [*SMALL_ENGINE, *flags],
-                               log_path=log_path, cache_dir=compilation_cache_dir)
+        server = launch_server(*flags)
         server.wait_ready()
         return server
 
@@ -156,13 +167,30 @@ API_SERVER_FLAGS = ("--served-model-name", "tiny-qwen2", "--api-key", "test-key"
 
 
 @pytest.fixture(scope="session")
-def api_server(start_server):
+def session_servers(launch_server):
+    """The server the API tests share and a plain one that the SIGTERM test stops, launched
+    together so that their start-ups overlap (one core each); each test waits for its own."""
+    servers = types.SimpleNamespace(api=launch_server(*API_SERVER_FLAGS),
+                                    plain=launch_server())
+    yield servers
+    for server in (servers.api, servers.plain):  # the plain one may have exited already
+        assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def api_server(session_servers):
     """One server for the API tests (test_server.py, test_server_errors.py,
     test_server_compilation.py): they read its metrics as differences, so they can share
     its start-up."""
-    server = start_server(*API_SERVER_FLAGS)
-    yield server
-    assert server.stop() == 0, server.log()
+    session_servers.api.wait_ready()
+    return session_servers.api
+
+
+@pytest.fixture
+def plain_server(session_servers):
+    """A server with the default flags, ready, for a test that ends it."""
+    session_servers.plain.wait_ready()
+    return session_servers.plain
 
 
 ANSWER = " the quick brown fox"

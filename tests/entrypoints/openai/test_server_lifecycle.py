@@ -30,8 +30,8 @@ def test_full_waiting_queue_is_503_and_the_server_keeps_serving(small_queue_serv
     assert small_queue_server.wait_idle()["jaxserve:kv_cache_usage_perc"] == 0
 
 
-def test_sigterm_lets_the_in_flight_stream_finish_and_exits_0(start_server):
-    server = start_server()
+def test_sigterm_lets_the_in_flight_stream_finish_and_exits_0(plain_server):
+    server = plain_server
     request = urllib.request.Request(
         server.url + "/v1/completions", method="POST",
         headers={"Content-Type": "application/json"},
