@@ -46,7 +46,7 @@ def _gguf_tokenizer(gguf_file: str):
     try:
         from transformers import TokenizersBackend
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
     except ImportError:
         from transformers import AutoTokenizer
 
@@ -68,8 +68,3 @@ def _gguf_tokenizer(gguf_file: str):
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(file.get("general.architecture"), tokenizer)
     return TokenizersBackend(tokenizer_object=backend, **config, **extra)
-
-
-# special token -> the metadata key (tokenizer.ggml.*) of its id
-_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-                   "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
