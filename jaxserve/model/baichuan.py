@@ -9,13 +9,12 @@ any other (13B) ALiBi. Baichuan2's NormHead L2-normalises each LM-head row once,
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.layers import Linear, Rotary, dense_dot
+from jaxserve.model.layers import Linear, Rotary, dense_dot, init_normal
 from jaxserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 POSITION_EMBEDDINGS = ("rope", "alibi")
@@ -60,8 +59,8 @@ class PackedLinear(nnx.Module):
     def __init__(self, in_features: int, rows: tuple[int, int, int], *, hf_name: str,
                  axes: tuple[str, str], dtype, rngs: nnx.Rngs):
         start, stop, _ = rows  # (start, stop, rows of the fused tensor)
-        value = 0.02 * jax.random.normal(rngs.params(), (in_features, stop - start))
-        self.kernel = nnx.Param(value.astype(dtype), hf_name=f"{hf_name}.weight",
+        value = init_normal(rngs, (in_features, stop - start), dtype)
+        self.kernel = nnx.Param(value, hf_name=f"{hf_name}.weight",
                                 hf_transpose=True, axes=axes, hf_rows=rows)  # [in, out]
 
     def __call__(self, x, *, rows=None):  # [..., in] -> [..., out]; rows: see dense_dot

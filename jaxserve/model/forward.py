@@ -22,12 +22,13 @@ KVCaches = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: ([K, L, S, H], 
 def build_model(model_config: ModelConfig, *, attention_backend: str = "reference",
                 rngs: nnx.Rngs | None = None, abstract: bool = False) -> nnx.Module:
     """The model for `model_config.architecture`, randomly initialised, or with
-    `abstract=True` made of ShapeDtypeStructs only (no initialiser ever runs)."""
+    `abstract=True` made of ShapeDtypeStructs only (no initialiser ever runs; the layers
+    get `rngs=None` and trace zeros, see `layers.init_normal`)."""
     cls = model_class(model_config.architecture)
 
     def make() -> nnx.Module:
-        return cls(model_config, attention_backend=attention_backend,
-                   rngs=rngs if rngs is not None else nnx.Rngs(0))
+        chosen = None if abstract else (rngs if rngs is not None else nnx.Rngs(0))
+        return cls(model_config, attention_backend=attention_backend, rngs=chosen)
 
     return nnx.eval_shape(make) if abstract else make()
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.model.layers import MLP, Linear
+from jaxserve.model.layers import MLP, Linear, init_normal
 from jaxserve.parallel.expert_parallel import DOWN_AXES, UP_AXES, shard_experts
 from jaxserve.parallel.tensor_parallel import model_axis_size
 
@@ -137,8 +137,7 @@ class SparseMoE(nnx.Module):
         gate_name, up_name, down_name = expert_names
 
         def experts(shape, name, axes):
-            init = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
-            return stacked_param(init.astype(dtype), hf_name=name, axes=axes)
+            return stacked_param(init_normal(rngs, shape, dtype), hf_name=name, axes=axes)
 
         self.w_gate = experts((num_experts, dim, width), gate_name, UP_AXES)  # [E, D, F]
         self.w_up = experts((num_experts, dim, width), up_name, UP_AXES)  # [E, D, F]
