@@ -89,26 +89,29 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype: str = "auto", max_model_len: int | None = None,
-                        platform: str | None = None) -> ModelConfig:
+                        platform: str | None = None, cache_dir: str | None = None) -> ModelConfig:
         """Reads `model_dir/config.json` with transformers' AutoConfig and validates it.
 
         `model_dir` may also be a `.gguf` file, or a directory holding one (and no
         config.json): the config then comes from the GGUF metadata, and `model_dir` becomes
         the file's path. `dtype="auto"` resolves to float32 on CPU and bfloat16 on GPU/TPU
         (`platform` defaults to jax's default backend). `max_model_len=None` serves the full
-        context.
+        context. With `cache_dir`, what transformers resolved is recorded there and read back
+        on later starts (`resolution_cache`: no torch import).
         """
         from jaxserve.model.gguf_reader import find_gguf_file, gguf_hf_config
+        from jaxserve.resolution_cache import resolved_hf_config
 
         path = os.fspath(model_dir)
         gguf_file = find_gguf_file(path)
         if gguf_file is not None:
-            path, hf = gguf_file, gguf_hf_config(gguf_file)
+            path = gguf_file
+            hf = resolved_hf_config(path, cache_dir, lambda: gguf_hf_config(gguf_file))
         elif not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"ModelConfig.model_dir: no config.json (nor a .gguf file) "
                                     f"in {path!r}")
         else:
-            hf = _read_hf_config(path)
+            hf = resolved_hf_config(path, cache_dir, lambda: _read_hf_config(path))
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:
             raise ValueError(f"ModelConfig.architecture: {path}/config.json lists no `architectures`")

@@ -1,6 +1,7 @@
 """A model's tokenizer, from the same local path as its weights: HF directory or GGUF file.
 
-HF directories go through `AutoTokenizer`, except Baichuan's, whose tokenizer class is
+HF directories go through `AutoTokenizer` (on a start with a cache directory that has seen the
+checkpoint, straight through the class it chose: `resolution_cache`), except Baichuan's, whose tokenizer class is
 remote code: `baichuan_tokenizer.py` implements it. A GGUF file carries its vocabulary, merges,
 special tokens and chat template as metadata (read by `gguf_file`), which transformers' GGUF
 converter turns into a fast tokenizer without torch; the chat template is set from `tokenizer.chat_template` if transformers left it out. Any
@@ -12,9 +13,9 @@ from __future__ import annotations
 import os
 
 
-def load_tokenizer(model_path):
+def load_tokenizer(model_path, *, cache_dir: str | None = None):
     """The tokenizer of the checkpoint at `model_path` (directory, `.gguf` file, or a
-    directory holding one `.gguf`)."""
+    directory holding one `.gguf`); `cache_dir` keeps `resolution_cache`'s records."""
     from jaxserve.baichuan_tokenizer import is_baichuan_tokenizer, load_baichuan_tokenizer
     from jaxserve.model.gguf_reader import find_gguf_file, gguf_chat_template
 
@@ -24,9 +25,9 @@ def load_tokenizer(model_path):
         if gguf_file is None and is_baichuan_tokenizer(path):
             return load_baichuan_tokenizer(path)  # remote code in the checkpoint: ours instead
         if gguf_file is None:
-            from transformers import AutoTokenizer
+            from jaxserve.resolution_cache import resolved_tokenizer
 
-            return AutoTokenizer.from_pretrained(path)
+            return resolved_tokenizer(path, cache_dir)
         tokenizer = _gguf_tokenizer(gguf_file)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = gguf_chat_template(gguf_file)

@@ -53,7 +53,8 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
                          background_compilation: bool = True) -> EngineConfig:
     """Reads the model's config and builds every part; ValueError names a bad option."""
     apply_preferred_cpu_flags()
-    model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len)
+    model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len,
+                                               cache_dir=compilation_cache_dir)
     if enable_expert_parallel is not False:  # MoE experts split over "model", not their width
         model_config = dataclasses.replace(model_config,
                                            enable_expert_parallel=enable_expert_parallel)

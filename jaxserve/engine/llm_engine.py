@@ -54,7 +54,8 @@ class LLMEngine:
         self.step_broadcaster = step_broadcaster
         self.model_config = config.model_config
         if tokenizer is None and not config.skip_tokenizer_init:
-            tokenizer = load_tokenizer(self.model_config.model_dir)
+            tokenizer = load_tokenizer(self.model_config.model_dir,
+                                       cache_dir=config.compilation_cache_dir)
         self.tokenizer = tokenizer
         if config.compilation_cache_dir is not None:
             enable_persistent_cache(config.compilation_cache_dir)
