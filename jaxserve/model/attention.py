@@ -3,7 +3,8 @@
 `write_kv` scatters the new K/V rows of all T tokens into one layer's key and value pools
 through `slot_mapping` (padding tokens land in the null block 0). `paged_attention` calls
 the chosen backend: the pure-jnp reference, the Pallas kernels (GPU/TPU) or the native
-C++ CPU kernel. Host code says *block*,
+C++ CPU kernel. Models reach these through `ops.Ops`, which picks the backend and whether
+the native row writer runs (`native=`). Host code says *block*,
 kernels say *page*: this module is the only place that translates between the two. Under
 tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` over KV heads.
 """
@@ -23,44 +24,40 @@ def write_kv(k_pool,        # [K, L, S, H] one layer's key pool
              new_k,         # [T, K, H] keys of this step's tokens
              new_v,         # [T, K, H] values of this step's tokens
              slot_mapping,  # [T] int32 block_id * S + offset; padding -> slots of block 0
+             *, native: bool = False,
              ) -> tuple[jax.Array, jax.Array]:
-    """Both pools with token t's K/V stored at slot `slot_mapping[t]` of every KV head."""
+    """Both pools with token t's K/V stored at slot `slot_mapping[t]` of every KV head;
+    `native`: see `set_slots`."""
+    def write(new_k, new_v, k_pool, v_pool, slot_mapping):  # one shard's heads
+        return (set_slots(k_pool, slot_mapping, new_k, native=native),
+                set_slots(v_pool, slot_mapping, new_v, native=native))
+
     if model_axis_size() > 1:
-        sharded = shard_over_heads(_write_kv, num_head_args=2, num_pool_args=2, num_outputs=2,
-                                   pool_outputs=True)
-        return sharded(new_k, new_v, k_pool, v_pool, slot_mapping)
-    return _write_kv(new_k, new_v, k_pool, v_pool, slot_mapping)
+        write = shard_over_heads(write, num_head_args=2, num_pool_args=2, num_outputs=2,
+                                 pool_outputs=True)
+    return write(new_k, new_v, k_pool, v_pool, slot_mapping)
 
 
 def set_slots(pool,   # [..., L, S, W] a paged pool (L blocks of S slots)
               slots,  # [T] int32 slot (block * S + offset) of each new row
               rows,   # [T, ..., W] the new rows, token-major
+              *, native: bool = False,
               ) -> jax.Array:  # [..., L, S, W] with rows[t, ..., :] at slot slots[t]
     """A scatter of rows into a pool, in place when the pool is donated.
 
-    On CPU, 16-bit float pools go through the native row writer (pallas_kernels/cpu/
-    set_rows): XLA:CPU has no bfloat16 scatter and converts the whole pool to float32 and
-    back around one (~40 ms per layer for a 1 GB pool).
+    With `native` (CPU only), 16-bit float pools go through the native row writer
+    (pallas_kernels/cpu/set_rows): XLA:CPU has no bfloat16 scatter and converts the whole
+    pool to float32 and back around one.
     """
     rows = rows.astype(pool.dtype)
-    if pool.dtype.itemsize == 2 and jax.default_backend() == "cpu":
+    if native and pool.dtype.itemsize == 2:
         from pallas_kernels.cpu import set_rows
 
-        if set_rows.available():
-            return set_rows.set_rows(pool, slots, rows)
+        return set_rows.set_rows(pool, slots, rows)
     *outer, num_blocks, block_size, width = pool.shape
     flat = pool.reshape(*outer, num_blocks * block_size, width)  # [..., L*S, W]
     rows = jnp.moveaxis(rows, 0, -2)  # [..., T, W]
     return flat.at[..., slots, :].set(rows).reshape(pool.shape)
-
-
-def _write_kv(new_k, new_v, k_pool, v_pool, slot_mapping):  # one shard's heads
-    num_kv_heads, num_blocks, block_size, head_dim = k_pool.shape
-
-    def scatter(pool, new):  # new [T, K, H]
-        return set_slots(pool, slot_mapping, new)
-
-    return scatter(k_pool, new_k), scatter(v_pool, new_v)
 
 
 def paged_attention(q,        # [T, N, H] queries of this step's tokens (RoPE applied)

@@ -14,8 +14,9 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.layers import Linear, Rotary, dense_dot, init_normal
+from jaxserve.model.layers import Linear, Rotary, init_normal
 from jaxserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from jaxserve.model.ops import Ops
 
 POSITION_EMBEDDINGS = ("rope", "alibi")
 _BAICHUAN2_VOCAB_SIZE = 125696  # vLLM's test for a Baichuan2 (NormHead) checkpoint
@@ -53,29 +54,27 @@ def uses_norm_head(config: ModelConfig) -> bool:
     return config.vocab_size == _BAICHUAN2_VOCAB_SIZE if explicit is None else bool(explicit)
 
 
-class PackedLinear(nnx.Module):
-    """y = x @ kernel, the kernel being rows [start, stop) of a fused checkpoint weight."""
+class PackedLinear(Linear):
+    """A bias-free Linear whose kernel is rows [start, stop) of a fused checkpoint weight."""
 
-    def __init__(self, in_features: int, rows: tuple[int, int, int], *, hf_name: str,
-                 axes: tuple[str, str], dtype, rngs: nnx.Rngs):
-        start, stop, _ = rows  # (start, stop, rows of the fused tensor)
+    def __init__(self, in_features: int, row_range: tuple[int, int, int], *, hf_name: str,
+                 axes: tuple[str, str], dtype, ops: Ops, rngs: nnx.Rngs | None):
+        start, stop, _ = row_range  # (start, stop, rows of the fused tensor)
         value = init_normal(rngs, (in_features, stop - start), dtype)
         self.kernel = nnx.Param(value, hf_name=f"{hf_name}.weight",
-                                hf_transpose=True, axes=axes, hf_rows=rows)  # [in, out]
-
-    def __call__(self, x, *, rows=None):  # [..., in] -> [..., out]; rows: see dense_dot
-        return dense_dot(x, self.kernel[...], rows=rows)
+                                hf_transpose=True, axes=axes, hf_rows=row_range)  # [in, out]
+        self.bias = None
+        self.ops = ops
 
 
 class BaichuanAttention(LlamaAttention):
     """Llama's attention step with q, k, v read from W_pack and RoPE or ALiBi positions."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, ops: Ops, rngs: nnx.Rngs | None):
         prefix = f"model.layers.{layer}.self_attn"
         dim, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
                                           config.num_kv_heads, config.head_dim)
-        common = dict(dtype=jnp.dtype(config.dtype), rngs=rngs)
+        common = dict(dtype=jnp.dtype(config.dtype), ops=ops, rngs=rngs)
         q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
         total = q_rows + 2 * kv_rows
         packed = f"{prefix}.W_pack"
@@ -88,13 +87,13 @@ class BaichuanAttention(LlamaAttention):
         self.o_proj = Linear(heads * head_dim, dim, hf_name=f"{prefix}.o_proj",
                              axes=("q_heads", "embed"), use_bias=False, **common)
         rope = position_embedding(config) == "rope"
-        self.rotary = Rotary(head_dim, config.rope_theta) if rope else None
+        self.rotary = Rotary(head_dim, config.rope_theta, ops=ops) if rope else None
         # [N] slopes of all heads (TP slices them per rank); a tuple: static, not a param
         self.alibi = None if rope else tuple(float(s) for s in alibi_slopes(heads))
         self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.sliding_window = None
-        self.attention_backend = attention_backend
+        self.ops = ops
 
 
 class BaichuanDecoderLayer(LlamaDecoderLayer):
@@ -108,11 +107,10 @@ class BaichuanForCausalLM(LlamaForCausalLM):
 
     decoder_layer_class = BaichuanDecoderLayer
 
-    def __init__(self, config: ModelConfig, *, attention_backend: str = "reference",
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, ops: Ops, rngs: nnx.Rngs | None):
         if config.tie_word_embeddings:
             raise ValueError("ModelConfig.tie_word_embeddings must be False for Baichuan")
-        super().__init__(config, attention_backend=attention_backend, rngs=rngs)
+        super().__init__(config, ops=ops, rngs=rngs)
         if uses_norm_head(config):  # each vocab row (a kernel column) scaled to unit norm
             self.lm_head.kernel = nnx.Param(
                 self.lm_head.kernel[...], hf_name="lm_head.weight", hf_transpose=True,

@@ -22,8 +22,9 @@ from jaxserve.config import ModelConfig
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.layers import Linear, RMSNorm, Rotary
 from jaxserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, dense_mlp
-from jaxserve.model.mla_attention import mla_paged_attention, write_latent
+from jaxserve.model.mla_attention import mla_paged_attention
 from jaxserve.model.moe import SharedExpert, SparseMoE
+from jaxserve.model.ops import Ops
 
 LatentCache = tuple[jax.Array]  # ([L, S, R + Hr] latent pool,)
 # DeepSeek-V2's q_a / kv_a norms keep transformers' default epsilon, not rms_norm_eps.
@@ -47,8 +48,7 @@ def softmax_scale(config: ModelConfig) -> float:
 class DeepseekV2Attention(nnx.Module):
     """MLA over the paged latent pool of one layer, in the absorbed form."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, ops: Ops, rngs: nnx.Rngs | None):
         hf = config.hf_config
         prefix = f"model.layers.{layer}.self_attn"
         dim, heads = config.hidden_size, config.num_heads
@@ -56,7 +56,7 @@ class DeepseekV2Attention(nnx.Module):
                                                     hf.v_head_dim)
         self.rank, self.num_heads = hf.kv_lora_rank, heads
         qk_dim = self.nope_dim + self.rope_dim
-        common = dict(dtype=jnp.dtype(config.dtype), rngs=rngs)
+        common = dict(dtype=jnp.dtype(config.dtype), ops=ops, rngs=rngs)
         norm = dict(eps=_LORA_NORM_EPS, dtype=jnp.dtype(config.dtype))
         bias = config.attention_bias
         if hf.q_lora_rank:
@@ -85,15 +85,17 @@ class DeepseekV2Attention(nnx.Module):
         scaling = config.rope_scaling
         self.rotary = Rotary(self.rope_dim, config.rope_theta,
                              None if scaling is None else tuple(sorted(scaling.items())),
-                             interleaved=True)
+                             interleaved=True, ops=ops)
         self.sm_scale = softmax_scale(config)
-        del attention_backend  # MLA always runs the latent reference (see mla_paged_attention)
+        # MLA always attends with the latent reference (see mla_paged_attention), whatever
+        # the attention backend; the pool write and the projections go through the ops.
+        self.ops = ops
 
-    def _queries(self, x):  # [T, D] -> [T, N, nope + rope]
+    def _queries(self, x, metadata: AttentionMetadata):  # [T, D] -> [T, N, nope + rope]
         if self.q_proj is not None:
-            q = self.q_proj(x)
+            q = self.q_proj(x, metadata)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, metadata)), metadata)
         return q.reshape(x.shape[0], self.num_heads, -1)
 
     def __call__(self, x,          # [T, D]
@@ -102,9 +104,9 @@ class DeepseekV2Attention(nnx.Module):
                  metadata: AttentionMetadata,
                  ) -> tuple[jax.Array, LatentCache]:  # [T, D], updated pool
         num_tokens = x.shape[0]
-        q = self._queries(x)  # [T, N, nope + rope]
+        q = self._queries(x, metadata)  # [T, N, nope + rope]
         q_nope, q_rope = q[..., :self.nope_dim], q[..., self.nope_dim:]
-        latent = self.kv_a_proj_with_mqa(x)  # [T, R + Hr]
+        latent = self.kv_a_proj_with_mqa(x, metadata)  # [T, R + Hr]
         c = self.kv_a_layernorm(latent[:, :self.rank])  # [T, R]
         k_rope = self.rotary(latent[:, None, self.rank:], positions)[:, 0]  # [T, Hr]
         q_rope = self.rotary(q_rope, positions)  # [T, N, Hr]
@@ -112,21 +114,22 @@ class DeepseekV2Attention(nnx.Module):
         w_uk, w_uv = w_b[..., :self.nope_dim], w_b[..., self.nope_dim:]  # [R, N, nope], [R, N, v]
         q_latent = jnp.einsum("tnh,rnh->tnr", q_nope, w_uk)  # [T, N, R]
         (pool,) = kv_cache
-        pool = write_latent(pool, jnp.concatenate([c, k_rope], axis=-1),
-                            metadata.slot_mapping)  # [L, S, R + Hr]
+        pool = self.ops.write_rows(pool, metadata.slot_mapping,
+                                   jnp.concatenate([c, k_rope], axis=-1))  # [L, S, R + Hr]
         out = mla_paged_attention(q_latent, q_rope, pool, metadata,
                                   sm_scale=self.sm_scale)  # [T, N, R]
         out = jnp.einsum("tnr,rnv->tnv", out, w_uv)  # [T, N, v]
-        return self.o_proj(out.reshape(num_tokens, -1)), (pool,)
+        return self.o_proj(out.reshape(num_tokens, -1), metadata), (pool,)
 
 
-def deepseek_moe(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMoE:
+def deepseek_moe(config: ModelConfig, layer: int, *, ops: Ops,
+                 rngs: nnx.Rngs | None) -> SparseMoE:
     """Layer `layer`'s DeepSeekMoE block: routed experts plus the (ungated) shared experts."""
     hf, dtype = config.hf_config, jnp.dtype(config.dtype)
     prefix = f"model.layers.{layer}.mlp"
     grouped = hf.topk_method == "group_limited_greedy"
     shared = SharedExpert(config.hidden_size, hf.moe_intermediate_size * hf.n_shared_experts,
-                          hf_name=f"{prefix}.shared_experts", dtype=dtype,
+                          hf_name=f"{prefix}.shared_experts", dtype=dtype, ops=ops,
                           rngs=rngs) if hf.n_shared_experts else None
     return SparseMoE(
         config.hidden_size, hf.moe_intermediate_size, num_experts=hf.n_routed_experts,
@@ -136,7 +139,7 @@ def deepseek_moe(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMo
         expert_names=tuple(f"{prefix}.experts.{{expert}}.{w}_proj.weight"
                            for w in ("gate", "up", "down")),
         shared_expert=shared, expert_parallel=config.enable_expert_parallel,
-        dtype=dtype, rngs=rngs)
+        dtype=dtype, ops=ops, rngs=rngs)
 
 
 class DeepseekV2DecoderLayer(LlamaDecoderLayer):
@@ -144,11 +147,12 @@ class DeepseekV2DecoderLayer(LlamaDecoderLayer):
 
     attention_class = DeepseekV2Attention
 
-    def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    def make_mlp(self, config: ModelConfig, layer: int, *, ops: Ops,
+                 rngs: nnx.Rngs | None) -> nnx.Module:
         hf = config.hf_config
         if layer >= hf.first_k_dense_replace and hf.n_routed_experts:
-            return deepseek_moe(config, layer, rngs=rngs)
-        return dense_mlp(config, layer, rngs=rngs)
+            return deepseek_moe(config, layer, ops=ops, rngs=rngs)
+        return dense_mlp(config, layer, ops=ops, rngs=rngs)
 
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):

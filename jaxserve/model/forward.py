@@ -14,21 +14,23 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.model.ops import Ops
 from jaxserve.model.registry import model_class
 
 KVCaches = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: ([K, L, S, H], [K, L, S, H])
 
 
-def build_model(model_config: ModelConfig, *, attention_backend: str = "reference",
+def build_model(model_config: ModelConfig, *, ops: Ops = Ops(),
                 rngs: nnx.Rngs | None = None, abstract: bool = False) -> nnx.Module:
-    """The model for `model_config.architecture`, randomly initialised, or with
-    `abstract=True` made of ShapeDtypeStructs only (no initialiser ever runs; the layers
-    get `rngs=None` and trace zeros, see `layers.init_normal`)."""
+    """The model for `model_config.architecture` running `ops` (default: XLA's ops and the
+    reference attention), randomly initialised, or with `abstract=True` made of
+    ShapeDtypeStructs only (no initialiser ever runs; the layers get `rngs=None` and trace
+    zeros, see `layers.init_normal`)."""
     cls = model_class(model_config.architecture)
 
     def make() -> nnx.Module:
         chosen = None if abstract else (rngs if rngs is not None else nnx.Rngs(0))
-        return cls(model_config, attention_backend=attention_backend, rngs=chosen)
+        return cls(model_config, ops=ops, rngs=chosen)
 
     return nnx.eval_shape(make) if abstract else make()
 
@@ -44,18 +46,18 @@ def run_model(graphdef: nnx.GraphDef, params: nnx.State, kv_caches: KVCaches,
 
 def compute_logits(graphdef: nnx.GraphDef, params: nnx.State,
                    hidden,  # [..., D] final hidden states
-                   rows=None,  # int32 scalar: real rows of hidden (the rest is padding)
+                   num_rows=None,  # [] int32 real rows of hidden (the rest is padding)
                    ) -> jax.Array:  # [..., V] float32
     """The LM head (tied or not) as a pure function."""
-    return nnx.merge(graphdef, params).compute_logits(hidden, rows=rows)
+    return nnx.merge(graphdef, params).compute_logits(hidden, num_rows)
 
 
 def greedy_token_ids(graphdef: nnx.GraphDef, params: nnx.State,
                      hidden,  # [B, D] final hidden states
-                     rows=None,  # int32 scalar: real rows of hidden (the rest is padding)
+                     num_rows,  # [] int32 real rows of hidden (the rest is padding)
                      ) -> jax.Array:  # [B] int32
     """Greedy sampling as a pure function: the argmax of the logits (fused on CPU)."""
-    return nnx.merge(graphdef, params).greedy_token_ids(hidden, rows=rows)
+    return nnx.merge(graphdef, params).greedy_token_ids(hidden, num_rows)
 
 
 def make_forward(graphdef: nnx.GraphDef, *, all_token_logits: bool = False) -> Callable:

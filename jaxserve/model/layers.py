@@ -4,90 +4,20 @@ Every parameter is an `nnx.Param` that declares, as metadata, its HF checkpoint 
 (`hf_name`), whether the checkpoint stores it transposed (`hf_transpose`, true for Linear
 weights, which torch keeps as [out, in]) and its logical axes (`axes`, for the sharding
 rules). The loader reads only this metadata; models never touch checkpoints themselves.
-Every dense product goes through `dense_dot`, which picks XLA's dot or the native CPU GEMM.
+Every product goes through the `ops.Ops` the layer was built with; layers that multiply
+take the step's `AttentionMetadata`, whose real-token count the ops use to skip padding.
 """
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def _native_gemm(x, w, preferred_element_type) -> bool:
-    """Whether `dense_dot` runs on the native CPU GEMM (pallas_kernels/cpu/matmul.cc).
-
-    On the CPU platform, when it builds here, outside tensor parallelism (its custom call
-    has no sharding rule), for float32 or bfloat16 operands of one dtype and a result in
-    that dtype or float32. JAXSERVE_CPU_GEMM=xla keeps XLA's dot (for comparisons).
-    """
-    from jaxserve.parallel.tensor_parallel import model_axis_size
-
-    dtype = jnp.dtype(x.dtype)
-    return (dtype == jnp.dtype(w.dtype) and dtype in (jnp.float32, jnp.bfloat16)
-            and preferred_element_type in (None, dtype, jnp.float32)
-            and model_axis_size() == 1 and native_cpu_gemm_enabled())
-
-
-def _native_rope(x) -> bool:
-    """Whether Rotary runs on the native CPU kernel: as `_native_gemm` decides for dots."""
-    from jaxserve.parallel.tensor_parallel import model_axis_size
-    from pallas_kernels.cpu import rope
-
-    return (jnp.dtype(x.dtype) in (jnp.float32, jnp.bfloat16) and x.ndim == 3
-            and model_axis_size() == 1 and native_cpu_gemm_enabled() and rope.available())
-
-
-def native_cpu_gemm_enabled() -> bool:
-    """CPU platform, the kernel builds here with SIMD microkernels (AVX2 or AVX-512: the
-    portable loops are slower than XLA's dot), and JAXSERVE_CPU_GEMM is not "xla"."""
-    from pallas_kernels.cpu import matmul
-
-    return (os.environ.get("JAXSERVE_CPU_GEMM", "native") != "xla"
-            and jax.default_backend() == "cpu" and matmul.vectorized()
-            and matmul.available())
-
-
-def dense_dot(x,  # [..., K]
-              w,  # [K, N] ("kn", a Linear kernel) or [N, K] ("nk", a tied embedding)
-              *, w_layout: str = "kn", preferred_element_type=None,
-              rows=None):  # -> [..., N]
-    """x @ w (or x @ w.T for "nk"): XLA's dot, or the native CPU GEMM (`_native_gemm`).
-
-    The native GEMM accumulates in float32 and writes the operands' dtype, or float32 when
-    `preferred_element_type` asks for it (bfloat16 logits are never rounded). `rows`, an
-    int32 scalar, says that only the first `rows` rows of the flattened x are real (the
-    step's tokens before bucket padding): the native GEMM computes those only and leaves
-    zeros below; XLA's dot computes every row. None: all rows are real.
-    """
-    if _native_gemm(x, w, preferred_element_type):
-        from pallas_kernels.cpu import matmul
-
-        return matmul.matmul(x, w, w_layout=w_layout, out_dtype=preferred_element_type,
-                             rows=rows)
-    spec = "...k,kn->...n" if w_layout == "kn" else "...k,nk->...n"
-    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
-
-
-def tied_head_argmax(hidden,     # [B, D] final hidden states
-                     embedding,  # [V, D] the tied embedding
-                     head_kn=None,  # [D, V] its transposed copy (Embed.add_kn_head), or None
-                     *, rows=None,  # int32 scalar: the real rows of hidden (see dense_dot)
-                     ):  # -> [B] int32, or None where the native kernel does not apply
-    """argmax(hidden @ embedding.T) per row in one native CPU call that never writes the
-    [B, V] logits (greedy sampling's LM head); None where `dense_dot` would use XLA. With
-    `head_kn` the kernel streams [D, V] panels as they are instead of transposing them.
-    Rows past `rows` get token 0."""
-    if not _native_gemm(hidden, embedding, None):
-        return None
-    from pallas_kernels.cpu import matmul
-
-    if head_kn is not None:
-        return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn", rows=rows)
-    return matmul.lm_head_argmax(hidden, embedding, rows=rows)
+from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.model.ops import Ops
 
 
 def hf_param(value: jax.Array, *, hf_name: str, axes: tuple[str | None, ...],
@@ -125,62 +55,78 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding; `attend` reuses it as the LM head when embeddings are tied."""
 
-    def __init__(self, vocab_size: int, dim: int, *, hf_name: str, dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, dim: int, *, hf_name: str, dtype, ops: Ops,
+                 rngs: nnx.Rngs | None):
         self.embedding = hf_param(init_normal(rngs, (vocab_size, dim), dtype), hf_name=hf_name,
                                   axes=("vocab", "embed"))  # [V, D]
-        self.head_kn = None  # [D, V] transposed copy for the native CPU greedy head, or None
+        # [D, V] contiguous transpose for the native greedy head, or None; the loader adds
+        # it (`add_kn_head`) where that kernel runs.
+        self.head_kn = None
+        self.ops = ops
 
     def add_kn_head(self) -> None:
-        """Keeps `head_kn`, a contiguous [D, V] transpose of the embedding, for the native
-        CPU greedy head (`tied_head_argmax`); costs V * D more elements of memory."""
+        """Keeps `head_kn`, a contiguous [D, V] transpose of the embedding, which the native
+        greedy head streams as it is (`Ops.lm_head_argmax`); costs V * D more elements."""
         self.head_kn = nnx.data(nnx.Variable(jnp.transpose(self.embedding[...])))  # new [D, V]
 
     def __call__(self, input_ids):  # [T] int32 -> [T, D]
         return jnp.take(self.embedding[...], input_ids, axis=0)
 
-    def attend(self, hidden, *, rows=None):  # [..., D] -> [..., V] float32
-        return dense_dot(hidden, self.embedding[...], w_layout="nk",
-                         preferred_element_type=jnp.float32, rows=rows)
+    def attend(self, hidden,  # [..., D]
+               num_rows,  # [] int32 real rows of hidden, or None
+               ):  # -> [..., V] float32
+        return self.ops.dense(hidden, self.embedding[...], num_rows, w_layout="nk",
+                              out_dtype=jnp.float32)
+
+    def argmax(self, hidden,  # [B, D]
+               num_rows,  # [] int32 real rows of hidden
+               ):  # -> [B] int32, or None where no fused kernel runs
+        head_kn = None if self.head_kn is None else self.head_kn[...]
+        return self.ops.lm_head_argmax(hidden, self.embedding[...], num_rows, head_kn)
 
 
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); the kernel is [in, out], the checkpoint's weight its transpose."""
 
     def __init__(self, in_features: int, out_features: int, *, hf_name: str,
-                 axes: tuple[str | None, str | None], use_bias: bool, dtype, rngs: nnx.Rngs):
+                 axes: tuple[str | None, str | None], use_bias: bool, dtype, ops: Ops,
+                 rngs: nnx.Rngs | None):
         self.kernel = hf_param(init_normal(rngs, (in_features, out_features), dtype),
                                hf_name=f"{hf_name}.weight", axes=axes, hf_transpose=True)  # [in, out]
         self.bias = (hf_param(jnp.zeros((out_features,), dtype), hf_name=f"{hf_name}.bias",
                               axes=(axes[1],)) if use_bias else None)  # [out]
+        self.ops = ops
 
-    def __call__(self, x, *, preferred_element_type=None,
-                 rows=None):  # [..., in] -> [..., out]; rows: see dense_dot
-        y = dense_dot(x, self.kernel[...], preferred_element_type=preferred_element_type,
-                      rows=rows)
+    def __call__(self, x,  # [T, in] this step's tokens
+                 metadata: AttentionMetadata):  # -> [T, out]
+        return self.apply(x, metadata.num_tokens())
+
+    def apply(self, x,  # [..., in]
+              num_rows,  # [] int32 real rows of the flattened x, or None: all
+              *, out_dtype=None):  # -> [..., out]
+        y = self.ops.dense(x, self.kernel[...], num_rows, out_dtype=out_dtype)
         return y if self.bias is None else y + self.bias[...]
 
 
 class MLP(nnx.Module):
     """Gated SiLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, width: int, *, hf_name: str, use_bias: bool, dtype,
-                 rngs: nnx.Rngs):
-        up = dict(axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, width: int, *, hf_name: str, use_bias: bool, dtype, ops: Ops,
+                 rngs: nnx.Rngs | None):
+        up = dict(axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype, ops=ops, rngs=rngs)
         self.gate_proj = Linear(dim, width, hf_name=f"{hf_name}.gate_proj", **up)
         self.up_proj = Linear(dim, width, hf_name=f"{hf_name}.up_proj", **up)
         self.down_proj = Linear(width, dim, hf_name=f"{hf_name}.down_proj", axes=("mlp", "embed"),
-                                use_bias=use_bias, dtype=dtype, rngs=rngs)
+                                use_bias=use_bias, dtype=dtype, ops=ops, rngs=rngs)
+        self.ops = ops
 
-    def __call__(self, x, *, rows=None):  # [T, D] -> [T, D]; rows: see dense_dot
+    def __call__(self, x,  # [T, D]
+                 metadata: AttentionMetadata):  # -> [T, D]
         gate, up = self.gate_proj, self.up_proj
-        if gate.bias is None and _native_gemm(x, gate.kernel[...], None):
-            from pallas_kernels.cpu import matmul
-
-            # one native call computes silu(x @ gate) * (x @ up) with a float32 epilogue
-            hidden = matmul.gated_mlp(x, gate.kernel[...], up.kernel[...], rows=rows)  # [T, F]
-        else:
-            hidden = jax.nn.silu(gate(x, rows=rows)) * up(x, rows=rows)  # [T, F]
-        return self.down_proj(hidden, rows=rows)
+        bias = lambda linear: None if linear.bias is None else linear.bias[...]  # noqa: E731
+        hidden = self.ops.gated_mlp(x, gate.kernel[...], up.kernel[...], metadata.num_tokens(),
+                                    bias(gate), bias(up))  # [T, F]
+        return self.down_proj(hidden, metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +139,7 @@ class Rotary:
     # sorted (key, value) items of the normalized rope_scaling dict; None for plain RoPE
     scaling: tuple[tuple[str, object], ...] | None = None
     interleaved: bool = False
+    ops: Ops = Ops()  # the rotate-half rotation runs as `ops.rope`
 
     def __call__(self, x, positions):  # [T, n, H], [T] int32 -> [T, n, H]
         inv_freq, attention_factor = rope_frequencies(self.head_dim, self.theta, self.scaling)
@@ -204,13 +151,7 @@ class Rotary:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [T, n, H/2] each
             out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [T, n, H/2, 2]
             return out.reshape(x.shape).astype(x.dtype)
-        if _native_rope(x):  # XLA:CPU runs the concatenation below one element at a time
-            from pallas_kernels.cpu import rope
-
-            return rope.rope(x, cos[:, 0], sin[:, 0])
-        x1, x2 = jnp.split(xf, 2, axis=-1)  # [T, n, H/2] each
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        return out.astype(x.dtype)
+        return self.ops.rope(x, cos[:, 0], sin[:, 0])
 
 
 def rope_frequencies(head_dim: int, theta: float,

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import ATTENTION_BACKENDS, paged_attention, write_kv
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary, tied_head_argmax
+from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary
+from jaxserve.model.ops import Ops
 from jaxserve.model.sampler import argmax
 
 KVCache = tuple[jax.Array, jax.Array]  # ([K, L, S, H] key pool, [K, L, S, H] value pool)
@@ -23,12 +23,11 @@ class LlamaAttention(nnx.Module):
     """GQA self-attention over the paged KV cache of one layer (RoPE, or ALiBi when a
     subclass sets `alibi` and no `rotary`)."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, ops: Ops, rngs: nnx.Rngs | None):
         prefix = f"model.layers.{layer}.self_attn"
         dim, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
                                           config.num_kv_heads, config.head_dim)
-        common = dict(dtype=jnp.dtype(config.dtype), rngs=rngs)
+        common = dict(dtype=jnp.dtype(config.dtype), ops=ops, rngs=rngs)
         bias = config.attention_bias
         self.q_proj = Linear(dim, heads * head_dim, hf_name=f"{prefix}.q_proj",
                              axes=("embed", "q_heads"), use_bias=bias, **common)
@@ -45,11 +44,12 @@ class LlamaAttention(nnx.Module):
                        if config.qk_norm else None)
         scaling = config.rope_scaling
         self.rotary = Rotary(head_dim, config.rope_theta,
-                             None if scaling is None else tuple(sorted(scaling.items())))
+                             None if scaling is None else tuple(sorted(scaling.items())),
+                             ops=ops)
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.sliding_window = config.layer_sliding_windows[layer]
         self.alibi = None  # ALiBi slopes of the N heads (Baichuan-13B), a static tuple
-        self.attention_backend = attention_backend
+        self.ops = ops
 
     def __call__(self, x,          # [T, D]
                  positions,         # [T] int32
@@ -57,21 +57,19 @@ class LlamaAttention(nnx.Module):
                  metadata: AttentionMetadata,
                  ) -> tuple[jax.Array, KVCache]:  # [T, D], updated pools
         num_tokens = x.shape[0]
-        rows = metadata.num_tokens()  # padding rows are left to zeros (native GEMM)
-        q = self.q_proj(x, rows=rows).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
-        k = self.k_proj(x, rows=rows).reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, rows=rows).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, metadata).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = self.k_proj(x, metadata).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, metadata).reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:  # None: positions come from ALiBi instead
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-        k_pool, v_pool = write_kv(*kv_cache, k, v, metadata.slot_mapping)
+        k_pool, v_pool = self.ops.write_kv(*kv_cache, k, v, metadata)
         slopes = None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)  # [N]
-        out = paged_attention(q, k_pool, v_pool, metadata, backend=self.attention_backend,
-                              sm_scale=self.head_dim ** -0.5,
-                              sliding_window=self.sliding_window,
-                              alibi_slopes=slopes)  # [T, N, H]
-        return self.o_proj(out.reshape(num_tokens, -1), rows=rows), (k_pool, v_pool)
+        out = self.ops.attention(q, k_pool, v_pool, metadata, sm_scale=self.head_dim ** -0.5,
+                                 sliding_window=self.sliding_window,
+                                 alibi_slopes=slopes)  # [T, N, H]
+        return self.o_proj(out.reshape(num_tokens, -1), metadata), (k_pool, v_pool)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -83,35 +81,34 @@ class LlamaDecoderLayer(nnx.Module):
 
     attention_class = LlamaAttention
 
-    def __init__(self, config: ModelConfig, layer: int, *, attention_backend: str,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, ops: Ops, rngs: nnx.Rngs | None):
         prefix = f"model.layers.{layer}"
         dtype = jnp.dtype(config.dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                                        hf_name=f"{prefix}.input_layernorm.weight")
-        self.self_attn = self.attention_class(config, layer, attention_backend=attention_backend,
-                                              rngs=rngs)
+        self.self_attn = self.attention_class(config, layer, ops=ops, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
             hf_name=f"{prefix}.post_attention_layernorm.weight")
-        self.mlp = self.make_mlp(config, layer, rngs=rngs)
+        self.mlp = self.make_mlp(config, layer, ops=ops, rngs=rngs)
 
-    def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
-        """Layer `layer`'s feed-forward block ([T, D] -> [T, D], called with `rows=`, the
-        step's real tokens): the dense gated MLP."""
-        return dense_mlp(config, layer, rngs=rngs)
+    def make_mlp(self, config: ModelConfig, layer: int, *, ops: Ops,
+                 rngs: nnx.Rngs | None) -> nnx.Module:
+        """Layer `layer`'s feed-forward block ([T, D], AttentionMetadata -> [T, D]): the
+        dense gated MLP."""
+        return dense_mlp(config, layer, ops=ops, rngs=rngs)
 
     def __call__(self, x, positions, kv_cache, metadata: AttentionMetadata):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
         x = x + attn  # [T, D]
-        mlp_out = self.mlp(self.post_attention_layernorm(x), rows=metadata.num_tokens())
+        mlp_out = self.mlp(self.post_attention_layernorm(x), metadata)
         return x + mlp_out, kv_cache
 
 
-def dense_mlp(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> MLP:
+def dense_mlp(config: ModelConfig, layer: int, *, ops: Ops, rngs: nnx.Rngs | None) -> MLP:
     """The dense gated MLP of width `intermediate_size` at `model.layers.{layer}.mlp`."""
     return MLP(config.hidden_size, config.intermediate_size, hf_name=f"model.layers.{layer}.mlp",
-               use_bias=config.mlp_bias, dtype=jnp.dtype(config.dtype), rngs=rngs)
+               use_bias=config.mlp_bias, dtype=jnp.dtype(config.dtype), ops=ops, rngs=rngs)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -122,22 +119,18 @@ class LlamaForCausalLM(nnx.Module):
 
     decoder_layer_class = LlamaDecoderLayer
 
-    def __init__(self, config: ModelConfig, *, attention_backend: str = "reference",
-                 rngs: nnx.Rngs):
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
-                             f"got {attention_backend!r}")
+    def __init__(self, config: ModelConfig, *, ops: Ops, rngs: nnx.Rngs | None):
         dtype = jnp.dtype(config.dtype)
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
-                                  hf_name="model.embed_tokens.weight")
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, ops=ops,
+                                  rngs=rngs, hf_name="model.embed_tokens.weight")
         self.layers = nnx.List([
-            self.decoder_layer_class(config, i, attention_backend=attention_backend, rngs=rngs)
+            self.decoder_layer_class(config, i, ops=ops, rngs=rngs)
             for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                             hf_name="model.norm.weight")
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, hf_name="lm_head", axes=("embed", "vocab"),
-            use_bias=False, dtype=dtype, rngs=rngs)
+            use_bias=False, dtype=dtype, ops=ops, rngs=rngs)
 
     def __call__(self, kv_caches: tuple[KVCache, ...],  # one (key, value) pool pair per layer
                  input_ids,  # [T] int32
@@ -151,21 +144,21 @@ class LlamaForCausalLM(nnx.Module):
             new_caches.append(kv_cache)
         return self.norm(x), tuple(new_caches)
 
-    def greedy_token_ids(self, hidden, *, rows=None):  # [B, D] -> [B] int32
+    def greedy_token_ids(self, hidden,  # [B, D]
+                         num_rows,  # [] int32 real rows of hidden (the step's sequences)
+                         ):  # -> [B] int32
         """The argmax of `compute_logits(hidden)`; with a tied head on CPU, fused with the
-        LM head in one native call (the logits are never written). `rows`: as in
-        `compute_logits`."""
+        LM head in one native call (the logits are never written)."""
         if self.lm_head is None:
-            head_kn = self.embed_tokens.head_kn
-            fused = tied_head_argmax(hidden, self.embed_tokens.embedding[...],
-                                     None if head_kn is None else head_kn[...], rows=rows)
+            fused = self.embed_tokens.argmax(hidden, num_rows)
             if fused is not None:
                 return fused
-        return argmax(self.compute_logits(hidden, rows=rows))
+        return argmax(self.compute_logits(hidden, num_rows))
 
-    def compute_logits(self, hidden, *, rows=None):  # [..., D] -> [..., V] float32
-        """The LM head. `rows` (int32 scalar): only the first `rows` rows of hidden are real
-        (the step's sequences before padding); the native GEMM leaves the rest zero."""
+    def compute_logits(self, hidden,  # [..., D]
+                       num_rows=None,  # [] int32 real rows of hidden, or None: all
+                       ):  # -> [..., V] float32
+        """The LM head; rows past `num_rows` may be left zero (the native GEMM skips them)."""
         if self.lm_head is None:
-            return self.embed_tokens.attend(hidden, rows=rows)
-        return self.lm_head(hidden, preferred_element_type=jnp.float32, rows=rows)
+            return self.embed_tokens.attend(hidden, num_rows)
+        return self.lm_head.apply(hidden, num_rows, out_dtype=jnp.float32)

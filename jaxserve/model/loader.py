@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
 from jaxserve.model.gguf_reader import GGUFCheckpointReader, find_gguf_file
+from jaxserve.model.ops import Ops
 from jaxserve.model.orbax_checkpoint import is_orbax_checkpoint, restore_model
 from jaxserve.model.safetensors_reader import SafetensorsReader
 from jaxserve.parallel.expert_parallel import sharding_rules
@@ -36,9 +37,10 @@ _PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
 def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None,
-               attention_backend: str = "reference",
+               ops: Ops = Ops(),
                rules: tuple[tuple[str, str | None], ...] | None = None) -> nnx.Module:
-    """The model of `model_config.architecture` with its weights from `model_dir`.
+    """The model of `model_config.architecture`, running `ops`, with its weights from
+    `model_dir`, and any extra layout its ops read (`prepare_for_ops`).
 
     `rules` None: the sharding rules `model_config.enable_expert_parallel` selects.
     Split it once (`graphdef, params = nnx.split(model)`) and step it with `make_forward`.
@@ -46,12 +48,12 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
     if rules is None:
         rules = sharding_rules(expert_parallel=model_config.enable_expert_parallel)
     if is_orbax_checkpoint(model_dir):
-        return restore_model(model_dir, model_config, mesh=mesh,
-                             attention_backend=attention_backend, rules=rules)
+        return prepare_for_ops(restore_model(model_dir, model_config, mesh=mesh, ops=ops,
+                                             rules=rules), ops)
     tp = 1 if mesh is None else mesh.shape.get(MODEL_AXIS, 1)
     built_config = tp_model_config(model_config, tp)
     kv_factor = built_config.num_kv_heads // model_config.num_kv_heads
-    abstract = build_model(built_config, attention_backend=attention_backend, abstract=True)
+    abstract = build_model(built_config, ops=ops, abstract=True)
     graphdef, state = nnx.split(abstract)
     gguf_file = find_gguf_file(model_dir)
     reader = SafetensorsReader(model_dir) if gguf_file is None else GGUFCheckpointReader(gguf_file)
@@ -74,7 +76,16 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
         workers = (os.cpu_count() or 1) if jax.process_count() == 1 else 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
             state = jax.tree.unflatten(treedef, list(pool.map(load, variables)))
-    return nnx.merge(graphdef, state)
+    return prepare_for_ops(nnx.merge(graphdef, state), ops)
+
+
+def prepare_for_ops(model: nnx.Module, ops: Ops) -> nnx.Module:
+    """Adds the weight layouts `ops` reads beside the checkpoint's: for the native greedy
+    head of a tied model, a contiguous [D, V] transpose of the embedding (V * D more
+    elements, streamed as it is instead of transposed per step)."""
+    if ops.native_dense and getattr(model, "lm_head", False) is None:
+        model.embed_tokens.add_kn_head()
+    return model
 
 
 def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx.Variable,

@@ -12,9 +12,11 @@ from flax import nnx
 from jaxserve.config import ModelConfig
 from jaxserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from jaxserve.model.moe import SparseMoE
+from jaxserve.model.ops import Ops
 
 
-def mixtral_moe(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMoE:
+def mixtral_moe(config: ModelConfig, layer: int, *, ops: Ops,
+                rngs: nnx.Rngs | None) -> SparseMoE:
     """Layer `layer`'s sparse MoE block, sized from the transformers MixtralConfig."""
     hf = config.hf_config
     prefix = f"model.layers.{layer}.block_sparse_moe"
@@ -23,15 +25,16 @@ def mixtral_moe(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMoE
                      renormalize=True, router_name=f"{prefix}.gate",
                      expert_names=tuple(f"{prefix}.experts.{{expert}}.{w}.weight"
                                         for w in ("w1", "w3", "w2")),
-                     dtype=jnp.dtype(config.dtype), rngs=rngs,
+                     dtype=jnp.dtype(config.dtype), ops=ops, rngs=rngs,
                      expert_parallel=config.enable_expert_parallel)
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
     """Llama's block with the sparse MoE as its feed-forward."""
 
-    def make_mlp(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> SparseMoE:
-        return mixtral_moe(config, layer, rngs=rngs)
+    def make_mlp(self, config: ModelConfig, layer: int, *, ops: Ops,
+                 rngs: nnx.Rngs | None) -> SparseMoE:
+        return mixtral_moe(config, layer, ops=ops, rngs=rngs)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

@@ -1,28 +1,19 @@
-"""Paged multi-head latent attention: write this step's latents into the pool, attend over it.
+"""Paged multi-head latent attention over one layer's latent pool.
 
 The latent pool of one layer is `[L, S, R + Hr]` (`latent_pool_shape`): every query head
 reads the same compressed latent, so under tensor parallelism the pool is replicated
-(as in vLLM) and only the query heads split over the "model" axis. `write_latent`
-scatters the new rows through `slot_mapping` (padding tokens land in the null block 0);
-`mla_paged_attention` runs the latent reference, under `shard_map` over query heads when
-the mesh has a "model" axis > 1.
+(as in vLLM) and only the query heads split over the "model" axis. The model writes the
+new rows with `Ops.write_rows` through `slot_mapping` (padding tokens land in the null
+block 0); `mla_paged_attention` runs the latent reference, under `shard_map` over query
+heads when the mesh has a "model" axis > 1.
 """
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxserve.model.attention import set_slots
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size
 from pallas_kernels.mla_paged_attention import mla_paged_attention as latent_reference
-
-
-def write_latent(pool,          # [L, S, R + Hr] one layer's latent pool
-                 new,           # [T, R + Hr] normalized latents and rotated RoPE keys
-                 slot_mapping,  # [T] int32 block_id * S + offset; padding -> slots of block 0
-                 ) -> jax.Array:  # [L, S, R + Hr]
-    """The pool with token t's latent row stored at slot `slot_mapping[t]`."""
-    return set_slots(pool, slot_mapping, new)
 
 
 def mla_paged_attention(q_latent,  # [T, N, R] queries times the absorbed W_UK

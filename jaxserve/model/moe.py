@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.layers import MLP, Linear, init_normal
+from jaxserve.model.ops import Ops
 from jaxserve.parallel.expert_parallel import DOWN_AXES, UP_AXES, shard_experts
 from jaxserve.parallel.tensor_parallel import model_axis_size
 
@@ -94,15 +96,17 @@ class SharedExpert(nnx.Module):
     """
 
     def __init__(self, dim: int, width: int, *, hf_name: str, gate_name: str | None = None,
-                 dtype, rngs: nnx.Rngs):
-        self.mlp = MLP(dim, width, hf_name=hf_name, use_bias=False, dtype=dtype, rngs=rngs)
+                 dtype, ops: Ops, rngs: nnx.Rngs | None):
+        self.mlp = MLP(dim, width, hf_name=hf_name, use_bias=False, dtype=dtype, ops=ops,
+                       rngs=rngs)
         self.gate = None if gate_name is None else Linear(
             dim, 1, hf_name=gate_name, axes=("embed", None), use_bias=False, dtype=dtype,
-            rngs=rngs)  # [D, 1]
+            ops=ops, rngs=rngs)  # [D, 1]
 
-    def __call__(self, x, *, rows=None):  # [T, D] -> [T, D]; rows: see dense_dot
-        out = self.mlp(x, rows=rows)
-        return out if self.gate is None else jax.nn.sigmoid(self.gate(x)) * out
+    def __call__(self, x,  # [T, D]
+                 metadata: AttentionMetadata):  # -> [T, D]
+        out = self.mlp(x, metadata)
+        return out if self.gate is None else jax.nn.sigmoid(self.gate(x, metadata)) * out
 
 
 class SparseMoE(nnx.Module):
@@ -117,7 +121,8 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, dim: int, width: int, *, num_experts: int, top_k: int,
                  renormalize: bool, router_name: str, expert_names: tuple[str, str, str],
-                 dtype, rngs: nnx.Rngs, num_groups: int = 1, topk_groups: int = 1,
+                 dtype, ops: Ops, rngs: nnx.Rngs | None, num_groups: int = 1,
+                 topk_groups: int = 1,
                  scaling_factor: float = 1.0, shared_expert: SharedExpert | None = None,
                  expert_parallel: bool = False):
         if not 0 < top_k <= num_experts:
@@ -133,7 +138,7 @@ class SparseMoE(nnx.Module):
             raise ValueError(f"SparseMoE: top_k={top_k} exceeds the experts of topk_groups="
                              f"{topk_groups} groups")
         self.gate = Linear(dim, num_experts, hf_name=router_name, axes=("embed", None),
-                           use_bias=False, dtype=dtype, rngs=rngs)  # router [D, E]
+                           use_bias=False, dtype=dtype, ops=ops, rngs=rngs)  # router [D, E]
         gate_name, up_name, down_name = expert_names
 
         def experts(shape, name, axes):
@@ -147,8 +152,10 @@ class SparseMoE(nnx.Module):
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.scaling_factor, self.expert_parallel = scaling_factor, expert_parallel
 
-    def __call__(self, x, *, rows=None):  # [T, D] -> [T, D]; rows: the shared expert's
-        weights, experts = route(self.gate(x), top_k=self.top_k, renormalize=self.renormalize,
+    def __call__(self, x,  # [T, D]
+                 metadata: AttentionMetadata):  # -> [T, D]
+        weights, experts = route(self.gate(x, metadata), top_k=self.top_k,
+                                 renormalize=self.renormalize,
                                  num_groups=self.num_groups, topk_groups=self.topk_groups,
                                  scaling_factor=self.scaling_factor)
         stacks = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -158,4 +165,4 @@ class SparseMoE(nnx.Module):
         else:
             out = grouped_experts(x, weights, experts, *stacks)
         out = out.astype(x.dtype)  # [T, D]
-        return out if self.shared_expert is None else out + self.shared_expert(x, rows=rows)
+        return out if self.shared_expert is None else out + self.shared_expert(x, metadata)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
+from jaxserve.model.ops import Ops
 from jaxserve.parallel.sharding import DEFAULT_RULES, logical_sharding, make_mesh
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, tp_model_config
 
@@ -62,7 +63,7 @@ def convert_checkpoint(model_path: str, out_dir: str, *, tensor_parallel_size: i
 
 
 def restore_model(model_dir, model_config: ModelConfig, *, mesh=None,
-                  attention_backend: str = "reference",
+                  ops: Ops = Ops(),
                   rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES) -> nnx.Module:
     """The model of an Orbax checkpoint, each param restored with its sharding under `mesh`."""
     import orbax.checkpoint as ocp
@@ -76,7 +77,7 @@ def restore_model(model_dir, model_config: ModelConfig, *, mesh=None,
             f"{model_dir} holds {marker['kv_head_slots']} KV head slots (converted with "
             f"--tensor-parallel-size {marker['tensor_parallel_size']}); tensor_parallel_size "
             f"{tp} needs {built_config.num_kv_heads}: convert again with that size")
-    abstract = build_model(built_config, attention_backend=attention_backend, abstract=True)
+    abstract = build_model(built_config, ops=ops, abstract=True)
     graphdef, state = nnx.split(abstract)
     dtype = jnp.dtype(model_config.dtype)
 

@@ -29,8 +29,8 @@ from jaxserve.core.buckets import seq_buckets, token_buckets
 from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.model import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.layers import native_cpu_gemm_enabled
 from jaxserve.model.loader import load_model
+from jaxserve.model.ops import select_ops
 from jaxserve.parallel.sharding import make_mesh
 from jaxserve.parallel.tensor_parallel import tp_model_config
 from jaxserve.runner.input_batch import InputBatch, StepInputs
@@ -56,7 +56,7 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
-                 seed: int = 0, model=None, tensor_parallel_size: int = 1,
+                 seed: int = 0, tensor_parallel_size: int = 1,
                  track_compilation=None):
         self.model_config = model_config
         tp = tensor_parallel_size
@@ -72,14 +72,12 @@ class ModelRunner:
             early = jax.default_backend() == "cpu" and jax.process_count() == 1
             if early:
                 kv_caches = self._plan_and_allocate(pool, pool_config, cache_config, tp)
-            if model is None:
-                model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
-                                   attention_backend=attention_backend)
+            # the kernels are chosen here, once, for the model's lifetime
+            self.ops = select_ops(attention_backend, tensor_parallel_size=tp)
+            model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
+                               ops=self.ops)
             if not early:
                 kv_caches = self._plan_and_allocate(pool, pool_config, cache_config, tp)
-            if (tp == 1 and getattr(model, "lm_head", False) is None
-                    and native_cpu_gemm_enabled()):
-                model.embed_tokens.add_kn_head()  # greedy steps stream it untransposed
             self.graphdef, self.params = nnx.split(model)
             self.kv_caches = kv_caches.result()
         self.token_buckets = token_buckets(scheduler_config.max_num_batched_tokens)

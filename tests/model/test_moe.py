@@ -16,6 +16,8 @@ import pytest
 from flax import nnx
 
 from jaxserve.model.moe import SharedExpert, SparseMoE
+from jaxserve.model.ops import Ops
+from jaxserve.testing.metadata import one_sequence
 
 FLOAT32_MAX_ERROR = 1e-4
 
@@ -66,15 +68,15 @@ def test_ragged_dot_moe_equals_a_dense_per_expert_loop(renormalize, routing):
     rngs = nnx.Rngs(0)
     shared = None if gated is None else SharedExpert(
         32, 40, hf_name="shared", gate_name="shared_gate" if gated else None,
-        dtype=jnp.float32, rngs=rngs)
+        dtype=jnp.float32, ops=Ops(), rngs=rngs)
     moe = SparseMoE(32, 48, num_experts=6, top_k=3, renormalize=renormalize,
                     router_name="gate", expert_names=("g.{expert}", "u.{expert}", "d.{expert}"),
-                    dtype=jnp.float32, rngs=rngs, num_groups=num_groups,
+                    dtype=jnp.float32, ops=Ops(), rngs=rngs, num_groups=num_groups,
                     topk_groups=topk_groups, scaling_factor=scaling, shared_expert=shared)
     moe.gate.kernel[...] = moe.gate.kernel[...] * 50  # routing far from uniform
     x = np.random.default_rng(0).normal(size=(37, 32)).astype(np.float32)  # [T, D]
     with jax.default_matmul_precision("highest"):
-        out = np.asarray(jax.jit(lambda m, v: m(v))(moe, x))
+        out = np.asarray(jax.jit(lambda m, v: m(v, one_sequence(len(x))))(moe, x))
     np.testing.assert_allclose(out, _dense_moe(moe, x.astype(np.float64)), atol=1e-5, rtol=1e-4)
 
 

@@ -14,6 +14,8 @@ from flax import nnx
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.model.moe import SharedExpert, SparseMoE
+from jaxserve.model.ops import Ops
+from jaxserve.testing.metadata import one_sequence
 from jaxserve.parallel.expert_parallel import sharding_rules
 from jaxserve.parallel.sharding import logical_sharding, make_mesh
 from jaxserve.testing import forbid_compilation
@@ -31,10 +33,12 @@ LAYOUTS = ((2, False), (2, True), (4, False), (4, True))  # (TP, expert parallel
 
 def _moe_block(expert_parallel: bool) -> SparseMoE:
     rngs = nnx.Rngs(0)
-    shared = SharedExpert(32, 40, hf_name="s", gate_name="sg", dtype=jnp.float32, rngs=rngs)
+    shared = SharedExpert(32, 40, hf_name="s", gate_name="sg", dtype=jnp.float32, ops=Ops(),
+                          rngs=rngs)
     moe = SparseMoE(32, 48, num_experts=4, top_k=2, renormalize=False, router_name="r",
                     expert_names=("g{expert}", "u{expert}", "d{expert}"), dtype=jnp.float32,
-                    rngs=rngs, shared_expert=shared, expert_parallel=expert_parallel)
+                    ops=Ops(), rngs=rngs, shared_expert=shared,
+                    expert_parallel=expert_parallel)
     moe.gate.kernel[...] = moe.gate.kernel[...] * 50  # routing far from uniform
     return moe
 
@@ -49,7 +53,7 @@ def test_sharded_moe_block_equals_one_device_and_gathers_nothing(tp, expert_para
     moe = _moe_block(expert_parallel)
     x = np.random.default_rng(0).normal(size=(37, 32)).astype(np.float32)  # [T, D]
     graphdef, state = nnx.split(moe)
-    step = jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))
+    step = jax.jit(lambda s, v: nnx.merge(graphdef, s)(v, one_sequence(v.shape[0])))
     with jax.default_matmul_precision("highest"):
         expected = np.asarray(step(state, x))
     mesh, rules = make_mesh(tp), sharding_rules(expert_parallel=expert_parallel)

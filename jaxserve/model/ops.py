@@ -1,0 +1,155 @@
+"""The kernels a model runs, chosen once: `Ops`.
+
+Models never pick a kernel or read the environment. `select_ops` decides, from the engine's
+attention backend, the platform and the tensor-parallel size, which implementation serves
+each op; the model keeps the resulting frozen `Ops` from its build (it is static: part of
+the graph definition, so a jitted step is traced for exactly one choice). The ops:
+
+- `dense(x, w, num_rows)`: x @ w, XLA's dot or the native CPU GEMM;
+- `gated_mlp(x, w_gate, w_up, num_rows)`: silu(x @ w_gate) * (x @ w_up), one native call;
+- `rope(x, cos, sin)`: the rotate-half rotation, native on CPU;
+- `lm_head_argmax(hidden, embedding, num_rows, head_kn)`: greedy tokens of a tied head
+  without writing the logits (native CPU only; None elsewhere);
+- `write_rows(pool, slots, rows)` / `write_kv(...)`: the KV scatter;
+- `attention(q, k_pool, v_pool, metadata, ...)`: paged attention by the attention backend.
+
+`num_rows` is the step's real-token count (`AttentionMetadata.num_tokens()`; the sequence
+count at the LM head): the native GEMM computes only those rows and leaves zeros below; XLA
+computes every row. Linear layers take the metadata itself, so a model cannot forget it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model import attention as attention_impl
+from jaxserve.model.attention_metadata import AttentionMetadata
+
+ATTENTION_BACKENDS = attention_impl.ATTENTION_BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """Which implementation runs each op (see the module docstring)."""
+
+    attention_backend: str = "reference"  # one of ATTENTION_BACKENDS
+    # Dense products, the gated MLP, RoPE and the greedy tied head on the native CPU kernels
+    # (pallas_kernels/cpu); they have no sharding rule, so only without tensor parallelism.
+    native_dense: bool = False
+    # 16-bit KV pools written by the native CPU row writer: XLA:CPU has no bfloat16 scatter
+    # and converts the whole pool to float32 and back around one.
+    native_kv_write: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
+
+    # -- dense products --------------------------------------------------------------------
+    def _native(self, x, w, out_dtype) -> bool:
+        """The native GEMM takes float32 or bfloat16 operands of one dtype and writes that
+        dtype or float32; anything else (float16) stays on XLA's dot."""
+        dtype = jnp.dtype(x.dtype)
+        return (self.native_dense and dtype == jnp.dtype(w.dtype)
+                and dtype in (jnp.float32, jnp.bfloat16)
+                and out_dtype in (None, dtype, jnp.float32))
+
+    def dense(self, x,  # [..., K]
+              w,  # [K, N] ("kn", a Linear kernel) or [N, K] ("nk", a tied embedding)
+              num_rows,  # [] int32: the real rows of the flattened x; None: all
+              *, w_layout: str = "kn", out_dtype=None) -> jax.Array:  # [..., N]
+        """x @ w (x @ w.T for "nk"), accumulated in float32, in x's dtype or `out_dtype`."""
+        if self._native(x, w, out_dtype):
+            from pallas_kernels.cpu import matmul
+
+            return matmul.matmul(x, w, w_layout=w_layout, out_dtype=out_dtype, rows=num_rows)
+        spec = "...k,kn->...n" if w_layout == "kn" else "...k,nk->...n"
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+    def gated_mlp(self, x,  # [T, D]
+                  w_gate, w_up,  # [D, F] each
+                  num_rows,  # [] int32 real rows of x
+                  b_gate=None, b_up=None,  # [F] each, or None
+                  ) -> jax.Array:  # [T, F] silu(x @ w_gate + b_gate) * (x @ w_up + b_up)
+        if b_gate is None and b_up is None and self._native(x, w_gate, None):
+            from pallas_kernels.cpu import matmul
+
+            # one call, float32 epilogue: the [T, F] gate and up products are never written
+            return matmul.gated_mlp(x, w_gate, w_up, rows=num_rows)
+        gate = self.dense(x, w_gate, num_rows)
+        up = self.dense(x, w_up, num_rows)
+        if b_gate is not None:
+            gate, up = gate + b_gate, up + b_up
+        return jax.nn.silu(gate) * up
+
+    def lm_head_argmax(self, hidden,  # [B, D] final hidden states
+                       embedding,  # [V, D] the tied embedding
+                       num_rows,  # [] int32 real rows of hidden
+                       head_kn=None,  # [D, V] its transposed copy (the loader's), or None
+                       ) -> jax.Array | None:  # [B] int32; None where no fused kernel runs
+        """argmax(hidden @ embedding.T) per row in one native call that never writes the
+        [B, V] logits; rows past `num_rows` get token 0."""
+        if not self._native(hidden, embedding, None):
+            return None
+        from pallas_kernels.cpu import matmul
+
+        if head_kn is not None:
+            return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn", rows=num_rows)
+        return matmul.lm_head_argmax(hidden, embedding, rows=num_rows)
+
+    # -- RoPE --------------------------------------------------------------------------------
+    def rope(self, x,  # [T, n, H]
+             cos, sin,  # [T, H/2] float32 each (attention factor applied)
+             ) -> jax.Array:  # [T, n, H] pairs (i, i + H/2) rotated, in x's dtype
+        if (self.native_dense and x.ndim == 3
+                and jnp.dtype(x.dtype) in (jnp.float32, jnp.bfloat16)):
+            from pallas_kernels.cpu import rope
+
+            return rope.rope(x, cos, sin)  # XLA:CPU runs the concatenation element by element
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, H/2]
+        x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [T, n, H/2] each
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return out.astype(x.dtype)
+
+    # -- the KV cache and attention ------------------------------------------------------------
+    def write_rows(self, pool,  # [..., L, S, W] a paged pool
+                   slots,  # [T] int32 slot (block * S + offset) of each new row
+                   rows,  # [T, ..., W] the new rows, token-major
+                   ) -> jax.Array:  # [..., L, S, W]
+        return attention_impl.set_slots(pool, slots, rows,
+                                        native=self.native_kv_write)
+
+    def write_kv(self, k_pool, v_pool,  # [K, L, S, H] each: one layer's pools
+                 new_k, new_v,  # [T, K, H] each: this step's keys and values
+                 metadata: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+        return attention_impl.write_kv(k_pool, v_pool, new_k, new_v, metadata.slot_mapping,
+                                       native=self.native_kv_write)
+
+    def attention(self, q,  # [T, N, H] queries (RoPE applied)
+                  k_pool, v_pool,  # [K, L, S, H] each, this step's K/V written
+                  metadata: AttentionMetadata, *, sm_scale: float,
+                  sliding_window: int | None = None,
+                  alibi_slopes=None,  # [N] float32, or None
+                  ) -> jax.Array:  # [T, N, H]; zero rows for padding tokens
+        return attention_impl.paged_attention(
+            q, k_pool, v_pool, metadata, backend=self.attention_backend, sm_scale=sm_scale,
+            sliding_window=sliding_window, alibi_slopes=alibi_slopes)
+
+
+def select_ops(attention_backend: str = "reference", *, tensor_parallel_size: int = 1,
+               platform: str | None = None) -> Ops:
+    """The ops for an engine: the native CPU kernels wherever they build with SIMD
+    micro-kernels here (their portable loops are slower than XLA's), else XLA's."""
+    platform = platform or jax.default_backend()
+    native_dense = native_kv_write = False
+    if platform == "cpu":
+        from pallas_kernels.cpu import matmul, rope, set_rows
+
+        native_kv_write = set_rows.available()
+        native_dense = (tensor_parallel_size == 1 and matmul.vectorized()
+                        and matmul.available() and rope.available())
+    return Ops(attention_backend=attention_backend, native_dense=native_dense,
+               native_kv_write=native_kv_write)
