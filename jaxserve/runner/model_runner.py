@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.core.buckets import seq_buckets, token_buckets
-from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.layers import native_cpu_gemm_enabled
@@ -238,9 +238,10 @@ class ModelRunner:
             sampled_ids[req_id] = [int(token_ids[i])]
             num_top = self.batch.params_of(req_id).logprobs
             if num_top is not None:
-                logprobs[req_id] = [(int(token_ids[i]), float(sampled.logprobs[i]),
-                                     int(sampled.ranks[i]), sampled.top_ids[i, :num_top].tolist(),
-                                     sampled.top_logprobs[i, :num_top].tolist())]
+                logprobs[req_id] = [TokenLogprobs(
+                    int(token_ids[i]), float(sampled.logprobs[i]), int(sampled.ranks[i]),
+                    tuple(sampled.top_ids[i, :num_top].tolist()),
+                    tuple(sampled.top_logprobs[i, :num_top].tolist()))]
         prompt_logprobs = {}
         for i in prompt_req:
             req_id = inputs.req_ids[i]
@@ -256,8 +257,9 @@ class ModelRunner:
                     break
                 target = int(self.batch.token_ids[row, inputs.positions[t] + 1])
                 lp, rank, top_ids, top_lps = (x[t] for x in prompt_result)
-                entries.append((target, float(lp), int(rank), top_ids[:num_top].tolist(),
-                                top_lps[:num_top].tolist()))
+                entries.append(TokenLogprobs(target, float(lp), int(rank),
+                                             tuple(top_ids[:num_top].tolist()),
+                                             tuple(top_lps[:num_top].tolist())))
             prompt_logprobs[req_id] = entries
         return ModelRunnerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs or None,
                                  prompt_logprobs=prompt_logprobs or None)
