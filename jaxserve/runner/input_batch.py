@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxserve.core.buckets import pad_to_bucket
 from jaxserve.core.scheduler_output import SchedulerOutput
-from jaxserve.runner.sampling_rows import SamplingRows
+from jaxserve.runner.sampling_rows import SamplingRows, SamplingSetup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,8 @@ class InputBatch:
         self.sampling = SamplingRows(rows, vocab_size=vocab_size, max_model_len=max_model_len)
         self._free_rows = list(range(rows - 1, -1, -1))
         self.row_of: dict[str, int] = {}
-        # req_id -> (params, eos ids, prompt len, seed) of every live request, kept through
-        # preemption so a resumed request samples with the same seed.
-        self._requests: dict[str, tuple] = {}
+        # req_id -> every live request's sampling setup, kept through preemption
+        self._setups: dict[str, SamplingSetup] = {}
         self._seed_rng = np.random.default_rng(seed)  # seeds of requests that bring none
 
     # -- per-request state -------------------------------------------------------------
@@ -75,7 +74,7 @@ class InputBatch:
         self.block_table[row, len(block_ids):] = 0
         self.num_blocks[row] = len(block_ids)
         self.num_computed[row] = num_computed
-        self.sampling.set_row(row, *self._requests[req_id])
+        self.sampling.set_row(row, self._setups[req_id])
         return row
 
     def _release_row(self, req_id: str) -> None:
@@ -86,15 +85,15 @@ class InputBatch:
     def _apply(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids:
             self._release_row(req_id)
-            self._requests.pop(req_id, None)
+            self._setups.pop(req_id, None)
         for req_id in out.preempted_req_ids:
             self._release_row(req_id)
         for new in out.scheduled_new_reqs:
             params = new.sampling_params
             seed = params.seed if params.seed is not None else int(
                 self._seed_rng.integers(2**32))
-            self._requests[new.req_id] = (params, new.eos_token_ids,
-                                          len(new.prompt_token_ids), seed)
+            self._setups[new.req_id] = SamplingSetup(params, new.eos_token_ids,
+                                                     len(new.prompt_token_ids), seed)
             self._place(new.req_id, new.prompt_token_ids, new.block_ids, new.num_computed_tokens)
         for cached in out.scheduled_cached_reqs:
             if cached.resumed_from_preemption:
@@ -112,11 +111,11 @@ class InputBatch:
             self.num_computed[row] = cached.num_computed_tokens
 
     def params_of(self, req_id: str):
-        return self._requests[req_id][0]
+        return self._setups[req_id].params
 
     def knows(self, req_id: str) -> bool:
         """Whether the request is still live here (not finished or aborted)."""
-        return req_id in self._requests
+        return req_id in self._setups
 
     def append_sampled(self, inputs: StepInputs, sampling: frozenset[str],
                        token_ids: np.ndarray) -> None:  # [B] sampled ids of that step
