@@ -6,8 +6,8 @@ changed and then gathers the scheduled rows with vectorized numpy (no per-token 
 Everything is padded to the step's (token bucket, sequence bucket): padding tokens write
 into the null block 0, padding sequences are empty and read block 0.
 The batch appends the tokens it samples itself (`append_sampled`); a token still being
-sampled by a step in flight (async scheduling) becomes input id -1 - i, i its sequence's
-index in that step (see programs.py).
+sampled by the step in flight (async scheduling) becomes a sample link, input id
+`link_to_sample(i)` = -1 - i, i its sequence's index in that step (see sample_links.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxserve.core.buckets import pad_to_bucket
 from jaxserve.core.scheduler_output import SchedulerOutput
+from jaxserve.runner.sample_links import link_to_sample
 from jaxserve.runner.sampling_rows import SamplingRows, SamplingSetup
 
 
@@ -25,7 +26,7 @@ from jaxserve.runner.sampling_rows import SamplingRows, SamplingSetup
 class StepInputs:
     """Host arrays of one step, padded; the runner moves them to the device in one go."""
 
-    input_ids: np.ndarray        # [T] int32
+    input_ids: np.ndarray        # [T] int32; < 0: sample links (sample_links.py)
     positions: np.ndarray        # [T] int32
     slot_mapping: np.ndarray     # [T] int32; padding -> slots of block 0
     block_tables: np.ndarray     # [B, max_blocks] int32; padding -> 0
@@ -136,9 +137,11 @@ class InputBatch:
 
     # -- one step ----------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput,
-                pending: dict[str, int] | None = None) -> StepInputs:
-        """Applies the scheduler's deltas and returns the step's padded arrays. `pending`:
-        req_id -> index in the step in flight, for tokens that step is still sampling."""
+                samples_in_flight: dict[str, int] | None = None) -> StepInputs:
+        """Applies the scheduler's deltas and returns the step's padded arrays.
+        `samples_in_flight` (`PendingStep.sample_indices()`): req_id -> index in the step in
+        flight of each request it samples for; a token of `out` that no row holds yet must
+        be one of those, and becomes its sample link."""
         self._apply(out)
         req_ids = list(out.num_scheduled_tokens)
         num_reqs, num_tokens = len(req_ids), out.total_num_scheduled_tokens
@@ -162,8 +165,9 @@ class InputBatch:
         input_ids[:num_tokens] = self.token_ids[token_rows, positions_real]
         unknown = positions_real >= self.num_tokens[token_rows]  # [T_real]
         if unknown.any():
-            self._link_pending(input_ids, unknown, positions_real, token_rows,
-                               [req_ids[i] for i in token_req[unknown]], pending)
+            self._link_samples_in_flight(input_ids, unknown, positions_real, token_rows,
+                                         [req_ids[i] for i in token_req[unknown]],
+                                         samples_in_flight)
         slot_mapping = np.arange(padded_tokens, dtype=np.int32) % self.block_size  # block 0
         blocks = self.block_table[token_rows, positions_real // self.block_size]
         slot_mapping[:num_tokens] = blocks * self.block_size + positions_real % self.block_size
@@ -178,13 +182,14 @@ class InputBatch:
                           query_start_loc, logits_indices, req_ids, num_tokens, rows,
                           self.generation[rows])
 
-    def _link_pending(self, input_ids, unknown, positions, token_rows, owners,
-                      pending: dict[str, int] | None) -> None:
-        """Input ids of tokens past a row's known ones: -1 - (index in the step in flight)
-        where that step samples them; anything else is a scheduler/runner mismatch."""
+    def _link_samples_in_flight(self, input_ids, unknown, positions, token_rows, owners,
+                                samples_in_flight: dict[str, int] | None) -> None:
+        """Input ids of tokens past a row's known ones: `link_to_sample(i)` where the step in
+        flight samples them as its sample i, the one token right after the row's known ones
+        (a placeholder's); anything else is a scheduler/runner mismatch."""
         at = np.flatnonzero(unknown)
-        index = [(pending or {}).get(req_id, -1) for req_id in owners]
+        index = [(samples_in_flight or {}).get(req_id, -1) for req_id in owners]
         if min(index) < 0 or np.any(positions[at] != self.num_tokens[token_rows[at]]):
             raise RuntimeError(f"tokens of requests {sorted(set(owners))} are neither known "
                                "nor being sampled by the step in flight")
-        input_ids[at] = -1 - np.asarray(index, np.int32)
+        input_ids[at] = link_to_sample(np.asarray(index, np.int32))
