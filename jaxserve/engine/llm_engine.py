@@ -9,10 +9,12 @@ blocks through the prefix cache.
 Steps are pipelined: `step()` launches step N on the devices, then turns step N-1's
 tokens into outputs (detokenization, stop strings, logprobs) while they compute, so the
 host's output work costs no device time. With async scheduling (the default) it also plans
-and launches step N+1 before waiting for step N (`Scheduler.schedule(ahead=True)`; the
-inputs N+1 takes from N's samples stay on the device), so scheduling and input preparation
-overlap the devices' work too. A stop string therefore ends its request a step or two
-late; the tokens of those extra steps are dropped, never shown.
+and launches step N+1 before waiting for step N (the ahead plan,
+`Scheduler.schedule(ahead=True)`; N+1's inputs link to N's samples, which stay on the
+device: runner/sample_links.py), so scheduling and input preparation overlap the devices'
+work too. A stop string therefore ends its request a step or two late; the tokens of those
+extra steps are dropped, never shown. docs/architecture.md, "Async scheduling: one step
+ahead", follows one step through every file.
 """
 
 from __future__ import annotations
