@@ -8,8 +8,8 @@ rules and frees finished requests' blocks at once.
 
 Async scheduling: `schedule(ahead=True)` plans the next step while the current one still
 computes. A request whose token is being sampled holds a placeholder
-(`num_output_placeholders`) that counts as a known token: it is scheduled to decode it (the
-runner takes the id from the running step's output on the device). Requests whose pending
+(`num_output_placeholders`) that counts as a known token: it is scheduled to decode it (as
+a sample link, runner/sample_links.py, to the running step's output). Requests whose pending
 token must end them (max_tokens, max_model_len) are left out, and the ahead step never
 preempts: a request that does not fit is left for the next step. A request that the pending
 token stops (EOS, stop ids, stop strings) wastes its slot in the ahead step; its output is

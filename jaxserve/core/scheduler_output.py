@@ -2,15 +2,14 @@
 
 `SchedulerOutput` is the only thing the runner gets: requests new to it in full, requests it
 already knows as deltas (new blocks, new tokens), tokens per request and the ids to forget.
-`ModelRunnerOutput` is the runner's answer (sampled ids), and `RequestUpdate` what the
-scheduler tells the engine per request after a step. All frozen; shapes use the one legend.
+`ModelRunnerOutput` is the runner's answer (sampled ids, and `TokenLogprobs` records where
+asked), and `RequestUpdate` what the scheduler tells the engine per request after a step.
+All frozen; shapes use the one legend.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 from ..sampling_params import SamplingParams
 
 
@@ -69,13 +68,30 @@ class SchedulerOutput:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The logprobs of one scored token: a sampled one, or the next prompt token at one
+    position of a prompt chunk. Log-softmax of the raw logits (vLLM's default), as the
+    sampler (`SamplerOutput`) and the prompt-logprobs program compute them. k is the
+    request's `logprobs` for a sampled token, its `prompt_logprobs` for a prompt token."""
+
+    token_id: int  # the sampled token, or the prompt token that follows the position
+    logprob: float  # its log probability
+    rank: int  # 1 + the number of vocabulary tokens more likely than it
+    top_ids: tuple[int, ...]  # [k] the k most likely ids, most likely first
+    top_logprobs: tuple[float, ...]  # [k] their logprobs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ModelRunnerOutput:
     """The runner's answer to one `SchedulerOutput`."""
 
     # req_id -> tokens sampled this step (one each, in sampling_req_ids; [] or absent else).
     sampled_token_ids: dict[str, list[int]]
-    logprobs: dict[str, Any] | None = None  # req_id -> top logprobs of the sampled tokens
-    prompt_logprobs: dict[str, Any] | None = None  # req_id -> prompt logprobs of this chunk
+    # req_id -> one record per sampled token, for the requests that ask for `logprobs`
+    logprobs: dict[str, list[TokenLogprobs]] | None = None
+    # req_id -> one record per position of this step's chunk whose next token is in the
+    # prompt, for the requests that ask for `prompt_logprobs`
+    prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -9,10 +9,12 @@ blocks through the prefix cache.
 Steps are pipelined: `step()` launches step N on the devices, then turns step N-1's
 tokens into outputs (detokenization, stop strings, logprobs) while they compute, so the
 host's output work costs no device time. With async scheduling (the default) it also plans
-and launches step N+1 before waiting for step N (`Scheduler.schedule(ahead=True)`; the
-inputs N+1 takes from N's samples stay on the device), so scheduling and input preparation
-overlap the devices' work too. A stop string therefore ends its request a step or two
-late; the tokens of those extra steps are dropped, never shown.
+and launches step N+1 before waiting for step N (the ahead plan,
+`Scheduler.schedule(ahead=True)`; N+1's inputs link to N's samples, which stay on the
+device: runner/sample_links.py), so scheduling and input preparation overlap the devices'
+work too. A stop string therefore ends its request a step or two late; the tokens of those
+extra steps are dropped, never shown. docs/architecture.md, "Async scheduling: one step
+ahead", follows one step through every file.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import logging
 
 from jaxserve.config import EngineConfig
 from jaxserve.core.scheduler import Scheduler
+from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
-from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.model_runner import ModelRunner, PendingStep
 from jaxserve.runner.sampling_rows import MAX_LOGIT_BIAS_ENTRIES, MAX_MIN_TOKENS_BANNED_IDS
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.testing.compilation import CompilationCounter
@@ -43,6 +46,15 @@ def enable_persistent_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CollectedStep:
+    """A step collected and applied to the scheduler whose `RequestOutput`s are not made
+    yet: the next `step()` makes them while its own step computes."""
+
+    updates: list[RequestUpdate]  # the scheduler's, one per request that sampled, batch order
+    runner_output: ModelRunnerOutput  # the logprobs and prompt logprobs the updates lack
 
 
 class LLMEngine:
@@ -77,11 +89,12 @@ class LLMEngine:
         self._id_counter = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        # The last step's scheduler updates and runner output, turned into RequestOutputs
-        # during the next step (or by a step that schedules nothing, at the end).
-        self._unprocessed: tuple | None = None
-        # (SchedulerOutput, PendingStep) of a step planned ahead and launched, not collected
-        self._in_flight: tuple | None = None
+        # The last step, turned into RequestOutputs during the next step (or by a step that
+        # schedules nothing, at the end).
+        self._unprocessed: CollectedStep | None = None
+        # The step planned ahead and dispatched, not collected: the next `step()` collects
+        # it (its SchedulerOutput is `.out`)
+        self._in_flight: PendingStep | None = None
         self.async_scheduling = config.scheduler_config.async_scheduling  # may be switched
 
     # -- requests ------------------------------------------------------------------------
@@ -159,26 +172,25 @@ class LLMEngine:
         ready, while this step still computes, and `step` returns [] (the async engine
         streams them to clients a step's device time sooner).
         """
-        if self._in_flight is None:  # nothing computing: plan this step now
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:  # nothing computing: plan this step now
             scheduled = self._schedule()
             with self.step_compilations.track():  # this engine's, on this thread only
                 pending = self.runner.dispatch(scheduled)
-        else:
-            (scheduled, pending), self._in_flight = self._in_flight, None
-        if self._may_schedule_ahead(scheduled):  # plan and launch the next one meanwhile
-            ahead = self._schedule(ahead=True)
+        if self._may_schedule_ahead(pending.out):  # plan and launch the next one meanwhile
+            ahead = self._schedule(ahead=True)  # the ahead plan
             with self.step_compilations.track():
-                self._in_flight = (ahead, self.runner.dispatch(ahead, pending))
-        outputs = self._finish_step(*self._unprocessed) if self._unprocessed else []
+                self._in_flight = self.runner.dispatch(ahead, pending)
+        outputs = self._finish_step(self._unprocessed) if self._unprocessed else []
         self._unprocessed = None
         if on_outputs is not None and outputs:
             on_outputs(outputs)
             outputs = []
         with self.step_compilations.track():
             sampled = self.runner.collect(pending)
-        updates = self.scheduler.update_from_output(scheduled, sampled)
+        updates = self.scheduler.update_from_output(pending.out, sampled)
         if updates or sampled.prompt_logprobs:
-            self._unprocessed = (updates, sampled)
+            self._unprocessed = CollectedStep(updates, sampled)
         return outputs
 
     def _schedule(self, *, ahead: bool = False):
@@ -196,8 +208,9 @@ class LLMEngine:
         return (self.async_scheduling and self.step_broadcaster is None
                 and bool(scheduled.sampling_req_ids) and self.scheduler.can_schedule_ahead())
 
-    def _finish_step(self, updates, sampled) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(updates, sampled)
+    def _finish_step(self, step: CollectedStep) -> list[RequestOutput]:
+        updates = step.updates
+        outputs, stopped = self.output_processor.process(updates, step.runner_output)
         for child_id, stop in stopped:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED,
                                            stop_reason=stop)

@@ -1,16 +1,16 @@
 """Scheduler updates -> `RequestOutput`s: text, stop strings, logprobs, n-sample grouping.
 
 The engine runs a request with `n` samples as `n` child requests; this module keeps one
-`RequestOutput` per parent and one detokenizer per child, turns the runner's raw logprob
-tuples into `Logprob` dicts, and reports which children matched a stop string so the
-engine can finish them in the scheduler.
+`RequestOutput` per parent and one detokenizer per child, turns the runner's
+`TokenLogprobs` records into `Logprob` dicts, and reports which children matched a stop
+string so the engine can finish them in the scheduler.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate
+from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate, TokenLogprobs
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -57,9 +57,10 @@ class OutputProcessor:
         for child_id in self._child_ids.pop(parent_id, []):
             self._children.pop(child_id, None)
 
-    def _logprob_dict(self, chosen: int, lp: float, rank: int, top_ids, top_lps):
-        entries = {chosen: Logprob(lp, rank)}
-        for i, (tid, tlp) in enumerate(zip(top_ids, top_lps)):
+    def _logprob_dict(self, record: TokenLogprobs) -> dict[int, Logprob]:
+        """The scored token first, then the top ones (a top id equal to it keeps its rank)."""
+        entries = {record.token_id: Logprob(record.logprob, record.rank)}
+        for i, (tid, tlp) in enumerate(zip(record.top_ids, record.top_logprobs)):
             entries.setdefault(tid, Logprob(tlp, i + 1))
         if self.tokenizer is not None:
             for tid, entry in entries.items():
@@ -71,19 +72,19 @@ class OutputProcessor:
         """(outputs of every parent touched this step, [(child id, matched stop string)])."""
         touched: dict[str, RequestOutput] = {}
         stopped: list[tuple[str, str]] = []
-        for req_id, entries in (runner_out.prompt_logprobs or {}).items():
+        for req_id, records in (runner_out.prompt_logprobs or {}).items():
             child = self._children.get(req_id)
             if child is not None and child.wants_prompt_logprobs:
-                child.parent.prompt_logprobs.extend(self._logprob_dict(*e) for e in entries)
+                child.parent.prompt_logprobs.extend(self._logprob_dict(r) for r in records)
         for update in updates:
             child = self._children.get(update.req_id)
             if child is None:
                 continue
             out = child.output
             out.token_ids.extend(update.new_token_ids)
-            for entry in (runner_out.logprobs or {}).get(update.req_id, ()):
-                out.logprobs.append(self._logprob_dict(*entry))
-                out.cumulative_logprob += entry[1]
+            for record in (runner_out.logprobs or {}).get(update.req_id, ()):
+                out.logprobs.append(self._logprob_dict(record))
+                out.cumulative_logprob += record.logprob
             finished = update.finished
             if update.finished:
                 out.finish_reason, out.stop_reason = update.finish_reason, update.stop_reason

@@ -6,8 +6,8 @@ changed and then gathers the scheduled rows with vectorized numpy (no per-token 
 Everything is padded to the step's (token bucket, sequence bucket): padding tokens write
 into the null block 0, padding sequences are empty and read block 0.
 The batch appends the tokens it samples itself (`append_sampled`); a token still being
-sampled by a step in flight (async scheduling) becomes input id -1 - i, i its sequence's
-index in that step (see programs.py).
+sampled by the step in flight (async scheduling) becomes a sample link, input id
+`link_to_sample(i)` = -1 - i, i its sequence's index in that step (see sample_links.py).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import numpy as np
 
 from jaxserve.core.buckets import pad_to_bucket
 from jaxserve.core.scheduler_output import SchedulerOutput
-from jaxserve.runner.sampling_rows import SamplingRows
+from jaxserve.runner.sample_links import link_to_sample
+from jaxserve.runner.sampling_rows import SamplingRows, SamplingSetup
 
 
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
     """Host arrays of one step, padded; the runner moves them to the device in one go."""
 
-    input_ids: np.ndarray        # [T] int32
+    input_ids: np.ndarray        # [T] int32; < 0: sample links (sample_links.py)
     positions: np.ndarray        # [T] int32
     slot_mapping: np.ndarray     # [T] int32; padding -> slots of block 0
     block_tables: np.ndarray     # [B, max_blocks] int32; padding -> 0
@@ -57,9 +58,8 @@ class InputBatch:
         self.sampling = SamplingRows(rows, vocab_size=vocab_size, max_model_len=max_model_len)
         self._free_rows = list(range(rows - 1, -1, -1))
         self.row_of: dict[str, int] = {}
-        # req_id -> (params, eos ids, prompt len, seed) of every live request, kept through
-        # preemption so a resumed request samples with the same seed.
-        self._requests: dict[str, tuple] = {}
+        # req_id -> every live request's sampling setup, kept through preemption
+        self._setups: dict[str, SamplingSetup] = {}
         self._seed_rng = np.random.default_rng(seed)  # seeds of requests that bring none
 
     # -- per-request state -------------------------------------------------------------
@@ -75,7 +75,7 @@ class InputBatch:
         self.block_table[row, len(block_ids):] = 0
         self.num_blocks[row] = len(block_ids)
         self.num_computed[row] = num_computed
-        self.sampling.set_row(row, *self._requests[req_id])
+        self.sampling.set_row(row, self._setups[req_id])
         return row
 
     def _release_row(self, req_id: str) -> None:
@@ -86,15 +86,15 @@ class InputBatch:
     def _apply(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids:
             self._release_row(req_id)
-            self._requests.pop(req_id, None)
+            self._setups.pop(req_id, None)
         for req_id in out.preempted_req_ids:
             self._release_row(req_id)
         for new in out.scheduled_new_reqs:
             params = new.sampling_params
             seed = params.seed if params.seed is not None else int(
                 self._seed_rng.integers(2**32))
-            self._requests[new.req_id] = (params, new.eos_token_ids,
-                                          len(new.prompt_token_ids), seed)
+            self._setups[new.req_id] = SamplingSetup(params, new.eos_token_ids,
+                                                     len(new.prompt_token_ids), seed)
             self._place(new.req_id, new.prompt_token_ids, new.block_ids, new.num_computed_tokens)
         for cached in out.scheduled_cached_reqs:
             if cached.resumed_from_preemption:
@@ -112,11 +112,11 @@ class InputBatch:
             self.num_computed[row] = cached.num_computed_tokens
 
     def params_of(self, req_id: str):
-        return self._requests[req_id][0]
+        return self._setups[req_id].params
 
     def knows(self, req_id: str) -> bool:
         """Whether the request is still live here (not finished or aborted)."""
-        return req_id in self._requests
+        return req_id in self._setups
 
     def append_sampled(self, inputs: StepInputs, sampling: frozenset[str],
                        token_ids: np.ndarray) -> None:  # [B] sampled ids of that step
@@ -137,9 +137,11 @@ class InputBatch:
 
     # -- one step ----------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput,
-                pending: dict[str, int] | None = None) -> StepInputs:
-        """Applies the scheduler's deltas and returns the step's padded arrays. `pending`:
-        req_id -> index in the step in flight, for tokens that step is still sampling."""
+                samples_in_flight: dict[str, int] | None = None) -> StepInputs:
+        """Applies the scheduler's deltas and returns the step's padded arrays.
+        `samples_in_flight` (`PendingStep.sample_indices()`): req_id -> index in the step in
+        flight of each request it samples for; a token of `out` that no row holds yet must
+        be one of those, and becomes its sample link."""
         self._apply(out)
         req_ids = list(out.num_scheduled_tokens)
         num_reqs, num_tokens = len(req_ids), out.total_num_scheduled_tokens
@@ -163,8 +165,9 @@ class InputBatch:
         input_ids[:num_tokens] = self.token_ids[token_rows, positions_real]
         unknown = positions_real >= self.num_tokens[token_rows]  # [T_real]
         if unknown.any():
-            self._link_pending(input_ids, unknown, positions_real, token_rows,
-                               [req_ids[i] for i in token_req[unknown]], pending)
+            self._link_samples_in_flight(input_ids, unknown, positions_real, token_rows,
+                                         [req_ids[i] for i in token_req[unknown]],
+                                         samples_in_flight)
         slot_mapping = np.arange(padded_tokens, dtype=np.int32) % self.block_size  # block 0
         blocks = self.block_table[token_rows, positions_real // self.block_size]
         slot_mapping[:num_tokens] = blocks * self.block_size + positions_real % self.block_size
@@ -179,13 +182,14 @@ class InputBatch:
                           query_start_loc, logits_indices, req_ids, num_tokens, rows,
                           self.generation[rows])
 
-    def _link_pending(self, input_ids, unknown, positions, token_rows, owners,
-                      pending: dict[str, int] | None) -> None:
-        """Input ids of tokens past a row's known ones: -1 - (index in the step in flight)
-        where that step samples them; anything else is a scheduler/runner mismatch."""
+    def _link_samples_in_flight(self, input_ids, unknown, positions, token_rows, owners,
+                                samples_in_flight: dict[str, int] | None) -> None:
+        """Input ids of tokens past a row's known ones: `link_to_sample(i)` where the step in
+        flight samples them as its sample i, the one token right after the row's known ones
+        (a placeholder's); anything else is a scheduler/runner mismatch."""
         at = np.flatnonzero(unknown)
-        index = [(pending or {}).get(req_id, -1) for req_id in owners]
+        index = [(samples_in_flight or {}).get(req_id, -1) for req_id in owners]
         if min(index) < 0 or np.any(positions[at] != self.num_tokens[token_rows[at]]):
             raise RuntimeError(f"tokens of requests {sorted(set(owners))} are neither known "
                                "nor being sampled by the step in flight")
-        input_ids[at] = -1 - np.asarray(index, np.int32)
+        input_ids[at] = link_to_sample(np.asarray(index, np.int32))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.core.buckets import seq_buckets, token_buckets
-from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.loader import load_model
@@ -43,14 +43,24 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PendingStep:
-    """A step whose programs are launched (`dispatch`) and whose results are not read yet."""
+    """A step whose programs are launched (`dispatch`) and whose results are not read yet.
+    With async scheduling the step after it is dispatched meanwhile, its tokens linked to
+    this one's samples (`sample_indices`, `next_ids`; see sample_links.py)."""
 
     out: SchedulerOutput
     inputs: StepInputs | None  # None: nothing was scheduled, nothing runs
     sampled: sampler.SamplerOutput | None  # device arrays, still being computed
     prompt_req: list[int]      # indices in B of the requests wanting prompt logprobs
     prompt_result: tuple | None  # their device arrays, or None
-    next_ids: jax.Array | None = None  # [R] the sampled ids padded, for the next forward
+    # [R] int32 on the device: the sampled ids padded, the next step's `previous_ids`
+    next_ids: jax.Array | None = None
+
+    def sample_indices(self) -> dict[str, int]:
+        """req_id -> index in this step's batch of each request it samples for: the i of
+        `link_to_sample(i)` in a step dispatched before this one is collected."""
+        if self.inputs is None:
+            return {}
+        return {r: i for i, r in enumerate(self.inputs.req_ids) if self.out.samples(r)}
 
 
 class ModelRunner:
@@ -90,7 +100,7 @@ class ModelRunner:
         self.param_leaves = jax.tree.leaves(self.params)
         self.programs = make_programs(self.graphdef, jax.tree.structure(self.params),
                                       max_num_seqs=self.seq_buckets[-1], mesh=self.mesh)
-        # [R] forward's previous_ids when no step is in flight (no input id is negative);
+        # [R] forward's previous_ids when no step is in flight (no input id is a link);
         # committed like the samplers' outputs, which jit would otherwise tell apart
         self._no_previous = jax.device_put(
             np.zeros(self.seq_buckets[-1], np.int32),
@@ -156,18 +166,18 @@ class ModelRunner:
     def dispatch(self, out: SchedulerOutput, in_flight: PendingStep | None = None) -> PendingStep:
         """Prepares the step's inputs and launches its programs without waiting for them.
 
-        `in_flight`: a dispatched step not collected yet (async scheduling); the tokens it
-        samples are this step's inputs where `out` schedules them, read on the device.
+        `in_flight`: a dispatched step not collected yet (async scheduling; `out` is then
+        the ahead plan); the tokens it samples are this step's inputs where `out` schedules
+        them: sample links, resolved on the device from its `next_ids`.
         """
-        pending = previous_ids = None
+        samples_in_flight = previous_ids = None
         if in_flight is not None and in_flight.inputs is not None:
-            pending = {r: i for i, r in enumerate(in_flight.inputs.req_ids)
-                       if in_flight.out.samples(r)}
+            samples_in_flight = in_flight.sample_indices()
             previous_ids = in_flight.next_ids
         if out.total_num_scheduled_tokens == 0:
             self.batch.prepare(out)  # still applies finished/preempted deltas
             return PendingStep(out, None, None, [], None)
-        inputs = self.batch.prepare(out, pending)
+        inputs = self.batch.prepare(out, samples_in_flight)
         rows = inputs.rows
         num_padded_seqs = len(inputs.seq_lens)
         # each row's history length; a token being sampled in flight counts (seq_lens)
@@ -236,9 +246,10 @@ class ModelRunner:
             sampled_ids[req_id] = [int(token_ids[i])]
             num_top = self.batch.params_of(req_id).logprobs
             if num_top is not None:
-                logprobs[req_id] = [(int(token_ids[i]), float(sampled.logprobs[i]),
-                                     int(sampled.ranks[i]), sampled.top_ids[i, :num_top].tolist(),
-                                     sampled.top_logprobs[i, :num_top].tolist())]
+                logprobs[req_id] = [TokenLogprobs(
+                    int(token_ids[i]), float(sampled.logprobs[i]), int(sampled.ranks[i]),
+                    tuple(sampled.top_ids[i, :num_top].tolist()),
+                    tuple(sampled.top_logprobs[i, :num_top].tolist()))]
         prompt_logprobs = {}
         for i in prompt_req:
             req_id = inputs.req_ids[i]
@@ -254,8 +265,9 @@ class ModelRunner:
                     break
                 target = int(self.batch.token_ids[row, inputs.positions[t] + 1])
                 lp, rank, top_ids, top_lps = (x[t] for x in prompt_result)
-                entries.append((target, float(lp), int(rank), top_ids[:num_top].tolist(),
-                                top_lps[:num_top].tolist()))
+                entries.append(TokenLogprobs(target, float(lp), int(rank),
+                                             tuple(top_ids[:num_top].tolist()),
+                                             tuple(top_lps[:num_top].tolist())))
             prompt_logprobs[req_id] = entries
         return ModelRunnerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs or None,
                                  prompt_logprobs=prompt_logprobs or None)

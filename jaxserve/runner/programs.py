@@ -8,8 +8,9 @@ hidden states of each sequence's last token (for sampling) and of every token (f
 logprobs); the LM head runs in the sampler programs, whose shapes depend on B only.
 Under a mesh the logits are gathered (replicated) before sampling, as with one device.
 Async scheduling: a sampler also returns its token ids padded to [R] (R = the largest
-sequence bucket), and `forward` takes such an array of the step before: an input id -1 - i
-(negative) is the token sampled for sequence i of that step, still on the device.
+sequence bucket), and `forward` takes such an array of the step before as `previous_ids`:
+a negative input id is a sample link (`sample_links.py`), -1 - i for the token that step
+sampled for its sequence i, still on the device.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.model import sampler
 from jaxserve.model.forward import compute_logits, greedy_token_ids, run_model
+from jaxserve.runner.sample_links import resolve_sample_links
 from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS
 
 
@@ -32,7 +34,8 @@ class Programs:
     # params: the list of parameter arrays, `jax.tree.leaves(state)`
     # (params, kv_caches, input_ids [T], positions [T], metadata, previous_ids [R])
     #   -> (hidden of last tokens [B, D], hidden [T, D], kv_caches); kv_caches donated;
-    #   input ids < 0 are -1 - i: previous_ids[i], the previous step's sample i
+    #   input ids < 0 are sample links: link_to_sample(i) reads previous_ids[i], the
+    #   previous step's sample i
     forward: Callable
     # variant -> (params, hidden [B, D], num_seqs [] int32, SamplingTensors | None)
     #   -> (SamplerOutput, token ids padded to [R]); rows past num_seqs are padding
@@ -53,8 +56,7 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *, max_num_seqs: int,
 
     def forward(params, kv_caches, input_ids, positions, metadata, previous_ids):
         params = state(params)
-        pending = jnp.take(previous_ids, -1 - input_ids, mode="clip")  # [T]
-        input_ids = jnp.where(input_ids < 0, pending, input_ids)  # [T]
+        input_ids = resolve_sample_links(input_ids, previous_ids)  # [T]
         hidden, kv_caches = run_model(graphdef, params, kv_caches, input_ids, positions,
                                       metadata)  # [T, D]
         return hidden[metadata.logits_indices], hidden, kv_caches

@@ -8,9 +8,12 @@ logprobs) or `penalties` (`sample` plus the token history the penalties need).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from jaxserve.model.sampler import SamplingTensors
+from jaxserve.sampling_params import SamplingParams
 
 # Static widths of the sparse per-row tables (compiled shapes). The engine rejects requests
 # that need more with a ValueError naming the parameter.
@@ -18,6 +21,18 @@ MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_MIN_TOKENS_BANNED_IDS = 64
 
 SAMPLER_VARIANTS = ("greedy", "sample", "penalties")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplingSetup:
+    """What a request's sampling row is built from (`SamplingRows.set_row`). The batch keeps
+    one per live request from admission to finish, through preemption, so that a resumed
+    request samples with the seed it had."""
+
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]  # banned (with the stop ids) until min_tokens are out
+    prompt_len: int  # P: the row's tokens past it are outputs
+    seed: int  # the request's own, or one the batch drew for it
 
 
 class SamplingRows:
@@ -40,8 +55,8 @@ class SamplingRows:
         self.has_bias = np.zeros(num_rows, bool)
         self.has_penalty = np.zeros(num_rows, bool)
 
-    def set_row(self, row: int, params, eos_ids: tuple[int, ...], prompt_len: int,
-                seed: int) -> None:
+    def set_row(self, row: int, setup: SamplingSetup) -> None:
+        params = setup.params
         self.temperature[row] = params.temperature
         top_k = params.top_k if params.top_k > 0 else self.vocab_size
         self.top_k[row] = min(top_k, self.vocab_size)
@@ -50,8 +65,8 @@ class SamplingRows:
         self.frequency[row] = params.frequency_penalty
         self.repetition[row] = params.repetition_penalty
         self.has_penalty[row] = params.has_penalties
-        self.seeds[row] = seed % 2**32
-        self.prompt_lens[row] = prompt_len
+        self.seeds[row] = setup.seed % 2**32
+        self.prompt_lens[row] = setup.prompt_len
         self.min_tokens[row] = params.min_tokens
         self.logprobs[row] = params.logprobs is not None
         bias = params.logit_bias or {}
@@ -61,7 +76,7 @@ class SamplingRows:
         self.bias_values[row, :len(bias)] = list(bias.values())
         self.has_bias[row] = bool(bias)
         # Ids past the vocabulary can never be sampled: nothing to ban.
-        banned = sorted(i for i in set(eos_ids) | params.all_stop_token_ids
+        banned = sorted(i for i in set(setup.eos_token_ids) | params.all_stop_token_ids
                         if i < self.vocab_size) if params.min_tokens else []
         self.banned_ids[row] = self.vocab_size
         self.banned_ids[row, :len(banned)] = banned

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
+from jaxserve.runner.model_runner import PendingStep
 from jaxserve.testing import forbid_compilation
 from jaxserve.testing.hf_reference import random_prompts
 
@@ -86,7 +87,8 @@ def test_aborting_mid_flight_leaves_the_other_requests_intact(qwen2_llm, engine)
     with forbid_compilation():
         for step in range(200):
             if step == 6:
-                assert engine._in_flight is not None  # a step is in flight as it goes
+                in_flight = engine._in_flight  # a step is in flight as it goes
+                assert isinstance(in_flight, PendingStep) and in_flight.out.num_reqs > 0
                 engine.abort_request("abort-1")
             for out in engine.step():
                 if out.finished:

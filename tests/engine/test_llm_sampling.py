@@ -153,3 +153,31 @@ def test_extreme_but_valid_parameters_do_not_break_the_engine(qwen2_llm):
                             stop_token_ids=[10**9], seed=1)
     out = qwen2_llm.generate(prompt, params, use_tqdm=False)[0]
     assert out.finished and len(out.outputs[0].token_ids) >= 2
+
+
+def test_the_runner_hands_over_consistent_logprob_records(qwen2_llm, monkeypatch):
+    from jaxserve.core.scheduler_output import TokenLogprobs
+
+    engine, seen = qwen2_llm.llm_engine, []
+    process = engine.output_processor.process
+    monkeypatch.setattr(engine.output_processor, "process",
+                        lambda updates, runner_out: (seen.append((updates, runner_out)),
+                                                     process(updates, runner_out))[1])
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=5, ignore_eos=True, logprobs=3,
+                            prompt_logprobs=2)
+    prompt = random_prompts([19], seed=4)[0]
+    qwen2_llm.generate(_ids([prompt]), params, use_tqdm=False)
+    sampled = [(u.new_token_ids, out.logprobs[u.req_id]) for us, out in seen for u in us]
+    prompt_records = [r for _, out in seen for rs in (out.prompt_logprobs or {}).values()
+                      for r in rs]
+    for records, wanted_k in [([r for _, rs in sampled for r in rs], 3), (prompt_records, 2)]:
+        for r in records:
+            assert isinstance(r, TokenLogprobs) and r.rank >= 1 and r.logprob <= 0
+            assert len(r.top_ids) == len(r.top_logprobs) == wanted_k
+            assert list(r.top_logprobs) == sorted(r.top_logprobs, reverse=True)
+            assert r.logprob <= r.top_logprobs[0] + 1e-6
+            if r.rank <= wanted_k:
+                assert math.isclose(r.logprob, r.top_logprobs[r.rank - 1], abs_tol=1e-5)
+    assert [ids for ids, _ in sampled] == [(r.token_id,) for _, [r] in sampled]
+    assert len(sampled) == 5
+    assert [r.token_id for r in prompt_records] == list(prompt[1:])

@@ -96,3 +96,24 @@ def test_samples_for_a_released_or_replaced_row_are_dropped():
     row = batch.row_of["a"]
     batch.append_sampled(first, frozenset({"a"}), np.array([99]))
     assert batch.num_tokens[row] == 2 and 99 not in batch.token_ids[row].tolist()
+
+
+def test_a_request_keeps_its_sampling_setup_and_drawn_seed_through_preemption():
+    batch = _batch()
+    params = SamplingParams(temperature=0.5, min_tokens=2)
+    batch.prepare(_output(new=[NewRequestData("a", (1, 2, 3), params, (6,), 0, (7,))],
+                          scheduled={"a": 3}))
+    row = batch.row_of["a"]
+    seed, banned = batch.sampling.seeds[row], batch.sampling.banned_ids[row, 0]
+    assert batch.params_of("a") is params and banned == 7
+    batch.prepare(_output(preempted=["a"]))
+    batch.prepare(_output(new=[NewRequestData("b", (4, 5), SamplingParams(), (8,), 0)],
+                          scheduled={"b": 2}))  # b takes a's old row
+    assert batch.knows("a") and batch.row_of["b"] == row
+    batch.prepare(_output(cached=[CachedRequestData("a", (1, 2, 3), (2,), 0, True)],
+                          scheduled={"a": 3}))
+    row = batch.row_of["a"]
+    assert batch.sampling.seeds[row] == seed and batch.sampling.banned_ids[row, 0] == 7
+    assert batch.sampling.prompt_lens[row] == 3 and batch.sampling.temperature[row] == 0.5
+    batch.prepare(_output(finished=["a"]))
+    assert not batch.knows("a")
