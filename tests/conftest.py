@@ -239,16 +239,15 @@ def paged_logit_errors(path, sequences: list[np.ndarray], expected: list[np.ndar
     filled with NaN so that any read of an unwritten slot shows."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxserve.config import ModelConfig
-    from jaxserve.model.forward import make_forward
     from jaxserve.model.loader import load_model
     from jaxserve.runner.kv_cache import layer_pool_shapes
+    from jaxserve.testing.engine_step import engine_step
 
     block_size, num_blocks = 16, 24
     config = ModelConfig.from_pretrained(path, dtype="float32")
-    graphdef, params = nnx.split(load_model(path, config))
+    model = load_model(path, config)
     free = list(np.random.default_rng(1).permutation(np.arange(1, num_blocks)))
     tables = [[int(free.pop()) for _ in range(-(-len(s) // block_size))] for s in sequences]
     layout = dict(block_size=block_size, num_seqs=8, max_blocks=max(map(len, tables)))
@@ -260,18 +259,18 @@ def paged_logit_errors(path, sequences: list[np.ndarray], expected: list[np.ndar
         ids, positions, metadata = make_paged_step(
             [s[:n] for s, n in zip(sequences, PARITY_PROMPT_LENS)], [0] * len(sequences),
             tables, num_tokens=128, **layout)
-        logits, kv_caches = make_forward(graphdef, all_token_logits=True)(
-            params, kv_caches, ids, positions, metadata)
+        logits, kv_caches = engine_step(model, all_token_logits=True)(
+            kv_caches, ids, positions, metadata)
         for b, n in enumerate(PARITY_PROMPT_LENS):
             start = metadata.query_start_loc[b]
             diffs.append(np.abs(np.asarray(logits)[start:start + n] - expected[b][:n]))
-        decode = make_forward(graphdef)
+        decode = engine_step(model)
         for step in range(PARITY_NUM_DECODE):
             done = [n + step for n in PARITY_PROMPT_LENS]
             ids, positions, metadata = make_paged_step(
                 [s[d:d + 1] for s, d in zip(sequences, done)], done, tables, num_tokens=8,
                 **layout)
-            logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
+            logits, kv_caches = decode(kv_caches, ids, positions, metadata)
             diffs += [np.abs(np.asarray(logits)[b] - expected[b][d])[None]
                       for b, d in enumerate(done)]
     return np.concatenate(diffs)

@@ -1,13 +1,10 @@
-"""The functional jit boundary: build a model, split it once, step it with a plain `jax.jit`.
+"""The functional jit boundary: build a model; run it as pure functions of its params.
 
 `build_model` constructs a registered model (or, with `abstract=True`, only its shapes).
-The caller splits it once (`graphdef, params = nnx.split(model)`); `make_forward(graphdef)`
-returns a jitted `forward(params, kv_caches, input_ids, positions, metadata)` that merges
-inside, donates the KV pools, and returns float32 logits of the tokens at
-`metadata.logits_indices` (or of all T tokens, for prompt logprobs) with the updated pools.
+The caller splits it once (`graphdef, params = nnx.split(model)`); `run_model`,
+`compute_logits` and `greedy_token_ids` merge inside, so a jitted program
+(`runner/programs.py`) takes the params as plain arrays.
 """
-
-from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -58,19 +55,3 @@ def greedy_token_ids(graphdef: nnx.GraphDef, params: nnx.State,
                      ) -> jax.Array:  # [B] int32
     """Greedy sampling as a pure function: the argmax of the logits (fused on CPU)."""
     return nnx.merge(graphdef, params).greedy_token_ids(hidden, num_rows)
-
-
-def make_forward(graphdef: nnx.GraphDef, *, all_token_logits: bool = False) -> Callable:
-    """A jitted `forward(params, kv_caches, input_ids [T], positions [T], metadata)
-    -> (logits [B, V] float32, kv_caches)`, the pools donated. With `all_token_logits`,
-    the logits are those of every token: [T, V]."""
-
-    def forward(params: nnx.State, kv_caches: KVCaches, input_ids, positions,
-                metadata: AttentionMetadata) -> tuple[jax.Array, KVCaches]:
-        model = nnx.merge(graphdef, params)
-        hidden, kv_caches = model(kv_caches, input_ids, positions, metadata)  # [T, D]
-        if not all_token_logits:
-            hidden = hidden[metadata.logits_indices]  # [B, D]
-        return model.compute_logits(hidden), kv_caches
-
-    return jax.jit(forward, donate_argnums=(1,))

@@ -43,7 +43,7 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
     `model_dir`, and any extra layout its ops read (`prepare_for_ops`).
 
     `rules` None: the sharding rules `model_config.enable_expert_parallel` selects.
-    Split it once (`graphdef, params = nnx.split(model)`) and step it with `make_forward`.
+    Split it once (`graphdef, params = nnx.split(model)`); the runner's programs step it.
     """
     if rules is None:
         rules = sharding_rules(expert_parallel=model_config.enable_expert_parallel)

@@ -285,10 +285,9 @@ def test_alibi_prefill_logits_with_tensor_parallel_2_match_the_numpy_model(alibi
                                                                            paged_step):
     """One ragged prefill on a TP = 2 mesh, under `jax.set_mesh` as the engine runs it: each
     rank attends with 3 of the 6 heads and must take their slopes."""
-    from flax import nnx
 
-    from jaxserve.model.forward import make_forward
     from jaxserve.model.loader import load_model
+    from jaxserve.testing.engine_step import engine_step
     from jaxserve.parallel.sharding import kv_pool_sharding, make_mesh
     from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
@@ -301,11 +300,11 @@ def test_alibi_prefill_logits_with_tensor_parallel_2_match_the_numpy_model(alibi
     pools = tuple(tuple(jax.device_put(np.zeros(shape, np.float32),
                                        kv_pool_sharding(shape, mesh)) for _ in "kv")
                   for _ in range(config.num_layers))
-    graphdef, params = nnx.split(load_model(path, config, mesh=mesh))
+    model = load_model(path, config, mesh=mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
-        logits, _ = make_forward(graphdef, all_token_logits=True)(
-            params, pools, *jax.device_put(inputs, replicated))
+        logits, _ = engine_step(model, all_token_logits=True, mesh=mesh)(
+            pools, *jax.device_put(inputs, replicated))
     logits, starts = np.asarray(logits), inputs[2].query_start_loc  # [T, V], [B + 1]
     for b, sequence in enumerate(tokens):
         np.testing.assert_allclose(logits[starts[b]:starts[b] + len(sequence)],

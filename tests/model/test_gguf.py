@@ -20,11 +20,11 @@ from safetensors.numpy import load_file
 
 from jaxserve.config import ModelConfig
 from jaxserve.model import gguf_reader
-from jaxserve.model.forward import make_forward
 from jaxserve.model.gguf_reader import (GGUFCheckpointReader, find_gguf_file,
                                        llama3_rope_from_factors)
 from jaxserve.model.layers import rope_frequencies
 from jaxserve.model.loader import load_model
+from jaxserve.testing.engine_step import engine_step
 from jaxserve.tokenizer_utils import load_tokenizer
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
@@ -149,14 +149,13 @@ def tiny_gguf(tiny_checkpoint, tmp_path_factory):
 
 def _logits(path, paged_step) -> np.ndarray:  # [len(_PROMPT), V]: one prefill, paged
     config = ModelConfig.from_pretrained(path, dtype="float32")
-    graphdef, params = nnx.split(load_model(config.model_dir, config))
+    model = load_model(config.model_dir, config)
     shape = kv_pool_shape(config.num_kv_heads, 8, 16, config.head_dim)
     pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(config.num_layers))
     ids, positions, metadata = paged_step([_PROMPT], [0], [[1, 2, 3]], block_size=16,
                                           num_tokens=64, num_seqs=8, max_blocks=4)
     with jax.default_matmul_precision("highest"):
-        logits, _ = make_forward(graphdef, all_token_logits=True)(params, pools, ids, positions,
-                                                                  metadata)
+        logits, _ = engine_step(model, all_token_logits=True)(pools, ids, positions, metadata)
     return np.asarray(logits)[:len(_PROMPT)]
 
 

@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.forward import make_forward
 from jaxserve.model.loader import load_model
+from jaxserve.testing.engine_step import engine_step
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "llama_head_dim")
@@ -88,15 +87,15 @@ def test_paged_prefill_and_decode_match_transformers(name, dtype, tiny_checkpoin
 def _check_parity(name, dtype, tiny_checkpoint, hf_logits, paged_step):
     path = tiny_checkpoint(name)
     config = ModelConfig.from_pretrained(path, dtype=dtype)
-    graphdef, params = nnx.split(load_model(path, config))
+    model = load_model(path, config)
     sequences, tables, expected = _sequences(), _block_tables(), hf_logits(name)
     layout = dict(block_size=BLOCK_SIZE, num_seqs=NUM_SEQS, max_blocks=MAX_BLOCKS)
 
-    prefill = make_forward(graphdef, all_token_logits=True)
+    prefill = engine_step(model, all_token_logits=True)
     ids, positions, metadata = paged_step([s[:n] for s, n in zip(sequences, PROMPT_LENS)],
                                           [0] * len(PROMPT_LENS), tables,
                                           num_tokens=PREFILL_TOKENS, **layout)
-    logits, kv_caches = prefill(params, _empty_pools(config), ids, positions, metadata)
+    logits, kv_caches = prefill(_empty_pools(config), ids, positions, metadata)
     logits = np.asarray(logits)  # [T, V]
     assert logits.shape == (PREFILL_TOKENS, config.vocab_size)
     diffs, ranges = [], []  # |logit error| per compared token, |HF logit| max per token
@@ -105,12 +104,12 @@ def _check_parity(name, dtype, tiny_checkpoint, hf_logits, paged_step):
         diffs.append(np.abs(logits[start:start + n] - expected[b][:n]))
         ranges.append(np.abs(expected[b][:n]).max())
 
-    decode = make_forward(graphdef)
+    decode = engine_step(model)
     for step in range(NUM_DECODE):
         done = [n + step for n in PROMPT_LENS]
         ids, positions, metadata = paged_step([s[d:d + 1] for s, d in zip(sequences, done)],
                                               done, tables, num_tokens=DECODE_TOKENS, **layout)
-        logits, kv_caches = decode(params, kv_caches, ids, positions, metadata)
+        logits, kv_caches = decode(kv_caches, ids, positions, metadata)
         logits = np.asarray(logits)  # [B, V]
         assert logits.shape == (NUM_SEQS, config.vocab_size)
         diffs += [np.abs(logits[b] - expected[b][d])[None] for b, d in enumerate(done)]

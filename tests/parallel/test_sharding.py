@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.forward import make_forward
 from jaxserve.model.loader import load_model
+from jaxserve.testing.engine_step import engine_step
 from jaxserve.parallel.sharding import (kv_pool_sharding, logical_sharding, logical_to_spec,
                                         make_mesh, no_sharding)
 from jaxserve.parallel.tensor_parallel import tp_model_config
@@ -80,12 +79,11 @@ def test_tensor_parallel_logits_match_a_single_device(tp, tiny_checkpoint, paged
         slots = tp_model_config(config, 1 if mesh is None else tp).num_kv_heads
         shape = kv_pool_shape(slots, 8, 16, config.head_dim)
         model = load_model(path, config, mesh=mesh)
-        graphdef, params = nnx.split(model)
         pools = tuple((jax.device_put(jnp.zeros(shape), kv_pool_sharding(shape, mesh)),
                        jax.device_put(jnp.zeros(shape), kv_pool_sharding(shape, mesh)))
                       for _ in range(config.num_layers))
-        logits, _ = make_forward(graphdef, all_token_logits=True)(params, pools, ids, positions,
-                                                                  metadata)
+        logits, _ = engine_step(model, all_token_logits=True, mesh=mesh)(pools, ids, positions,
+                                                                         metadata)
         return model, np.asarray(logits)
 
     sharded, logits = run(make_mesh(tp=tp))
