@@ -59,7 +59,7 @@ def child(args) -> None:
 
 
 def _run_child(args, counter) -> None:
-    from jaxserve.core.buckets import pad_to_bucket
+    from jaxserve.runner.buckets import pad_to_bucket
     from jaxserve.engine.engine_args import create_engine_config
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.sampling_params import SamplingParams

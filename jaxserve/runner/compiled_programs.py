@@ -4,7 +4,7 @@
 (T, B) bucket pair, each sampler variant per B, prompt logprobs per T. They are compiled
 from abstract arguments (`jax.jit(...).lower(...).compile()`): nothing runs, and with the
 persistent compilation cache a later start reads them from disk. Compilation follows
-`core.buckets.compile_stages`; `capacity` is the (T, B) rectangle finished so far, published
+`runner.buckets.compile_stages`; `capacity` is the (T, B) rectangle finished so far, published
 only once every program in it exists, and the engine keeps its steps inside it. The first
 stage compiles before the engine serves; the rest at once or in a daemon thread named
 `COMPILE_THREAD` (which `testing.forbid_compilation` lets compile). The step path only looks
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxserve.core.buckets import compile_stages, reachable_pairs
+from jaxserve.runner.buckets import compile_stages, reachable_pairs
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.runner.programs import Programs
 from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS, dummy_tensors

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxserve.core.buckets import pad_to_bucket
+from jaxserve.runner.buckets import pad_to_bucket
 from jaxserve.core.scheduler_output import SchedulerOutput
 from jaxserve.runner.sample_links import link_to_sample
 from jaxserve.runner.sampling_rows import SamplingRows, SamplingSetup

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
-from jaxserve.core.buckets import seq_buckets, token_buckets
+from jaxserve.runner.buckets import seq_buckets, token_buckets
 from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata

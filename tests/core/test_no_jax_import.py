@@ -8,7 +8,7 @@ import pytest
 CORE_MODULES = ["jaxserve.core", "jaxserve.core.block_pool", "jaxserve.core.block_hash",
                 "jaxserve.core.kv_cache_manager", "jaxserve.core.request_queue",
                 "jaxserve.core.scheduler", "jaxserve.core.scheduler_output",
-                "jaxserve.core.stop_rules", "jaxserve.core.buckets", "jaxserve.request",
+                "jaxserve.core.stop_rules", "jaxserve.request",
                 "jaxserve.sampling_params", "jaxserve.config"]
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxserve.core.buckets import (compile_stages, pad_to_bucket, reachable_pairs, seq_buckets,
+from jaxserve.runner.buckets import (compile_stages, pad_to_bucket, reachable_pairs, seq_buckets,
                                   token_buckets)
 
 
