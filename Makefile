@@ -33,7 +33,8 @@ test-all: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
 
-# Runs the issue-7 benchmarks on the qwen2-40m random checkpoint (CPU) and rewrites their
+# Runs the CPU benchmark suite (throughput vs HF and vLLM, serving, prefix caching, KV
+# memory, step breakdown) on the qwen2-40m random checkpoint and rewrites their
 # sections of benchmarks/RESULTS.md; BENCH_ARGS="--only kv_memory" runs a subset. The vLLM
 # peer needs its own venv (bash benchmarks/peers/setup_vllm_cpu.sh, ~3.5 GB); without it the
 # throughput comparisons skip vLLM and say so.

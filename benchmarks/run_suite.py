@@ -1,4 +1,4 @@
-"""`make bench`: runs the issue-7 benchmarks on the qwen2-40m random checkpoint (CPU) and
+"""`make bench`: runs the CPU benchmark suite on the qwen2-40m random checkpoint and
 rewrites their sections of benchmarks/RESULTS.md in place.
 
 Each benchmark's section sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
@@ -30,7 +30,7 @@ TITLES = {
     "throughput_sharegpt": "Offline throughput, ShareGPT-like lengths: `compare_throughput.py`",
     "step_breakdown": "Step time at batch 64: `benchmark_step_breakdown.py` (CPU)",
 }
-# The throughput workload of issue 7 (RESULTS.md's first CPU measurement used the same).
+# The throughput workload (RESULTS.md's first CPU measurement used the same).
 THROUGHPUT = ["--repeats", "3", "--num-prompts", "128", "--dtype", "float32", "--seed", "0",
               "--hf-batch-sizes", "64", "--jaxserve-dtypes", "float32", "bfloat16",
               "--vllm-dtypes", "float32", "bfloat16",

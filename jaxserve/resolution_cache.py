@@ -1,7 +1,7 @@
 """What transformers resolves from a checkpoint, kept on disk for the next start.
 
-transformers' config classes and `AutoTokenizer` import torch wherever it is installed
-(~2 s) and its auto modules (~1.5 s), only to fill defaults and pick a class. The first start
+transformers' config classes and `AutoTokenizer` import torch wherever it is installed, and
+its auto modules, only to fill defaults and pick a class: seconds of a start. The first start
 with a cache directory (the compilation cache's) records both: the HF config as its
 `to_dict()` and the tokenizer class `AutoTokenizer` chose. Later starts read the config back
 as a `CachedHFConfig` and load the tokenizer through its own class, neither of which imports

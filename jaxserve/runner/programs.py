@@ -2,7 +2,7 @@
 
 The model is merged from its graphdef inside each program (split once, outside), and the
 params arrive as a flat list of arrays (`param_treedef` rebuilds the NNX state inside):
-flattening NNX variables on every call cost ~0.3 ms of host time per step. The KV
+flattening NNX variables on every call costs host time on every step. The KV
 pools are donated to `forward`, so the cache is updated in place. `forward` hands back the
 hidden states of each sequence's last token (for sampling) and of every token (for prompt
 logprobs); the LM head runs in the sampler programs, whose shapes depend on B only.

@@ -17,8 +17,8 @@ needs_compiler = pytest.mark.skipif(
 def kernel_marches() -> list[str]:
     """"native", then each x86-64 level this CPU can execute whose kernel code path (the
     SIMD macros it enables, `build.code_path`) differs from native's and from the levels
-    already taken: on a Zen 5 native (AVX-512 BF16), x86-64-v4, -v3 and -v2; on a Zen 3
-    native (AVX2) and x86-64-v2."""
+    already taken: on an AVX-512 BF16 CPU native, x86-64-v4, -v3 and -v2; on an AVX2 CPU
+    native and x86-64-v2."""
     if not build.has_compiler():
         return ["native"]
     marches, paths = ["native"], {build.code_path("native")}

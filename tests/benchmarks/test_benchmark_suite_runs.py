@@ -1,4 +1,5 @@
-"""The issue-7 benchmarks each run once, end to end, on the tiny random checkpoint.
+"""The `make bench` benchmarks (throughput, serving, prefix caching, KV memory, step
+breakdown) each run once, end to end, on the tiny random checkpoint.
 
 Every script runs as a subprocess exactly as documented, with tiny sizes (the serving one
 launches `jaxserve serve --port 0` itself and sends 8 requests); the checks are on the
