@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_prompts(args) -> list[tuple[object, int, int]]:
     """(prompt, input_len, output_len) per request: token ids or their decoded text."""
-    from jaxserve.tokenizer_utils import load_tokenizer
+    from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)  # an HF directory or a GGUF
     rng = np.random.default_rng(args.seed)

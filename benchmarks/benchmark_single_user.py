@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
 
-    from jaxserve.model.default_model import default_model_path
+    from jaxserve.entrypoints.default_model import default_model_path
     from pallas_kernels.cpu import build
 
     model = args.model or default_model_path()

@@ -99,7 +99,7 @@ class ModelConfig:
         context. With `cache_dir`, what transformers resolved is recorded there and read back
         on later starts (`resolution_cache`: no torch import).
         """
-        from jaxserve.model.gguf_reader import find_gguf_file, gguf_hf_config
+        from jaxserve.model.loading.gguf_reader import find_gguf_file, gguf_hf_config
         from jaxserve.resolution_cache import resolved_hf_config
 
         path = os.fspath(model_dir)

@@ -241,7 +241,7 @@ def paged_logit_errors(path, sequences: list[np.ndarray], expected: list[np.ndar
     import jax.numpy as jnp
 
     from jaxserve.config import ModelConfig
-    from jaxserve.model.loader import load_model
+    from jaxserve.model.loading.loader import load_model
     from jaxserve.runner.kv_cache import layer_pool_shapes
     from jaxserve.testing.engine_step import engine_step
 

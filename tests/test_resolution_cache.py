@@ -12,7 +12,7 @@ import pytest
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
 from jaxserve.resolution_cache import CachedHFConfig, resolved_tokenizer
-from jaxserve.tokenizer_utils import load_tokenizer
+from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "mixtral", "qwen2_moe", "deepseek_v2")
 
@@ -49,7 +49,7 @@ def test_a_cached_config_reads_as_transformers_resolved_it(tiny_checkpoint, tmp_
 
 
 def test_a_gguf_config_is_cached_too(tmp_path):
-    from jaxserve.model.default_model import default_model_path
+    from jaxserve.entrypoints.default_model import default_model_path
 
     try:
         path = default_model_path()
@@ -106,7 +106,7 @@ def test_a_warm_start_imports_no_torch(tiny_checkpoint, tmp_path):
     """The point of the records: transformers' config classes import torch (~2 s)."""
     path = str(tiny_checkpoint("qwen2", with_tokenizer=True))
     code = ("import sys; from jaxserve.config import ModelConfig; "
-            "from jaxserve.tokenizer_utils import load_tokenizer; "
+            "from jaxserve.tokenization.tokenizer_utils import load_tokenizer; "
             "ModelConfig.from_pretrained(sys.argv[1], cache_dir=sys.argv[2]); "
             "load_tokenizer(sys.argv[1], cache_dir=sys.argv[2]); "
             "print('torch' in sys.modules)")

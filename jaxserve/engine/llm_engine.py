@@ -34,7 +34,7 @@ from jaxserve.runner.model_runner import ModelRunner, PendingStep
 from jaxserve.runner.sampling_rows import MAX_LOGIT_BIAS_ENTRIES, MAX_MIN_TOKENS_BANNED_IDS
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.testing.compilation import CompilationCounter
-from jaxserve.tokenizer_utils import load_tokenizer
+from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -161,7 +161,7 @@ def resolve_model(model: str | None) -> str:
     """A local path for MODEL: as given if it exists, the default GGUF for None, else a
     snapshot of the Hugging Face repo (ModelNotFoundError with the reason if none)."""
     if model is None:
-        from jaxserve.model.default_model import default_model_path
+        from jaxserve.entrypoints.default_model import default_model_path
 
         return default_model_path()
     expanded = os.path.expanduser(model)
@@ -282,7 +282,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from jaxserve.model.orbax_checkpoint import convert_checkpoint
+    from jaxserve.model.loading.orbax_checkpoint import convert_checkpoint
 
     out = convert_checkpoint(resolve_model(args.model), args.out, dtype=_DTYPES[args.dtype],
                              tensor_parallel_size=args.tensor_parallel_size)

@@ -1,1 +1,2 @@
-"""Flax NNX models, functional at the jit boundary: metadata, layers, attention, loader."""
+"""Flax NNX models, functional at the jit boundary: metadata, ops, layers, attention, the
+families; weight loading (`loading/`) and sampling (`sampling/`) in their own packages."""

@@ -14,7 +14,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary
 from jaxserve.model.ops import Ops
-from jaxserve.model.sampler import argmax
+from jaxserve.model.sampling.sampler import argmax
 
 KVCache = tuple[jax.Array, jax.Array]  # ([K, L, S, H] key pool, [K, L, S, H] value pool)
 

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.runner.buckets import seq_buckets, token_buckets
 from jaxserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from jaxserve.model import sampler
+from jaxserve.model.sampling import sampler
 from jaxserve.model.attention_metadata import AttentionMetadata
-from jaxserve.model.loader import load_model
+from jaxserve.model.loading.loader import load_model
 from jaxserve.model.ops import select_ops
 from jaxserve.parallel.sharding import make_mesh
 from jaxserve.parallel.tensor_parallel import tp_model_config

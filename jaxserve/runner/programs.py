@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxserve.model import sampler
+from jaxserve.model.sampling import sampler
 from jaxserve.model.forward import compute_logits, greedy_token_ids, run_model
 from jaxserve.runner.sample_links import resolve_sample_links
 from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxserve.model.sampler import SamplingTensors
+from jaxserve.model.sampling.sampler import SamplingTensors
 from jaxserve.sampling_params import SamplingParams
 
 # Static widths of the sparse per-row tables (compiled shapes). The engine rejects requests

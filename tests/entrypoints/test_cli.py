@@ -53,7 +53,7 @@ def test_a_local_path_is_used_as_is(tmp_path):
 
 
 def test_no_model_means_the_default_model(monkeypatch):
-    from jaxserve.model import default_model
+    from jaxserve.entrypoints import default_model
 
     monkeypatch.setattr(default_model, "default_model_path", lambda: "/models/smollm2.gguf")
     assert cli.resolve_model(None) == "/models/smollm2.gguf"

@@ -286,7 +286,7 @@ def test_alibi_prefill_logits_with_tensor_parallel_2_match_the_numpy_model(alibi
     """One ragged prefill on a TP = 2 mesh, under `jax.set_mesh` as the engine runs it: each
     rank attends with 3 of the 6 heads and must take their slopes."""
 
-    from jaxserve.model.loader import load_model
+    from jaxserve.model.loading.loader import load_model
     from jaxserve.testing.engine_step import engine_step
     from jaxserve.parallel.sharding import kv_pool_sharding, make_mesh
     from pallas_kernels.ragged_paged_attention import kv_pool_shape

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.loader import load_model
+from jaxserve.model.loading.loader import load_model
 from jaxserve.testing.engine_step import engine_step
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
 

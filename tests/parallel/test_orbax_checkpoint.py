@@ -12,8 +12,8 @@ from flax import nnx
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import ModelConfig
 from jaxserve.entrypoints.cli import main
-from jaxserve.model.loader import load_model
-from jaxserve.model.orbax_checkpoint import is_orbax_checkpoint
+from jaxserve.model.loading.loader import load_model
+from jaxserve.model.loading.orbax_checkpoint import is_orbax_checkpoint
 from jaxserve.parallel.sharding import make_mesh
 
 needs_8_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")

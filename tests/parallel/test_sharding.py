@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.loader import load_model
+from jaxserve.model.loading.loader import load_model
 from jaxserve.testing.engine_step import engine_step
 from jaxserve.parallel.sharding import (kv_pool_sharding, logical_sharding, logical_to_spec,
                                         make_mesh, no_sharding)

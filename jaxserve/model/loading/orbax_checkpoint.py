@@ -35,8 +35,8 @@ def convert_checkpoint(model_path: str, out_dir: str, *, tensor_parallel_size: i
     """Loads `model_path` sharded over `tensor_parallel_size` devices and writes `out_dir`."""
     import orbax.checkpoint as ocp
 
-    from jaxserve.model.loader import load_model
-    from jaxserve.tokenizer_utils import load_tokenizer
+    from jaxserve.model.loading.loader import load_model
+    from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
     config = ModelConfig.from_pretrained(model_path, dtype=dtype)
     tp = tensor_parallel_size

@@ -16,8 +16,8 @@ import os
 def load_tokenizer(model_path, *, cache_dir: str | None = None):
     """The tokenizer of the checkpoint at `model_path` (directory, `.gguf` file, or a
     directory holding one `.gguf`); `cache_dir` keeps `resolution_cache`'s records."""
-    from jaxserve.baichuan_tokenizer import is_baichuan_tokenizer, load_baichuan_tokenizer
-    from jaxserve.model.gguf_reader import find_gguf_file, gguf_chat_template
+    from jaxserve.tokenization.baichuan_tokenizer import is_baichuan_tokenizer, load_baichuan_tokenizer
+    from jaxserve.model.loading.gguf_reader import find_gguf_file, gguf_chat_template
 
     path = os.fspath(model_path)
     try:
@@ -53,7 +53,7 @@ def _gguf_tokenizer(gguf_file: str):
 
         folder, name = os.path.split(os.path.abspath(gguf_file))
         return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    from jaxserve.model.gguf_reader import open_gguf
+    from jaxserve.model.loading.gguf_reader import open_gguf
 
     file = open_gguf(gguf_file)
     tokenizer, config = ({name: file.get(f"tokenizer.{key}") for key, name in renames.items()

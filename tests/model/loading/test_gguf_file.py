@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 
-from jaxserve.model.gguf_file import GGUFFile
+from jaxserve.model.loading.gguf_file import GGUFFile
 
 T = gguf.GGMLQuantizationType
 

@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
-from jaxserve.model.loader import load_model
-from jaxserve.model.safetensors_reader import SafetensorsReader
+from jaxserve.model.loading.loader import load_model
+from jaxserve.model.loading.safetensors_reader import SafetensorsReader
 
 
 def _load(path, dtype="float32"):

@@ -15,7 +15,7 @@ import os
 import gguf
 import numpy as np
 
-from jaxserve.model.gguf_file import GGUFFile
+from jaxserve.model.loading.gguf_file import GGUFFile
 
 # llama.cpp permutes the rows of Q and K (per head: interleaved rotary pairs instead of
 # halves) when it converts these architectures; Qwen2/Qwen3 files keep HF's order.

@@ -19,13 +19,13 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxserve.config import ModelConfig
-from jaxserve.model import gguf_reader
-from jaxserve.model.gguf_reader import (GGUFCheckpointReader, find_gguf_file,
+from jaxserve.model.loading import gguf_reader
+from jaxserve.model.loading.gguf_reader import (GGUFCheckpointReader, find_gguf_file,
                                        llama3_rope_from_factors)
 from jaxserve.model.layers import rope_frequencies
-from jaxserve.model.loader import load_model
+from jaxserve.model.loading.loader import load_model
 from jaxserve.testing.engine_step import engine_step
-from jaxserve.tokenizer_utils import load_tokenizer
+from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 from pallas_kernels.ragged_paged_attention import kv_pool_shape
 
 F32, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0

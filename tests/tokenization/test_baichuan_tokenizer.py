@@ -13,7 +13,7 @@ import json
 import pytest
 
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
-from jaxserve.tokenizer_utils import load_tokenizer
+from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "serving language models with jax",
           "paged attention over blocks of sixteen tokens", "你好世界", "百川大模型"] * 40

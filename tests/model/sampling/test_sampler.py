@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model import sampler
-from jaxserve.model.sampler import SamplingTensors
+from jaxserve.model.sampling import sampler
+from jaxserve.model.sampling.sampler import SamplingTensors
 
 V = 12
 # The sampler as the engine runs it: one compiled program per shape and variant (op-by-op

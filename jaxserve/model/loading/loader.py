@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.forward import build_model
-from jaxserve.model.gguf_reader import GGUFCheckpointReader, find_gguf_file
+from jaxserve.model.loading.gguf_reader import GGUFCheckpointReader, find_gguf_file
 from jaxserve.model.ops import Ops
-from jaxserve.model.orbax_checkpoint import is_orbax_checkpoint, restore_model
-from jaxserve.model.safetensors_reader import SafetensorsReader
+from jaxserve.model.loading.orbax_checkpoint import is_orbax_checkpoint, restore_model
+from jaxserve.model.loading.safetensors_reader import SafetensorsReader
 from jaxserve.parallel.expert_parallel import sharding_rules
 from jaxserve.parallel.sharding import logical_sharding
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, replicate_kv_heads, tp_model_config

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jaxserve.model.default_model import DEFAULT_MODEL_PACKAGE, default_model_path
+from jaxserve.entrypoints.default_model import DEFAULT_MODEL_PACKAGE, default_model_path
 
 
 def test_missing_default_model_package_says_how_to_install_it(monkeypatch):
@@ -41,8 +41,8 @@ def test_smollm2_config_chat_template_and_weights_read_from_the_gguf():
     import numpy as np
 
     from jaxserve.config import ModelConfig
-    from jaxserve.model.gguf_reader import GGUFCheckpointReader
-    from jaxserve.tokenizer_utils import load_tokenizer
+    from jaxserve.model.loading.gguf_reader import GGUFCheckpointReader
+    from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
     path = default_model_path()
     config = ModelConfig.from_pretrained(path)
