@@ -7,7 +7,6 @@ preferred XLA:CPU flags, which must happen before JAX creates its CPU client.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -55,9 +54,6 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
     apply_preferred_cpu_flags()
     model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len,
                                                cache_dir=compilation_cache_dir)
-    if enable_expert_parallel is not False:  # MoE experts split over "model", not their width
-        model_config = dataclasses.replace(model_config,
-                                           enable_expert_parallel=enable_expert_parallel)
     if isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
         import jax
 
@@ -84,5 +80,6 @@ def create_engine_config(model: str, *, dtype: str = "auto", seed: int = 0,
             policy=scheduling_policy, max_num_waiting=max_num_waiting,
             async_scheduling=async_scheduling),
         attention_backend=attention_backend or default_attention_backend(), seed=seed,
-        tensor_parallel_size=tensor_parallel_size, compilation_cache_dir=compilation_cache_dir,
+        tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
+        compilation_cache_dir=compilation_cache_dir,
         skip_tokenizer_init=skip_tokenizer_init, background_compilation=background_compilation)
