@@ -3,8 +3,8 @@
 It owns the scheduler (pure Python), the model runner (devices) and the output processor
 (text, stop strings, logprobs). `add_request` validates what the runner cannot check later
 (token ids inside the vocabulary, the context length, table widths) with ValueErrors naming
-the parameter; a request with `n` samples runs as `n` child requests sharing its prompt
-blocks through the prefix cache.
+the parameter, the one place that does (the server turns them into 400s); a request with
+`n` samples runs as `n` child requests sharing its prompt blocks through the prefix cache.
 
 Steps are pipelined: `step()` launches step N on the devices, then turns step N-1's
 tokens into outputs (detokenization, stop strings, logprobs) while they compute, so the
@@ -118,6 +118,8 @@ class LLMEngine:
         return request_id
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The one check of a request against the model (the server only reports it): a
+        ValueError whose message starts with the parameter's name."""
         vocab, max_len = self.model_config.vocab_size, self.model_config.max_model_len
         if len(prompt_token_ids) == 0:
             raise ValueError("prompt must not be empty")
