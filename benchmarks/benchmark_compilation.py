@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def child(args) -> None:
     """One engine start (and the workload with --run-workload); results to --child."""
-    from jaxserve.testing.compilation import CompilationCounter
+    from jaxserve.runner.compilation_counter import CompilationCounter
 
     counter = CompilationCounter()
     with counter.track():  # the counter counts inside track() only: all of this process

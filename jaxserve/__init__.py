@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS: dict[str, str] = {
     "LLM": "jaxserve.entrypoints.llm",
+    "EngineArgs": "jaxserve.engine.engine_args",
     "SamplingParams": "jaxserve.sampling_params",
     "EngineConfig": "jaxserve.config",
     "RequestOutput": "jaxserve.outputs",

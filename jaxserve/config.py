@@ -9,9 +9,8 @@ This module must stay importable without jax or transformers at import time:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
+from collections.abc import Callable
 
 
 # --- ModelConfig -------------------------------------------------------------------------
@@ -57,8 +56,9 @@ class ModelConfig:
     # MLA (DeepSeek-V2): the pool keeps one latent row of kv_lora_rank + qk_rope_head_dim
     # values per token instead of K/V heads; None for every other family.
     kv_latent_dim: int | None = None
-    # MoE expert stacks shard on E over the "model" mesh axis (vLLM's enable_expert_parallel)
-    # instead of on their MLP width; the loader's rules and the MoE block both read it.
+    # The layout the model is built with: MoE expert stacks shard on E over the "model" mesh
+    # axis instead of on their MLP width; the loader's rules and the MoE block read it.
+    # The option is `EngineConfig.enable_expert_parallel`, which sets it.
     enable_expert_parallel: bool = False
     # The transformers config, kept for model-specific fields; not part of equality.
     hf_config: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
@@ -81,8 +81,6 @@ class ModelConfig:
                      "None or a positive integer", self.sliding_window)
         _model_check(self.kv_latent_dim is None or self.kv_latent_dim > 0, "kv_latent_dim",
                      "None or a positive integer", self.kv_latent_dim)
-        _model_check(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel",
-                     "a bool", self.enable_expert_parallel)
         _model_check(len(self.layer_sliding_windows) == self.num_layers, "layer_sliding_windows",
                      f"one entry per layer ({self.num_layers})", self.layer_sliding_windows)
         _model_check_rope_scaling(self.rope_scaling)
@@ -99,6 +97,7 @@ class ModelConfig:
         context. With `cache_dir`, what transformers resolved is recorded there and read back
         on later starts (`resolution_cache`: no torch import).
         """
+        from jaxserve.hf_config import model_config_fields, read_hf_config
         from jaxserve.model.loading.gguf_reader import find_gguf_file, gguf_hf_config
         from jaxserve.resolution_cache import resolved_hf_config
 
@@ -111,70 +110,11 @@ class ModelConfig:
             raise FileNotFoundError(f"ModelConfig.model_dir: no config.json (nor a .gguf file) "
                                     f"in {path!r}")
         else:
-            hf = resolved_hf_config(path, cache_dir, lambda: _read_hf_config(path))
-        architectures = getattr(hf, "architectures", None) or []
-        if not architectures:
-            raise ValueError(f"ModelConfig.architecture: {path}/config.json lists no `architectures`")
-        hidden_act = getattr(hf, "hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(f"ModelConfig: hidden_act must be 'silu', got {hidden_act!r}")
-        rope_theta, rope_scaling = _hf_rope(hf)
-        windows = _hf_layer_windows(hf)
-        bias = bool(getattr(hf, "attention_bias", False))
-        qwen2 = architectures[0] == "Qwen2ForCausalLM"  # q/k/v always biased, o never
-        if architectures[0] == "Qwen2MoeForCausalLM":  # q/k/v biased unless qkv_bias=False
-            qwen2 = bool(getattr(hf, "qkv_bias", True))
-        return cls(
-            model_dir=path,
-            architecture=architectures[0],
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads,
-            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            intermediate_size=hf.intermediate_size,
-            rms_norm_eps=float(hf.rms_norm_eps),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            attention_bias=qwen2 or bias,
-            o_proj_bias=bias and not qwen2,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            qk_norm=architectures[0] == "Qwen3ForCausalLM",
-            sliding_window=next((w for w in windows if w is not None), None),
-            layer_sliding_windows=windows,
-            max_position_embeddings=hf.max_position_embeddings,
-            max_model_len=hf.max_position_embeddings if max_model_len is None else max_model_len,
-            eos_token_ids=_hf_eos_token_ids(hf, path),
-            bos_token_id=getattr(hf, "bos_token_id", None),
-            dtype=_model_resolve_dtype(dtype, platform),
-            kv_latent_dim=(hf.kv_lora_rank + hf.qk_rope_head_dim
-                           if getattr(hf, "kv_lora_rank", None) else None),
-            hf_config=hf,
-        )
-
-
-# Checkpoints whose config.json transformers cannot read without trust_remote_code.
-_BAICHUAN_ARCHITECTURES = ("BaichuanForCausalLM", "BaiChuanForCausalLM")
-
-
-def _read_hf_config(path: str):
-    """transformers' AutoConfig, or for Baichuan (model_type "baichuan", unknown to
-    transformers) a plain `PretrainedConfig` of config.json, with `max_position_embeddings`
-    taken from 13B's `model_max_length` and silu / untied defaults filled in."""
-    import transformers
-
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    architectures = raw.get("architectures") or [""]
-    if raw.get("model_type") != "baichuan" and architectures[0] not in _BAICHUAN_ARCHITECTURES:
-        return transformers.AutoConfig.from_pretrained(path)
-    raw.setdefault("max_position_embeddings", raw.get("model_max_length", 4096))
-    raw.setdefault("hidden_act", "silu")
-    raw.setdefault("tie_word_embeddings", False)
-    raw.pop("auto_map", None)  # the remote code we do not run
-    return transformers.PretrainedConfig(**raw)
+            hf = resolved_hf_config(path, cache_dir, lambda: read_hf_config(path))
+        fields = model_config_fields(hf, path)
+        return cls(**fields, dtype=_model_resolve_dtype(dtype, platform),
+                   max_model_len=(fields["max_position_embeddings"] if max_model_len is None
+                                  else max_model_len))
 
 
 def _model_check(ok: bool, name: str, expected: str, value: object) -> None:
@@ -205,141 +145,109 @@ def _model_resolve_dtype(dtype: str, platform: str | None) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def _hf_rope(hf) -> tuple[float, dict[str, object] | None]:
-    """(rope_theta, normalized rope_scaling) from transformers 5's `rope_parameters` or the
-    older top-level `rope_theta` + `rope_scaling`."""
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    if any(isinstance(value, dict) for value in params.values()):
-        raise ValueError("ModelConfig.rope_scaling: per-layer RoPE parameters are not supported")
-    params = dict(params)
-    theta = params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
-    rope_type = params.pop("rope_type", None) or params.get("type") or "default"
-    params.pop("type", None)
-    partial = params.pop("partial_rotary_factor", None) or getattr(hf, "partial_rotary_factor", None)
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"ModelConfig.rope_scaling: partial_rotary_factor={partial} is not supported")
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type in ("llama3", "yarn"):
-        # transformers gives a top-level original_max_position_embeddings priority (Phi3).
-        original = getattr(hf, "original_max_position_embeddings", None)
-        params.setdefault("original_max_position_embeddings", original or hf.max_position_embeddings)
-        if original:
-            params["original_max_position_embeddings"] = original
-    if rope_type == "yarn" and params.get("factor") is None:
-        params["factor"] = hf.max_position_embeddings / params["original_max_position_embeddings"]
-    return float(theta), {"rope_type": rope_type, **params}
+
+# --- Field rules -------------------------------------------------------------------------
+# A field that is also an engine option carries its rule (`_rule(default, expected, ok)`):
+# the config checks it on construction ("CacheConfig.block_size must be ..."), and
+# `EngineArgs` checks the same rule under the option's name before any model is read.
 
 
-def _hf_layer_windows(hf) -> tuple[int | None, ...]:
-    """Each layer's sliding window: Mistral windows every layer; Qwen2/3 only the layers that
-    `layer_types` (or, before transformers 5, `max_window_layers`) marks, if enabled at all."""
-    num_layers = hf.num_hidden_layers
-    window = getattr(hf, "sliding_window", None)
-    if not window or not getattr(hf, "use_sliding_window", True):
-        return (None,) * num_layers
-    layer_types = getattr(hf, "layer_types", None)
-    if layer_types:
-        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
-    first = getattr(hf, "max_window_layers", 0)
-    return tuple(window if i >= first else None for i in range(num_layers))
+def _rule(default: object, expected: str, ok: Callable[[object], bool]):
+    """A dataclass field whose values must pass `ok`; `expected` says which do."""
+    return dataclasses.field(default=default, metadata={"expected": expected, "ok": ok})
 
 
-def _hf_eos_token_ids(hf, path: str) -> tuple[int, ...]:
-    """EOS ids of config.json, then those generation_config.json adds (Llama 3 instruct)."""
-    ids = list(_as_token_ids(getattr(hf, "eos_token_id", None)))
-    generation = os.path.join(path, "generation_config.json")
-    if os.path.isfile(generation):
-        with open(generation) as f:
-            extra = _as_token_ids(json.load(f).get("eos_token_id"))
-        ids += [i for i in extra if i not in ids]
-    return tuple(ids)
+def check_rule(name: str, field: dataclasses.Field, value: object) -> None:
+    """ValueError "{name} must be {expected}, got {value!r}" if `field` has a rule that
+    `value` breaks."""
+    ok = field.metadata.get("ok")
+    if ok is not None and not ok(value):
+        raise ValueError(f"{name} must be {field.metadata['expected']}, got {value!r}")
 
 
-def _as_token_ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+def _check_rules(config: object) -> None:
+    for field in dataclasses.fields(config):
+        check_rule(f"{type(config).__name__}.{field.name}", field, getattr(config, field.name))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _at_least(low: int) -> Callable[[object], bool]:
+    return lambda value: _is_int(value) and value >= low
+
+
+def _none_or(ok: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: value is None or ok(value)
+
+
+def _is_block_size(value: object) -> bool:
+    return _is_int(value) and 1 <= value <= 256 and value & (value - 1) == 0
+
+
+def _is_fraction(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
 # --- CacheConfig and SchedulerConfig -----------------------------------------------------
 
-_SCHEDULER_POLICIES = ("fcfs", "priority")
+SCHEDULER_POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """How the paged KV cache is cut up and sized; the runner derives the block count L."""
 
-    block_size: int = 16  # S: tokens per KV block; a power of two in [1, 256]
-    enable_prefix_caching: bool = True  # share full blocks between requests by content hash
-    num_gpu_blocks_override: int | None = None  # L (null block included); None = from memory
-    gpu_memory_utilization: float = 0.9  # (0, 1]: share of device memory the engine may use
-    kv_cache_memory_bytes: int | None = None  # explicit KV budget in bytes (CPU); None = derive
+    block_size: int = _rule(16, "a power of two in [1, 256]", _is_block_size)  # S: tokens
+    # Share full blocks between requests by content hash.
+    enable_prefix_caching: bool = _rule(True, "a bool", _is_bool)
+    # L (null block included); None = from memory.
+    num_gpu_blocks_override: int | None = _rule(None, "None or an integer >= 2",
+                                                _none_or(_at_least(2)))
+    # Share of device memory the engine may use (weights and KV cache).
+    gpu_memory_utilization: float = _rule(0.9, "in (0, 1]", _is_fraction)
+    # Explicit KV budget in bytes (CPU); None = derive.
+    kv_cache_memory_bytes: int | None = _rule(None, "None or a positive integer",
+                                              _none_or(_at_least(1)))
 
     def __post_init__(self) -> None:
-        check = functools.partial(_check_config_field, "CacheConfig")
-        size = self.block_size
-        check(_is_plain_int(size) and 1 <= size <= 256 and size & (size - 1) == 0,
-              "block_size", "a power of two in [1, 256]", size)
-        check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "a bool",
-              self.enable_prefix_caching)
-        override = self.num_gpu_blocks_override
-        check(override is None or (_is_plain_int(override) and override >= 2),
-              "num_gpu_blocks_override", "None or an integer >= 2", override)
-        utilization = self.gpu_memory_utilization
-        check(isinstance(utilization, (int, float)) and not isinstance(utilization, bool)
-              and 0 < utilization <= 1, "gpu_memory_utilization", "in (0, 1]", utilization)
-        memory = self.kv_cache_memory_bytes
-        check(memory is None or (_is_plain_int(memory) and memory > 0),
-              "kv_cache_memory_bytes", "None or a positive integer", memory)
+        _check_rules(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """The scheduler's budgets and policy; read once, never written back."""
 
-    max_num_batched_tokens: int = 2048  # T budget: tokens computed per step, before padding
-    max_num_seqs: int = 256  # B budget: requests running at once
-    max_model_len: int = 2048  # prompt + output cap in tokens (ModelConfig.max_model_len)
+    # T budget: tokens computed per step, before padding.
+    max_num_batched_tokens: int = _rule(2048, "an integer >= 1", _at_least(1))
+    max_num_seqs: int = _rule(256, "an integer >= 1", _at_least(1))  # B: requests at once
+    # Prompt + output cap in tokens (ModelConfig.max_model_len).
+    max_model_len: int = _rule(2048, "an integer >= 1", _at_least(1))
     # Most tokens one request may compute per step, so that a long prompt is chunked and
     # does not starve the others; 0 = only the step budget limits it.
-    long_prefill_token_threshold: int = 0
-    policy: str = "fcfs"  # "fcfs" | "priority" (lower Request.priority first)
-    max_num_waiting: int | None = None  # add_request refuses beyond this many; None = no cap
+    long_prefill_token_threshold: int = _rule(0, "an integer >= 0 (0 = off)", _at_least(0))
+    # "fcfs" | "priority" (lower Request.priority first)
+    policy: str = _rule("fcfs", f"one of {SCHEDULER_POLICIES}", SCHEDULER_POLICIES.__contains__)
+    # add_request refuses beyond this many waiting requests; None = no cap.
+    max_num_waiting: int | None = _rule(None, "None or an integer >= 1", _none_or(_at_least(1)))
     # Plan step N+1 while step N computes (Scheduler.schedule(ahead=True)), so the host's
     # scheduling and input work overlaps the devices'; off: each step waits for the last.
-    async_scheduling: bool = True
+    async_scheduling: bool = _rule(True, "True or False", _is_bool)
 
     def __post_init__(self) -> None:
-        check = functools.partial(_check_config_field, "SchedulerConfig")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            value = getattr(self, name)
-            check(_is_plain_int(value) and value >= 1, name, "an integer >= 1", value)
-        threshold = self.long_prefill_token_threshold
-        check(_is_plain_int(threshold) and threshold >= 0, "long_prefill_token_threshold",
-              "an integer >= 0 (0 = off)", threshold)
-        check(self.policy in _SCHEDULER_POLICIES, "policy", f"one of {_SCHEDULER_POLICIES}",
-              self.policy)
-        waiting = self.max_num_waiting
-        check(waiting is None or (_is_plain_int(waiting) and waiting >= 1), "max_num_waiting",
-              "None or an integer >= 1", waiting)
-        check(isinstance(self.async_scheduling, bool), "async_scheduling", "True or False",
-              self.async_scheduling)
-
-
-def _is_plain_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_config_field(cls_name: str, ok: bool, name: str, expected: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{cls_name}.{name} must be {expected}, got {value!r}")
+        _check_rules(self)
 
 
 # --- EngineConfig ------------------------------------------------------------------------
 
-_ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
+# "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp);
+# the one list of names: EngineConfig checks it and `jaxserve serve` offers it.
+ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,25 +257,27 @@ class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
-    # "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp)
-    attention_backend: str
-    seed: int = 0  # seeds of requests that bring none are drawn from this
-    tensor_parallel_size: int = 1  # devices the model is sharded over ("model" mesh axis)
+    attention_backend: str = _rule(dataclasses.MISSING, f"one of {ATTENTION_BACKENDS}",
+                                   ATTENTION_BACKENDS.__contains__)
+    seed: int = _rule(0, "an integer", _is_int)  # of requests that bring none
+    # Devices the model is sharded over ("model" mesh axis).
+    tensor_parallel_size: int = _rule(1, "an integer >= 1", _at_least(1))
+    # MoE expert stacks shard on E over the "model" axis (vLLM's enable_expert_parallel)
+    # instead of on their MLP width; the model config is built with this layout.
+    enable_expert_parallel: bool = _rule(False, "True or False", _is_bool)
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache; None = off
-    skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
+    # Prompts are token ids and outputs carry no text.
+    skip_tokenizer_init: bool = _rule(False, "True or False", _is_bool)
     # Serve once the smallest buckets are compiled and compile the others in a background
     # thread (steps stay inside what is compiled meanwhile); False: all before serving.
-    background_compilation: bool = True
+    background_compilation: bool = _rule(True, "True or False", _is_bool)
 
     def __post_init__(self) -> None:
-        check = functools.partial(_check_config_field, "EngineConfig")
-        check(self.attention_backend in _ATTENTION_BACKENDS, "attention_backend",
-              f"one of {_ATTENTION_BACKENDS}", self.attention_backend)
-        check(_is_plain_int(self.seed), "seed", "an integer", self.seed)
-        tp = self.tensor_parallel_size
-        check(_is_plain_int(tp) and tp >= 1, "tensor_parallel_size", "an integer >= 1", tp)
-        check(isinstance(self.background_compilation, bool), "background_compilation",
-              "True or False", self.background_compilation)
+        _check_rules(self)
         sched_len, model_len = self.scheduler_config.max_model_len, self.model_config.max_model_len
-        check(sched_len == model_len, "scheduler_config.max_model_len",
-              f"equal to model_config.max_model_len={model_len}", sched_len)
+        if sched_len != model_len:
+            raise ValueError(f"EngineConfig.scheduler_config.max_model_len must be equal to "
+                             f"model_config.max_model_len={model_len}, got {sched_len}")
+        if self.model_config.enable_expert_parallel != self.enable_expert_parallel:
+            object.__setattr__(self, "model_config", dataclasses.replace(
+                self.model_config, enable_expert_parallel=self.enable_expert_parallel))

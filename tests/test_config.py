@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
 
 def _write_config(path, **overrides):
@@ -149,3 +149,16 @@ def test_a_file_that_is_not_gguf_is_no_checkpoint(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"no config.json \(nor a .gguf file\)"):
         ModelConfig.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_engine_config_holds_expert_parallel_beside_tp_and_builds_the_model_with_it(tmp_path):
+    model = ModelConfig.from_pretrained(_write_config(tmp_path), dtype="float32")
+    parts = dict(model_config=model, cache_config=CacheConfig(), attention_backend="reference",
+                 scheduler_config=SchedulerConfig(max_model_len=model.max_model_len))
+    config = EngineConfig(**parts, tensor_parallel_size=2, enable_expert_parallel=True)
+    assert config.model_config.enable_expert_parallel is True
+    assert EngineConfig(**parts).model_config.enable_expert_parallel is False
+    with pytest.raises(ValueError, match="EngineConfig.enable_expert_parallel must be True or"):
+        EngineConfig(**parts, enable_expert_parallel="yes")
+    with pytest.raises(ValueError, match="EngineConfig.attention_backend must be one of"):
+        EngineConfig(**{**parts, "attention_backend": "flash"})

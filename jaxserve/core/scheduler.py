@@ -80,14 +80,12 @@ class Scheduler:
         return self.kv_cache_manager.reset_prefix_cache()
 
     def add_request(self, request: Request) -> None:
-        """Queues a new request. ValueError if its id is live or its prompt is longer than
-        max_model_len; WaitingQueueFullError if max_num_waiting are already waiting."""
+        """Queues a new request (LLMEngine has checked its prompt against max_model_len).
+        ValueError if its id is live; WaitingQueueFullError if max_num_waiting are already
+        waiting."""
         config = self.scheduler_config
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already live")
-        if request.num_tokens > config.max_model_len:
-            raise ValueError(f"request {request.request_id!r}: prompt of {request.num_tokens} "
-                             f"tokens exceeds max_model_len={config.max_model_len}")
         if config.max_num_waiting is not None and len(self.waiting) >= config.max_num_waiting:
             raise WaitingQueueFullError(f"{len(self.waiting)} requests are already waiting "
                                         f"(max_num_waiting={config.max_num_waiting})")

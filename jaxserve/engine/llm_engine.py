@@ -3,8 +3,8 @@
 It owns the scheduler (pure Python), the model runner (devices) and the output processor
 (text, stop strings, logprobs). `add_request` validates what the runner cannot check later
 (token ids inside the vocabulary, the context length, table widths) with ValueErrors naming
-the parameter; a request with `n` samples runs as `n` child requests sharing its prompt
-blocks through the prefix cache.
+the parameter, the one place that does (the server turns them into 400s); a request with
+`n` samples runs as `n` child requests sharing its prompt blocks through the prefix cache.
 
 Steps are pipelined: `step()` launches step N on the devices, then turns step N-1's
 tokens into outputs (detokenization, stop strings, logprobs) while they compute, so the
@@ -30,10 +30,10 @@ from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
+from jaxserve.runner.compilation_counter import CompilationCounter
 from jaxserve.runner.model_runner import ModelRunner, PendingStep
 from jaxserve.runner.sampling_rows import MAX_LOGIT_BIAS_ENTRIES, MAX_MIN_TOKENS_BANNED_IDS
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.testing.compilation import CompilationCounter
 from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ class LLMEngine:
         return request_id
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The one check of a request against the model (the server only reports it): a
+        ValueError whose message starts with the parameter's name."""
         vocab, max_len = self.model_config.vocab_size, self.model_config.max_model_len
         if len(prompt_token_ids) == 0:
             raise ValueError("prompt must not be empty")

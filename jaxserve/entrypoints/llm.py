@@ -1,9 +1,10 @@
 """LLM: the offline batch API, vLLM-compatible.
 
-`LLM(model_dir, ...)` builds the configs (validated once), loads weights and tokenizer,
-compiles every bucket, and `generate()` runs prompts to completion with continuous
-batching, returning `RequestOutput`s in input order. Prompts are strings or
-`{"prompt_token_ids": [...]}` dicts; `chat()` goes through the tokenizer's chat template.
+`LLM(model_dir, **options)` builds the configs from `EngineArgs(model_dir, **options)`
+(validated once), loads weights and tokenizer, compiles every bucket, and `generate()` runs
+prompts to completion with continuous batching, returning `RequestOutput`s in input order.
+Prompts are strings or `{"prompt_token_ids": [...]}` dicts; `chat()` goes through the
+tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from jaxserve.engine.engine_args import create_engine_config
+from jaxserve.engine.engine_args import EngineArgs
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -21,28 +22,11 @@ PromptType = str | dict
 
 
 class LLM:
-    def __init__(self, model: str, *, dtype: str = "auto", seed: int = 0, block_size: int = 16,
-                 max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 num_gpu_blocks_override: int | None = None,
-                 kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
-                 tensor_parallel_size: int = 1, attention_backend: str | None = None,
-                 skip_tokenizer_init: bool = False, compilation_cache_dir: str | None = None,
-                 long_prefill_token_threshold: int = 0, scheduling_policy: str = "fcfs",
-                 progress: bool = True, enable_expert_parallel: bool = False,
-                 async_scheduling: bool = True, background_compilation: bool = True):
-        config = create_engine_config(
-            model, dtype=dtype, seed=seed, block_size=block_size, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            num_gpu_blocks_override=num_gpu_blocks_override,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, attention_backend=attention_backend,
-            skip_tokenizer_init=skip_tokenizer_init, compilation_cache_dir=compilation_cache_dir,
-            long_prefill_token_threshold=long_prefill_token_threshold,
-            scheduling_policy=scheduling_policy, enable_expert_parallel=enable_expert_parallel,
-            async_scheduling=async_scheduling, background_compilation=background_compilation)
+    def __init__(self, model: str, *, progress: bool = True, **kwargs):
+        """`kwargs`: any `EngineArgs` option (`max_num_seqs=64`, ...); an unknown one is a
+        TypeError naming it, a bad value a ValueError naming it. `progress`: bars for the
+        weights' loading and the compilation."""
+        config = EngineArgs(model, **kwargs).create_engine_config()
         self.llm_engine = LLMEngine(config, progress=progress)
 
     def get_tokenizer(self):

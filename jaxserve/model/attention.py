@@ -12,11 +12,11 @@ tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` o
 import jax
 import jax.numpy as jnp
 
+from jaxserve.config import ATTENTION_BACKENDS
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size, shard_over_heads
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference
 
-ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
 
 
 def write_kv(k_pool,        # [K, L, S, H] one layer's key pool

@@ -1,8 +1,8 @@
 """DeepSeek-V2 / V2-Lite: multi-head latent attention (MLA) and DeepSeekMoE.
 
-Attention compresses each token's keys and values into one latent of `kv_lora_rank` (R)
+Attention compresses each token's keys and values into one latent of `kv_lora_rank` (C)
 values plus a decoupled RoPE key of `qk_rope_head_dim` (Hr) values; the paged pool keeps only
-those R + Hr values per token (`ModelConfig.kv_latent_dim`). The key and value
+those C + Hr values per token (`ModelConfig.kv_latent_dim`). The key and value
 up-projections (`kv_b_proj`, split into W_UK and W_UV) are absorbed into the query and output
 sides, so every step is multi-query attention over the latents (`model/mla_attention.py`).
 Queries go through a LoRA (`q_a_proj`, norm, `q_b_proj`) when `q_lora_rank` is set. RoPE
@@ -26,7 +26,7 @@ from jaxserve.model.mla_attention import mla_paged_attention
 from jaxserve.model.moe import SharedExpert, SparseMoE
 from jaxserve.model.ops import Ops
 
-LatentCache = tuple[jax.Array]  # ([L, S, R + Hr] latent pool,)
+LatentCache = tuple[jax.Array]  # ([L, S, C + Hr] latent pool,)
 # DeepSeek-V2's q_a / kv_a norms keep transformers' default epsilon, not rms_norm_eps.
 _LORA_NORM_EPS = 1e-6
 
@@ -76,7 +76,7 @@ class DeepseekV2Attention(nnx.Module):
                                          axes=("embed", None), use_bias=bias, **common)
         self.kv_a_layernorm = RMSNorm(self.rank, hf_name=f"{prefix}.kv_a_layernorm.weight",
                                       **norm)
-        # [R, N * (nope + v)]: per head, the key (W_UK) then the value (W_UV) up-projection.
+        # [C, N * (nope + v)]: per head, the key (W_UK) then the value (W_UV) up-projection.
         self.kv_b_proj = Linear(self.rank, heads * (self.nope_dim + self.v_dim),
                                 hf_name=f"{prefix}.kv_b_proj", axes=(None, "q_heads"),
                                 use_bias=False, **common)
@@ -106,18 +106,18 @@ class DeepseekV2Attention(nnx.Module):
         num_tokens = x.shape[0]
         q = self._queries(x, metadata)  # [T, N, nope + rope]
         q_nope, q_rope = q[..., :self.nope_dim], q[..., self.nope_dim:]
-        latent = self.kv_a_proj_with_mqa(x, metadata)  # [T, R + Hr]
-        c = self.kv_a_layernorm(latent[:, :self.rank])  # [T, R]
+        latent = self.kv_a_proj_with_mqa(x, metadata)  # [T, C + Hr]
+        c = self.kv_a_layernorm(latent[:, :self.rank])  # [T, C]
         k_rope = self.rotary(latent[:, None, self.rank:], positions)[:, 0]  # [T, Hr]
         q_rope = self.rotary(q_rope, positions)  # [T, N, Hr]
-        w_b = self.kv_b_proj.kernel[...].reshape(self.rank, self.num_heads, -1)  # [R, N, nope+v]
-        w_uk, w_uv = w_b[..., :self.nope_dim], w_b[..., self.nope_dim:]  # [R, N, nope], [R, N, v]
-        q_latent = jnp.einsum("tnh,rnh->tnr", q_nope, w_uk)  # [T, N, R]
+        w_b = self.kv_b_proj.kernel[...].reshape(self.rank, self.num_heads, -1)  # [C, N, nope+v]
+        w_uk, w_uv = w_b[..., :self.nope_dim], w_b[..., self.nope_dim:]  # [C, N, nope], [C, N, v]
+        q_latent = jnp.einsum("tnh,rnh->tnr", q_nope, w_uk)  # [T, N, C]
         (pool,) = kv_cache
         pool = self.ops.write_rows(pool, metadata.slot_mapping,
-                                   jnp.concatenate([c, k_rope], axis=-1))  # [L, S, R + Hr]
+                                   jnp.concatenate([c, k_rope], axis=-1))  # [L, S, C + Hr]
         out = mla_paged_attention(q_latent, q_rope, pool, metadata,
-                                  sm_scale=self.sm_scale)  # [T, N, R]
+                                  sm_scale=self.sm_scale)  # [T, N, C]
         out = jnp.einsum("tnr,rnv->tnv", out, w_uv)  # [T, N, v]
         return self.o_proj(out.reshape(num_tokens, -1), metadata), (pool,)
 

@@ -1,6 +1,6 @@
 """Paged multi-head latent attention over one layer's latent pool.
 
-The latent pool of one layer is `[L, S, R + Hr]` (`latent_pool_shape`): every query head
+The latent pool of one layer is `[L, S, C + Hr]` (`latent_pool_shape`): every query head
 reads the same compressed latent, so under tensor parallelism the pool is replicated
 (as in vLLM) and only the query heads split over the "model" axis. The model writes the
 new rows with `Ops.write_rows` through `slot_mapping` (padding tokens land in the null
@@ -16,13 +16,13 @@ from jaxserve.parallel.tensor_parallel import MODEL_AXIS, model_axis_size
 from pallas_kernels.mla_paged_attention import mla_paged_attention as latent_reference
 
 
-def mla_paged_attention(q_latent,  # [T, N, R] queries times the absorbed W_UK
+def mla_paged_attention(q_latent,  # [T, N, C] queries times the absorbed W_UK
                         q_rope,    # [T, N, Hr] rotated RoPE queries
-                        pool,      # [L, S, R + Hr] latent pool, this step's rows written
+                        pool,      # [L, S, C + Hr] latent pool, this step's rows written
                         metadata: AttentionMetadata,
                         *,
                         sm_scale: float,
-                        ) -> jax.Array:  # [T, N, R]; zero rows for padding tokens
+                        ) -> jax.Array:  # [T, N, C]; zero rows for padding tokens
     """Causal attention of each sequence's new tokens over its latent blocks."""
     def attend(q_latent, q_rope, pool, block_tables, seq_lens, query_start_loc):
         return latent_reference(q_latent, q_rope, pool, block_tables, seq_lens,

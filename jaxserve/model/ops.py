@@ -21,14 +21,16 @@ computes every row. Linear layers take the metadata itself, so a model cannot fo
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 
+from jaxserve.config import ATTENTION_BACKENDS
 from jaxserve.model import attention as attention_impl
 from jaxserve.model.attention_metadata import AttentionMetadata
 
-ATTENTION_BACKENDS = attention_impl.ATTENTION_BACKENDS
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +141,27 @@ class Ops:
             sliding_window=sliding_window, alibi_slopes=alibi_slopes)
 
 
-def select_ops(attention_backend: str = "reference", *, tensor_parallel_size: int = 1,
+def default_attention_backend(platform: str | None = None) -> str:
+    """"pallas" on GPU/TPU; on CPU the native kernel, or the reference where it does not
+    build (one of ATTENTION_BACKENDS)."""
+    if (platform or jax.default_backend()) != "cpu":
+        return "pallas"
+    from pallas_kernels.ragged_paged_attention import cpu
+
+    if cpu.available():  # a failed build logs its reason (no compiler, or its errors)
+        return "cpu"
+    logger.warning("the native CPU attention kernel is unavailable (see the warning above): "
+                   "using the slower pure-jnp reference")
+    return "reference"
+
+
+def select_ops(attention_backend: str | None = None, *, tensor_parallel_size: int = 1,
                platform: str | None = None) -> Ops:
-    """The ops for an engine: the native CPU kernels wherever they build with SIMD
-    micro-kernels here (their portable loops are slower than XLA's), else XLA's."""
+    """The ops for an engine: `attention_backend` (None: the platform's default), and the
+    native CPU kernels wherever they build with SIMD micro-kernels here (their portable
+    loops are slower than XLA's), else XLA's."""
     platform = platform or jax.default_backend()
+    attention_backend = attention_backend or default_attention_backend(platform)
     native_dense = native_kv_write = False
     if platform == "cpu":
         from pallas_kernels.cpu import matmul, rope, set_rows

@@ -44,7 +44,7 @@ class KVCacheSpec:
 def layer_pool_shapes(model_config: ModelConfig, num_blocks: int,
                       block_size: int) -> tuple[tuple[int, ...], ...]:
     """The pools of one layer: a key pool and a value pool `[K, L, S, H]` each, or for MLA
-    (`kv_latent_dim` set) one latent pool `[L, S, R + Hr]` (`latent_pool_shape`)."""
+    (`kv_latent_dim` set) one latent pool `[L, S, C + Hr]` (`latent_pool_shape`)."""
     if model_config.kv_latent_dim is not None:
         return (latent_pool_shape(num_blocks, block_size, model_config.kv_latent_dim),)
     shape = kv_pool_shape(model_config.num_kv_heads, num_blocks, block_size,

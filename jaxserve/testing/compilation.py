@@ -1,9 +1,9 @@
-"""Counting XLA compilations, and a guard that turns any compilation into an error.
+"""A guard that turns any XLA compilation into an error.
 
-Both listen to JAX's own monitoring event for a backend compilation (a persistent-cache
-hit counts too: it means the in-memory cache missed, i.e. a shape was new). After
-warm-up the engine must never compile again; tests wrap their workloads in
-`forbid_compilation()` to prove it.
+It listens to JAX's own monitoring event for a backend compilation, as the engine's
+`runner.compilation_counter.CompilationCounter` does (a persistent-cache hit counts too:
+it means the in-memory cache missed, i.e. a shape was new). After warm-up the engine must
+never compile again; tests wrap their workloads in `forbid_compilation()` to prove it.
 """
 
 from __future__ import annotations
@@ -13,43 +13,14 @@ import threading
 
 import jax
 
+from jaxserve.runner.compilation_counter import COMPILE_EVENT, CompilationCounter
 from jaxserve.runner.compiled_programs import COMPILE_THREAD
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+__all__ = ["COMPILE_EVENT", "CompilationCounter", "CompilationError", "forbid_compilation"]
 
 
 class CompilationError(RuntimeError):
     """Raised by `forbid_compilation()` when XLA compiles inside the guarded block."""
-
-
-class CompilationCounter:
-    """Counts the compilations its owner triggers: those inside `track()` on the calling
-    thread, so that two engines in one process never count each other's. Thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._tracking = threading.local()
-        self.count = 0
-        self.seconds = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    @contextlib.contextmanager
-    def track(self):
-        depth = getattr(self._tracking, "depth", 0)
-        self._tracking.depth = depth + 1
-        try:
-            yield self
-        finally:
-            self._tracking.depth = depth
-
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == COMPILE_EVENT and getattr(self._tracking, "depth", 0):
-            with self._lock:
-                self.count += 1
-                self.seconds += duration
-
-    def close(self) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
 @contextlib.contextmanager

@@ -212,11 +212,6 @@ def test_add_request_rejects_a_live_request_id(sim):
         scheduler.add_request(sim.request("a", range(1, 5)))
 
 
-def test_add_request_rejects_a_prompt_longer_than_max_model_len(sim):
-    with pytest.raises(ValueError, match="max_model_len"):
-        sim.scheduler(max_model_len=8).add_request(sim.request("a", range(9)))
-
-
 def test_add_request_refuses_beyond_max_num_waiting(sim):
     scheduler = sim.scheduler(max_num_waiting=1)
     scheduler.add_request(sim.request("a", range(1, 5)))

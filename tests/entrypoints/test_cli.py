@@ -35,7 +35,7 @@ def test_serve_flags_parse_sizes_lengths_and_negations():
         "serve", "m", "--kv-cache-memory", "2GiB", "--max-model-len", "32k",
         "--no-enable-prefix-caching", "--served-model-name", "a", "b", "-tp", "1",
         "--dtype", "half"])
-    assert args.kv_cache_memory == 2 * 2**30 and args.max_model_len == 32000
+    assert args.kv_cache_memory_bytes == 2 * 2**30 and args.max_model_len == 32000
     assert args.enable_prefix_caching is False and args.served_model_name == ["a", "b"]
     assert cli.parse_size("512M") == 512 * 10**6 and cli.parse_size("1000") == 1000
     with pytest.raises(SystemExit):

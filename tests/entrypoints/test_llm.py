@@ -46,6 +46,11 @@ def test_bad_prompts_raise_value_errors_and_leave_the_engine_usable(qwen2_llm, p
                               use_tqdm=False)[0].finished
 
 
+def test_a_prompt_one_token_short_of_max_model_len_gets_its_one_token(qwen2_llm):
+    out = qwen2_llm.generate({"prompt_token_ids": [1] * 511}, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+
+
 def test_unknown_keyword_is_a_type_error(engine_checkpoint):
     with pytest.raises(TypeError, match="max_num_sequences"):
         LLM(str(engine_checkpoint("qwen2")), max_num_sequences=4)

@@ -5,7 +5,7 @@ scaling factor, two shared experts) and "deepseek_v2_lite" (V2-Lite's shape: no 
 greedy routing, plain RoPE); both have a dense first layer. Ragged prompts prefill together
 on shuffled blocks of NaN-poisoned latent pools, then decode, within 1e-4 of HF's float32
 logits; `LLM.generate` with prefix caching, chunked prefill and preemption gives HF's
-greedy tokens. The pool holds R + Hr values per token per layer, not K/V heads.
+greedy tokens. The pool holds C + Hr values per token per layer, not K/V heads.
 """
 
 import numpy as np

@@ -70,7 +70,7 @@ def test_mla_reference_matches_expanded_numpy_attention(q_lens, kv_lens):
     out = mla_paged_attention(jnp.asarray(q_latent), jnp.asarray(batch["q_rope"]),
                               jnp.asarray(batch["pool"]), jnp.asarray(batch["table"]),
                               jnp.asarray(batch["seq_lens"]), jnp.asarray(batch["qsl"]),
-                              sm_scale=sm_scale)  # [T, N, R]
+                              sm_scale=sm_scale)  # [T, N, C]
     got = np.einsum("tnr,rnv->tnv", np.asarray(out, np.float64), batch["w_uv"])
     np.testing.assert_allclose(got, _numpy_mla(batch, sm_scale), atol=2e-5, rtol=1e-4)
     assert not np.asarray(out)[sum(q_lens):].any()  # padding tokens: zero rows

@@ -21,7 +21,7 @@ _ERROR_TYPES = {
 }
 # "SamplingParams.top_p must be ...", "prompt_token_ids must be in ...", "logit_bias[7] ...".
 _PARAM_PATTERN = re.compile(r"^(?:SamplingParams\.)?([a-z_]+)(?:\[|\s|:)")
-_ENGINE_PARAMS = {"prompt_token_ids": "prompt", "prompt": "prompt"}
+_ENGINE_PROMPT_NAMES = ("prompt_token_ids", "prompt")  # what the engine calls the prompt
 
 
 class APIError(Exception):
@@ -56,14 +56,17 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def from_value_error(error: ValueError, known_params: set[str] | frozenset[str]) -> APIError:
-    """A 400 for a ValueError raised by SamplingParams or the engine, naming the parameter."""
+def from_value_error(error: ValueError, known_params: set[str] | frozenset[str], *,
+                     prompt_param: str = "prompt") -> APIError:
+    """A 400 for a ValueError raised by SamplingParams or the engine, naming the parameter
+    (the engine's prompt is the request's `prompt_param`)."""
     message = str(error)
     match = _PARAM_PATTERN.match(message)
     param = None
     if match is not None:
         name = match.group(1)
-        param = _ENGINE_PARAMS.get(name, name if name in known_params else None)
+        param = prompt_param if name in _ENGINE_PROMPT_NAMES else (
+            name if name in known_params else None)
     return APIError(400, message, param=param)
 
 

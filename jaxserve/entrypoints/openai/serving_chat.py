@@ -69,12 +69,10 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
                             chat_template=req.chat_template,
                             chat_template_kwargs=req.chat_template_kwargs,
                             add_special_tokens=req.add_special_tokens)
-    if not ids:
-        raise bad_request("the rendered conversation is empty", param="messages")
-    prompt = common.Prompt(text, ids, common.clamp_max_tokens(
-        params, len(ids), state.max_model_len, param="messages"))
+    prompt = common.Prompt(text, ids, common.clamp_max_tokens(params, len(ids),
+                                                              state.max_model_len))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await common.submit(state, request_id, [prompt], req)
+    streams = await common.submit(state, request_id, [prompt], req, prompt_param="messages")
     last = req.messages[-1]
     echo = last.template_dict()["content"] if req.echo and last.role == _ROLE else ""
     if req.stream:

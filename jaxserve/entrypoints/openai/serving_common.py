@@ -2,9 +2,10 @@
 
 `ServerState` is the one object the routes read (engine, served names, limits). A request
 body goes through `parse_body` (400/413), `check_model` (404) and `sampling_params` (400);
-`clamp_max_tokens` fits the output into the context; `submit` hands prompts to the engine
-(400 for what it rejects, 503 when its waiting queue is full) and `merge_streams` interleaves
-the outputs of several prompts. Logprobs are clamped to -9999 so JSON never sees -inf.
+`clamp_max_tokens` fits the output into the context; `submit` hands prompts to the engine,
+which checks them against the model (400 for what it rejects, with its message; 503 when
+its waiting queue is full) and `merge_streams` interleaves the outputs of several prompts.
+Logprobs are clamped to -9999 so JSON never sees -inf.
 """
 
 from __future__ import annotations
@@ -116,30 +117,22 @@ def sampling_params(state: ServerState, req: CompletionRequest | ChatCompletionR
         params = req.to_sampling_params()
     except ValueError as error:
         raise from_value_error(error, KNOWN_PARAMS) from None
-    return _fit_to_model(params, state.engine.model_config.vocab_size)
-
-
-def _fit_to_model(params: SamplingParams, vocab_size: int) -> SamplingParams:
-    """Checks what SamplingParams cannot know (the vocabulary), so that no value reaches the
-    runner's fixed-width arrays out of range: a top_k past the vocabulary keeps every token."""
+    # The API's own rule: offline (LLMEngine) an id past the vocabulary is a stop never met.
+    vocab_size = state.engine.model_config.vocab_size
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         raise bad_request(f"stop_token_ids must be in [0, {vocab_size}), got {bad[0]}",
                           param="stop_token_ids")
-    if params.top_k >= vocab_size:
-        params = dataclasses.replace(params, top_k=0)
     return params
 
 
-def clamp_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_model_len: int, *,
-                     param: str = "prompt") -> SamplingParams:
-    """Fits prompt + output into the context: 400 for a prompt that leaves no room, else
-    max_tokens (None = as many as fit) and min_tokens are cut down to the room left."""
+def clamp_max_tokens(params: SamplingParams, num_prompt_tokens: int,
+                     max_model_len: int) -> SamplingParams:
+    """Fits prompt + output into the context: max_tokens (None = as many as fit) and
+    min_tokens are cut down to the room left. A prompt that leaves no room is the engine's
+    to refuse (LLMEngine checks every request against the model once)."""
     room = max_model_len - num_prompt_tokens
-    if room < 1:
-        raise bad_request(f"the prompt is {num_prompt_tokens} tokens; max_model_len="
-                          f"{max_model_len} leaves no room for an output token", param=param)
-    if params.max_tokens is not None and params.max_tokens <= room:
+    if room < 1 or (params.max_tokens is not None and params.max_tokens <= room):
         return params
     return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
@@ -152,8 +145,11 @@ class Prompt:
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
-                 req: CompletionRequest | ChatCompletionRequest) -> list[RequestStream]:
+                 req: CompletionRequest | ChatCompletionRequest, *,
+                 prompt_param: str = "prompt") -> list[RequestStream]:
     """Queues every prompt (ids `request_id-i`), or none: 400/503 on the first rejection.
+    The engine validates each request: its ValueError is the 400, with the parameter it
+    names (`prompt_param` for the prompt: "messages" for chat).
 
     All prompts are posted at once, so the engine takes them in one turn (not one step per
     prompt), and a caller that goes away meanwhile aborts every one of them.
@@ -180,7 +176,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
     if isinstance(error, EngineDeadError):
         raise APIError(503, str(error)) from None
     if isinstance(error, ValueError):
-        raise from_value_error(error, KNOWN_PARAMS) from None
+        raise from_value_error(error, KNOWN_PARAMS, prompt_param=prompt_param) from None
     raise error
 
 

@@ -48,7 +48,8 @@ async def create_completion(state: common.ServerState, request: web.Request,
 
 def _prompt_inputs(state: common.ServerState, req: CompletionRequest,
                    ) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) per prompt; 400 for an empty prompt or text without a tokenizer."""
+    """(text, token ids) per prompt; 400 for no prompt or text without a tokenizer (an
+    empty one is the engine's to refuse)."""
     prompt = req.prompt
     if isinstance(prompt, str):
         batch = [prompt]
@@ -69,8 +70,6 @@ def _prompt_inputs(state: common.ServerState, req: CompletionRequest,
         else:
             text = tokenizer.decode(item) if tokenizer is not None and req.echo else None
             inputs.append((text, list(item)))
-        if not inputs[-1][1]:
-            raise bad_request("prompt must not be empty", param="prompt")
     return inputs
 
 

@@ -2,6 +2,8 @@
 the OpenAI error body naming the parameter, and the server still serving afterwards.
 """
 
+import re
+
 import openai
 import pytest
 
@@ -84,6 +86,32 @@ def test_bad_requests_get_their_status_in_the_openai_body(server, data, headers,
     assert got == status, result
     assert set(result["error"]) == {"message", "type", "param", "code"}
     assert_still_serving(server)
+
+
+@pytest.mark.parametrize("body,prompt_ids,param", [
+    ({"prompt": [5] * MAX_MODEL_LEN}, [5] * MAX_MODEL_LEN, "prompt"),
+    ({"prompt": [5] * (MAX_MODEL_LEN + 3)}, [5] * (MAX_MODEL_LEN + 3), "prompt"),
+    ({"prompt": ""}, [], "prompt"), ({"prompt": [1, VOCAB]}, [1, VOCAB], "prompt"),
+])
+def test_what_the_engine_refuses_is_400_with_the_engines_own_message(server, qwen2_llm, body,
+                                                                     prompt_ids, param):
+    """The engine checks a request against the model once; the server only reports it."""
+    with pytest.raises(ValueError) as refused:  # the same checkpoint and max_model_len
+        qwen2_llm.llm_engine.add_request(None, prompt_ids)
+    status, result = server.request("POST", "/v1/completions", {**COMPLETION, **body},
+                                    {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and result["error"]["message"] == str(refused.value), result
+    assert result["error"]["param"] == param
+
+
+def test_a_conversation_too_long_names_messages_with_the_engines_message(server):
+    status, result = server.request(
+        "POST", "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]},
+        {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and result["error"]["param"] == "messages"
+    assert re.fullmatch(rf"prompt is \d+ tokens; max_model_len={MAX_MODEL_LEN} leaves no "
+                        "room for an output token", result["error"]["message"]), result
 
 
 def test_openai_client_sees_401_without_the_key_and_404_for_another_model(server, client):
