@@ -11,9 +11,8 @@ computes. A request whose token is being sampled holds a placeholder
 (`num_output_placeholders`) that counts as a known token: it is scheduled to decode it (as
 a sample link, runner/sample_links.py, to the running step's output). Requests whose pending
 token must end them (max_tokens, max_model_len) are left out, and the ahead step never
-preempts: a request that does not fit is left for the next step. A request that the pending
-token stops (EOS, stop ids, stop strings) wastes its slot in the ahead step; its output is
-dropped like any token of a finished request.
+preempts: a request that does not fit waits for the next step. One the pending token stops
+(EOS, stop ids, stop strings) wastes its slot in the ahead step; that output is dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +23,9 @@ from ..config import CacheConfig, SchedulerConfig
 from .block_hash import append_block_hashes, extra_keys_of
 from .kv_cache_manager import KVCacheBlocks, KVCacheManager
 from .request_queue import create_request_queue
-from .scheduler_output import (CachedRequestData, ModelRunnerOutput,
-                                            NewRequestData, RequestUpdate, SchedulerOutput)
+from .scheduler_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                               RequestUpdate, SchedulerOutput)
+from .step_plan import StepPlan, unsent_token_ids
 from .stop_rules import check_stop
 from ..request import Request, RequestStatus
 
@@ -109,7 +109,7 @@ class Scheduler:
         config = self.scheduler_config
         max_tokens, max_seqs = capacity or (config.max_num_batched_tokens, config.max_num_seqs)
         budget = min(config.max_num_batched_tokens, max_tokens)
-        plan = _StepPlan(budget)
+        plan = StepPlan(budget)
         self._ahead_fell_short = False
         self._schedule_running(plan, ahead)
         if not plan.preempted_req_ids and not self._ahead_fell_short:  # nor one short of blocks
@@ -175,7 +175,7 @@ class Scheduler:
         """How many of a request's `num_tokens` remaining tokens run this step."""
         return min(num_tokens, budget, self._max_tokens_per_request)
 
-    def _schedule_running(self, plan: _StepPlan, ahead: bool = False) -> None:
+    def _schedule_running(self, plan: StepPlan, ahead: bool = False) -> None:
         """Gives each running request its next tokens, front to back, preempting from the
         back of the order whenever the pool is short (ahead: stopping there instead)."""
         order = self._running_order()
@@ -203,7 +203,7 @@ class Scheduler:
                 new_blocks = self._preempt_until_allocated(request, num_new, order, plan)
                 if new_blocks is None:
                     break  # `request` itself was preempted: it was the last one of `order`
-            new_token_ids = self._unsent_token_ids(request, num_computed + num_new)
+            new_token_ids = unsent_token_ids(request, num_computed + num_new)
             plan.cached_reqs.append(CachedRequestData(
                 request.request_id, new_token_ids, new_blocks.get_block_ids(), num_computed,
                 False))
@@ -211,7 +211,7 @@ class Scheduler:
             i += 1
 
     def _preempt_until_allocated(self, request: Request, num_new: int, order: list[Request],
-                                 plan: _StepPlan) -> KVCacheBlocks | None:
+                                 plan: StepPlan) -> KVCacheBlocks | None:
         """Preempts from the back of `order` until `request`'s blocks fit; None once
         `request` itself had to go."""
         while True:
@@ -234,7 +234,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.add_preempted(request)
 
-    def _admit_waiting(self, plan: _StepPlan, max_num_seqs: int) -> None:
+    def _admit_waiting(self, plan: StepPlan, max_num_seqs: int) -> None:
         """Admits waiting requests in queue order while budgets and blocks allow. Never
         preempts: a request that does not fit waits, and so do those behind it."""
         manager = self.kv_cache_manager
@@ -262,18 +262,6 @@ class Scheduler:
                     request.request_id, request.prompt_token_ids, request.sampling_params,
                     block_ids, num_hit, tuple(sorted(request.eos_token_ids))))
             plan.record(request, num_new)
-
-    @staticmethod
-    def _unsent_token_ids(request: Request, end: int) -> tuple[int, ...]:
-        """Token ids the runner lacks to compute up to position `end`, marked as sent
-        (prompt tokens; the runner keeps the tokens it samples itself). A placeholder
-        position past the known tokens is not sent: the runner takes it from the device."""
-        num_sent = request.num_sent_tokens
-        end = min(end, request.num_tokens)
-        if end <= num_sent:
-            return ()
-        request.num_sent_tokens = end
-        return tuple(request.all_token_ids[num_sent:end])
 
     def _append_tokens(self, request: Request, token_ids: list[int]) -> RequestUpdate:
         """Appends sampled tokens up to the first one that stops the request."""
@@ -310,27 +298,3 @@ class Scheduler:
                 and request.num_tokens >= (len(request.block_hashes) + 1) * block_size):
             append_block_hashes(request.block_hashes, request.all_token_ids, block_size,
                                 extra_keys_of(request.cache_salt))
-
-
-class _StepPlan:
-    """What one schedule() call has decided so far; becomes the SchedulerOutput."""
-
-    __slots__ = ("budget", "num_scheduled_tokens", "sampling_req_ids", "new_reqs",
-                 "cached_reqs", "preempted_req_ids")
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget  # tokens still free this step
-        self.num_scheduled_tokens: dict[str, int] = {}  # req_id -> tokens, in batch order
-        self.sampling_req_ids: list[str] = []  # requests reaching their last token
-        self.new_reqs: list[NewRequestData] = []
-        self.cached_reqs: list[CachedRequestData] = []
-        self.preempted_req_ids: list[str] = []
-
-    def record(self, request: Request, num_new: int) -> None:
-        """Schedules `num_new` tokens of `request` (its blocks are already allocated)."""
-        self.budget -= num_new
-        self.num_scheduled_tokens[request.request_id] = num_new
-        request.num_computed_tokens += num_new
-        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
-            self.sampling_req_ids.append(request.request_id)
-            request.num_output_placeholders += 1  # until update_from_output has its token
