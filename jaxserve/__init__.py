@@ -10,6 +10,7 @@ _EXPORTS: dict[str, str] = {
     "LLM": "jaxserve.entrypoints.llm",
     "EngineArgs": "jaxserve.engine.engine_args",
     "SamplingParams": "jaxserve.sampling_params",
+    "StructuredOutputsParams": "jaxserve.sampling_params",
     "EngineConfig": "jaxserve.config",
     "RequestOutput": "jaxserve.outputs",
     "CompletionOutput": "jaxserve.outputs",

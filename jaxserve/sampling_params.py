@@ -4,12 +4,15 @@ The API server and the offline `LLM` build one from user input; every rule is ch
 here, and a violation raises `ValueError` naming the parameter, the value and the allowed
 range. The object is frozen afterwards: the scheduler reads its stop rules, the runner turns
 its numbers into sampling arrays, and the `n` children of a parallel request share it.
+`StructuredOutputsParams` (vLLM's name) constrains the output to a JSON schema, a regex,
+a choice of strings or a Lark grammar; the engine compiles it (engine/structured_outputs.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 
 _SAMPLING_EPS = 1e-5  # a temperature below this is greedy (argmax), as in vLLM
@@ -24,6 +27,53 @@ class SamplingType(enum.IntEnum):
     GREEDY = 0  # argmax; temperature < 1e-5
     RANDOM = 1  # random draws from the step's shared key
     RANDOM_SEED = 2  # random draws from the request's own seed (reproducible)
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match: exactly one of `json`, `regex`, `choice`, `grammar`,
+    `json_object` (vLLM's fields). The engine checks the spec itself when the request is
+    added (a ValueError with the grammar compiler's message)."""
+
+    json: dict | str | None = None  # a JSON schema (dict or JSON text)
+    regex: str | None = None  # the whole output matches it
+    choice: list[str] | tuple[str, ...] | None = None  # the output is one of these; a tuple
+    grammar: str | None = None  # a Lark (or GBNF) grammar
+    json_object: bool = False  # any JSON object
+    disable_any_whitespace: bool = False  # JSON without whitespace between tokens
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object
+                                                        else [])
+        if len(given) != 1:
+            raise ValueError("SamplingParams.structured_outputs must set exactly one of json, "
+                             f"regex, choice, grammar, json_object; got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            _fail("structured_outputs.json", self.json, "a JSON schema (a dict or a string)")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                _fail(f"structured_outputs.{name}", getattr(self, name), "a string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
+                _fail("structured_outputs.choice", self.choice, "a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    def grammar_spec(self) -> tuple[str, str]:
+        """(kind, text): llguidance's grammar format and the spec as text; also the key
+        under which the engine caches the compiled grammar."""
+        if self.json is not None:
+            # key order kept: it is the order of the output's properties
+            text = self.json if isinstance(self.json, str) else json.dumps(self.json)
+            return "json", text
+        if self.json_object:
+            return "json", '{"type": "object"}'
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice))
+        return "grammar", self.grammar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +101,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # drop special tokens when detokenizing
     spaces_between_special_tokens: bool = True  # detokenizer option, as in HF
     detokenize: bool = True  # produce text; stop strings need it
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output matches
     # frozenset(stop_token_ids), kept for O(1) stop checks; EOS ids live on the Request.
     all_stop_token_ids: frozenset[int] = dataclasses.field(
         init=False, repr=False, compare=False, default=frozenset())
@@ -80,6 +131,9 @@ class SamplingParams:
         if stop and not self.detokenize:
             _fail("stop", self.stop, "empty when detokenize=False (stop strings need text)")
         stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            _fail("structured_outputs", self.structured_outputs,
+                  "None or a StructuredOutputsParams")
         greedy = self.temperature < _SAMPLING_EPS
         normalized = dict(
             temperature=float(self.temperature), stop=stop, stop_token_ids=stop_token_ids,
@@ -101,6 +155,12 @@ class SamplingParams:
         """Presence, frequency or repetition penalties: sampling reads the output history."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1)
+
+    @property
+    def needs_sampled_tokens(self) -> bool:
+        """Sampling reads the tokens sampled before (penalties: the history; a grammar: the
+        mask follows the last token), so the next step waits for this one's token."""
+        return self.has_penalties or self.structured_outputs is not None
 
     @property
     def sampling_type(self) -> SamplingType:

@@ -91,3 +91,26 @@ def test_logit_bias_values_become_floats():
 def test_sampling_params_are_frozen():
     with pytest.raises(AttributeError):
         SamplingParams().temperature = 0.5
+
+
+def test_structured_outputs_take_exactly_one_spec():
+    from jaxserve.sampling_params import StructuredOutputsParams
+
+    with pytest.raises(ValueError, match="structured_outputs must set exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match=r"exactly one .*\['json', 'regex'\]"):
+        StructuredOutputsParams(json={"type": "object"}, regex="a+")
+    with pytest.raises(ValueError, match="structured_outputs.choice must be a non-empty list"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match="structured_outputs.regex must be a string"):
+        StructuredOutputsParams(regex=5)
+    with pytest.raises(ValueError, match="SamplingParams.structured_outputs must be None or"):
+        SamplingParams(structured_outputs={"json": {}})
+    choice = StructuredOutputsParams(choice=["a", "b"])
+    assert choice.choice == ("a", "b") and choice.grammar_spec() == ("choice", '["a", "b"]')
+    schema = {"type": "object", "properties": {"b": {}, "a": {}}}
+    assert StructuredOutputsParams(json=schema).grammar_spec() == (
+        "json", '{"type": "object", "properties": {"b": {}, "a": {}}}')  # key order kept
+    assert StructuredOutputsParams(json_object=True).grammar_spec()[0] == "json"
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    assert params.needs_sampled_tokens and not SamplingParams().needs_sampled_tokens
