@@ -56,6 +56,11 @@ class SchedulerOutput:
     sampling_req_ids: frozenset[str]
     finished_req_ids: frozenset[str]  # finished or aborted since the last step: forget them
     preempted_req_ids: frozenset[str]  # blocks taken back this step: drop them from the batch
+    # Structured outputs, filled in by the engine (engine/structured_outputs.py): the
+    # requests of sampling_req_ids that a grammar constrains, and their packed masks
+    # (bit i of word w allows id 32 * w + i; W = ceil(V / 32) or wider, extra ids unset).
+    structured_output_req_ids: tuple[str, ...] = ()
+    grammar_bitmask: object = None  # [G, W] int32 numpy array, G = len(above); None if G = 0
 
     @property
     def num_reqs(self) -> int:

@@ -37,6 +37,7 @@ from jaxserve.runner.input_batch import InputBatch, StepInputs
 from jaxserve.runner.kv_cache import allocate_kv_caches, plan_kv_cache
 from jaxserve.runner.compiled_programs import CompiledPrograms, StepSignature
 from jaxserve.runner.programs import make_programs
+from jaxserve.runner.token_bitmask import step_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +183,10 @@ class ModelRunner:
         num_padded_seqs = len(inputs.seq_lens)
         # each row's history length; a token being sampled in flight counts (seq_lens)
         history = np.maximum(self.batch.num_tokens[rows], inputs.seq_lens[:len(rows)])
+        bitmask = step_bitmask(out, inputs.req_ids, num_padded_seqs,
+                               self.model_config.vocab_size)  # [B, W] int32 or None
         variant, tensors = self.batch.sampling.gather(
-            rows, history, self.batch.token_ids, num_padded_seqs)
+            rows, history, self.batch.token_ids, num_padded_seqs, bitmask)
         md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
                                inputs.query_start_loc, inputs.logits_indices)
         num_seqs = np.int32(len(inputs.req_ids))  # the rest of B is padding

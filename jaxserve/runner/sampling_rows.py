@@ -3,7 +3,9 @@
 A request's parameters are written into its row once, when it joins the batch; each step
 gathers the scheduled rows (vectorized) and picks the cheapest sampler variant that serves
 them all: `greedy` (argmax only), `sample` (temperature, top-k/p, min-p, bias, min_tokens,
-logprobs) or `penalties` (`sample` plus the token history the penalties need).
+logprobs), `masked` (`sample` plus the packed token mask of structured outputs, see
+token_bitmask.py) or `penalties` (`sample` plus the token history the penalties need, and
+the mask, all ones when no row is constrained: the history costs far more).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from jaxserve.model.sampling.sampler import SamplingTensors
+from jaxserve.runner.token_bitmask import bitmask_width
 from jaxserve.sampling_params import SamplingParams
 
 # Static widths of the sparse per-row tables (compiled shapes). The engine rejects requests
@@ -20,7 +23,7 @@ from jaxserve.sampling_params import SamplingParams
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_MIN_TOKENS_BANNED_IDS = 64
 
-SAMPLER_VARIANTS = ("greedy", "sample", "penalties")
+SAMPLER_VARIANTS = ("greedy", "sample", "masked", "penalties")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,16 +87,22 @@ class SamplingRows:
     def gather(self, rows: np.ndarray,        # [B_real] rows of the scheduled requests
                num_tokens: np.ndarray,        # [B_real] ids known per row (history length)
                token_ids: np.ndarray,         # [R, max_model_len] the batch's token rows
-               padded: int) -> tuple[str, SamplingTensors | None]:
-        """(variant, tensors) for the scheduled rows, padded to `padded` rows."""
+               padded: int,
+               bitmask: np.ndarray | None = None,  # [padded, W] int32 structured outputs
+               ) -> tuple[str, SamplingTensors | None]:
+        """(variant, tensors) for the scheduled rows, padded to `padded` rows; `bitmask`
+        (None: no row is constrained) picks a masked variant."""
         output_lens = num_tokens - self.prompt_lens[rows]
         banning = output_lens < self.min_tokens[rows]
         greedy = (np.all(self.temperature[rows] < 1e-5) and not self.has_bias[rows].any()
                   and not banning.any() and not self.has_penalty[rows].any()
-                  and not self.logprobs[rows].any())
+                  and not self.logprobs[rows].any() and bitmask is None)
         if greedy:
             return "greedy", None
-        variant = "penalties" if self.has_penalty[rows].any() else "sample"
+        variant = ("penalties" if self.has_penalty[rows].any()
+                   else "sample" if bitmask is None else "masked")
+        if variant == "penalties" and bitmask is None:
+            bitmask = np.full((padded, bitmask_width(self.vocab_size)), -1, np.int32)
         num_real, vocab = len(rows), self.vocab_size
 
         def pad(values, fill, dtype):
@@ -122,7 +131,8 @@ class SamplingRows:
             bias_values=pad(self.bias_values[rows], 0, np.float32),
             banned_ids=pad(banned, vocab, np.int32),
             history=pad(history, vocab, np.int32),
-            prompt_lens=pad(self.prompt_lens[rows], 0, np.int32))
+            prompt_lens=pad(self.prompt_lens[rows], 0, np.int32),
+            token_bitmask=None if variant == "sample" else bitmask)
         return variant, tensors
 
 
@@ -136,6 +146,9 @@ def dummy_tensors(variant: str, num_rows: int, *, vocab_size: int,
     if variant == "penalties":
         rows.has_penalty[:] = True
     rows.temperature[:] = 1.0
-    _, tensors = rows.gather(np.arange(num_rows), np.ones(num_rows, np.int32), token_ids,
-                             num_rows)
+    bitmask = (np.full((num_rows, bitmask_width(vocab_size)), -1, np.int32)
+               if variant == "masked" else None)
+    chosen, tensors = rows.gather(np.arange(num_rows), np.ones(num_rows, np.int32), token_ids,
+                                  num_rows, bitmask)
+    assert chosen == variant, (chosen, variant)
     return tensors

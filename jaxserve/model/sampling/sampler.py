@@ -5,6 +5,8 @@ per sequence, built on the host by the runner. Out: `SamplerOutput` with the sam
 when asked for, logprobs of the raw logits. Rows never interact: a row's randomness comes
 from its own seed folded with its own output length, so its tokens do not depend on the
 batch it happens to share a step with. `all_greedy` is a static fast path (argmax only).
+Structured outputs: a packed mask of allowed ids (`token_bitmask`, the masked variants)
+sends the logits of every other id to -inf before anything else, logprobs included.
 """
 
 import dataclasses
@@ -22,7 +24,7 @@ MAX_LOGPROBS = 20
                    data_fields=["temperature", "top_k", "top_p", "min_p", "presence_penalty",
                                 "frequency_penalty", "repetition_penalty", "seeds", "output_lens",
                                 "bias_ids", "bias_values", "banned_ids", "history",
-                                "prompt_lens"],
+                                "prompt_lens", "token_bitmask"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
@@ -42,6 +44,9 @@ class SamplingTensors:
     banned_ids: jax.Array          # [B, NS] int32 ids masked to -inf (min_tokens); padding = V
     history: jax.Array             # [B, Lh] int32 prompt + output ids for penalties; padding = V
     prompt_lens: jax.Array         # [B] int32; history[:, :prompt_len] is the prompt
+    # [B, W] int32, W = ceil(V / 32): bit i of word w allows id 32 w + i (all ones: any id);
+    # None in the variants without structured outputs
+    token_bitmask: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -98,6 +103,15 @@ def _truncate(logits,  # [B, V] float32, already divided by temperature
     return jnp.full_like(logits, -jnp.inf).at[rows, order].set(sorted_logits)
 
 
+def apply_token_bitmask(logits,   # [B, V] float32
+                        bitmask,  # [B, W] int32
+                        ) -> jax.Array:
+    """-inf for every id whose bit is clear."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :logits.shape[-1]] > 0  # [B, V]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def argmax(x):  # [B, V] -> [B] int32
     """jnp.argmax over the last axis (first maximal index; a NaN counts as the maximum),
     as two plain reductions: XLA:CPU runs argmax's variadic (value, index) reduce several
@@ -125,6 +139,8 @@ def sample(logits,  # [B, V] float32 raw logits
            all_greedy: bool,
            with_logprobs: bool) -> SamplerOutput:
     """Samples one token per row. `all_greedy` skips everything but argmax (t may be None)."""
+    if t is not None and t.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, t.token_bitmask)
     if all_greedy:
         processed = logits if t is None else apply_penalties(logits, t)
         token_ids = argmax(processed)

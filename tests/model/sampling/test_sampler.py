@@ -1,5 +1,7 @@
 """The batched sampler against numpy references on fixed logits."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,22 @@ def test_logprobs_are_of_the_raw_logits(logits):
     np.testing.assert_array_equal(out.ranks, [1, 1, 1])
     np.testing.assert_array_equal(out.top_ids, np.argsort(-logits, axis=-1))
     np.testing.assert_allclose(out.top_logprobs, np.sort(np.asarray(ref), axis=-1)[:, ::-1], rtol=1e-6)
+
+
+def test_a_token_bitmask_limits_greedy_and_random_rows_and_their_logprobs(logits):
+    from jaxserve.runner.token_bitmask import pack_token_bitmask
+
+    allowed = np.zeros((3, V), bool)
+    allowed[0, [1, 4]] = allowed[1, [2, 3, 9]] = True
+    allowed[2] = True  # unconstrained
+    t = dataclasses.replace(_tensors(3, temperature=[0.0, 1.0, 0.0]),
+                            token_bitmask=jnp.asarray(pack_token_bitmask(allowed)))
+    for seed in range(5):
+        t = dataclasses.replace(t, seeds=jnp.full(3, seed, jnp.uint32))
+        out = sample(jnp.asarray(logits), t, all_greedy=False, with_logprobs=True)
+        ids = np.asarray(out.token_ids)
+        assert ids[0] == np.where(allowed[0], logits[0], -np.inf).argmax()
+        assert allowed[1, ids[1]] and ids[2] == logits[2].argmax()
+        assert np.isfinite(out.logprobs).all()
+        assert allowed[0, np.asarray(out.top_ids)[0, :2]].all()  # -inf for the others
+        assert np.isneginf(np.asarray(out.top_logprobs)[0, 2:]).all()
