@@ -95,10 +95,10 @@ class Scheduler:
 
     def can_schedule_ahead(self) -> bool:
         """Whether `schedule(ahead=True)` may run now: something is running and no running
-        request needs its full output history to sample (penalties read the token ids, which
-        a placeholder does not have yet)."""
+        request samples from the tokens before (penalties read the ids, a grammar's mask
+        follows the last one; a placeholder has no id yet)."""
         return bool(self.running) and not self._ahead_fell_short and not any(
-            r.sampling_params.has_penalties for r in self.running.values())
+            r.sampling_params.needs_sampled_tokens for r in self.running.values())
 
     def schedule(self, *, ahead: bool = False,
                  capacity: tuple[int, int] | None = None) -> SchedulerOutput:

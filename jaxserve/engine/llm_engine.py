@@ -14,7 +14,9 @@ and launches step N+1 before waiting for step N (the ahead plan,
 device: runner/sample_links.py), so scheduling and input preparation overlap the devices'
 work too. A stop string therefore ends its request a step or two late; the tokens of those
 extra steps are dropped, never shown. docs/architecture.md, "Async scheduling: one step
-ahead", follows one step through every file.
+ahead", follows one step through every file. Structured outputs (a grammar per request,
+engine/structured_outputs.py) add their mask rows to each step's SchedulerOutput; while a
+constrained request runs, steps are planned in sync.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate
 from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.engine.structured_outputs import StructuredOutputs
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner.compilation_counter import CompilationCounter
@@ -86,6 +89,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config,
                                    num_blocks=self.runner.num_blocks)
         self.output_processor = OutputProcessor(tokenizer)
+        self.structured_outputs = StructuredOutputs(
+            tokenizer, vocab_size=self.model_config.vocab_size,
+            eos_token_ids=self.model_config.eos_token_ids)
         self._id_counter = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -108,6 +114,8 @@ class LLMEngine:
         if self.output_processor.has(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate(prompt_token_ids, params)
+        grammar = (None if params.structured_outputs is None
+                   else self.structured_outputs.compile(params.structured_outputs))
         prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy ints welcome
         child_ids = ([request_id] if params.n == 1
                      else [f"{i}_{request_id}" for i in range(params.n)])
@@ -127,6 +135,8 @@ class LLMEngine:
                 self.scheduler.abort_requests(child_ids[:index])
                 self.output_processor.abort(request_id)
                 raise
+            if grammar is not None:  # each child its own matcher
+                self.structured_outputs.add(child_id, grammar)
         self.num_prompt_tokens += len(prompt_token_ids)
         return request_id
 
@@ -191,6 +201,8 @@ class LLMEngine:
         with self.step_compilations.track():
             sampled = self.runner.collect(pending)
         updates = self.scheduler.update_from_output(pending.out, sampled)
+        if len(self.structured_outputs):
+            updates = self._advance_grammars(updates)
         if updates or sampled.prompt_logprobs:
             self._unprocessed = CollectedStep(updates, sampled)
         return outputs
@@ -200,6 +212,7 @@ class LLMEngine:
             raise RuntimeError("no step program is compiled yet: an LLMEngine built with "
                                "warm_up=False needs runner.compile_programs() first")
         scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
+        scheduled = self.structured_outputs.prepare_step(scheduled, self.scheduler.requests)
         if self.step_broadcaster is not None:
             self.step_broadcaster.send(scheduled)
         return scheduled
@@ -209,6 +222,18 @@ class LLMEngine:
         time), `scheduled` samples something to run ahead of, and the scheduler agrees."""
         return (self.async_scheduling and self.step_broadcaster is None
                 and bool(scheduled.sampling_req_ids) and self.scheduler.can_schedule_ahead())
+
+    def _advance_grammars(self, updates: list[RequestUpdate]) -> list[RequestUpdate]:
+        """Each constrained request's matcher takes its accepted tokens; a complete grammar
+        stops the request now (its EOS is the only token left)."""
+        advanced = []
+        for update in updates:
+            if self.structured_outputs.accept(update.req_id, update.new_token_ids) and (
+                    not update.finished):
+                self.scheduler.finish_requests(update.req_id, RequestStatus.FINISHED_STOPPED)
+                update = dataclasses.replace(update, finished=True, finish_reason="stop")
+            advanced.append(update)
+        return advanced
 
     def _finish_step(self, step: CollectedStep) -> list[RequestOutput]:
         updates = step.updates

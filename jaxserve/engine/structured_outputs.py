@@ -1,0 +1,154 @@
+"""Structured outputs: grammars compiled once, one matcher per request, mask rows per step.
+
+`StructuredOutputs` (one per engine) compiles a request's `StructuredOutputsParams` with
+llguidance when the request is added (a bad spec is the ValueError `add_request` raises),
+caching the grammar by (kind, spec), and gives each child request its own `LLMatcher`.
+Each step it fills the packed mask rows of the constrained requests that sample
+(`prepare_step`, into the `SchedulerOutput` the runner gets) and advances each matcher
+with the tokens the scheduler accepted (`accept`); a complete grammar finishes its request.
+A matcher follows the request's output tokens: if their counts differ (a token appended
+elsewhere), it is rebuilt from those tokens before its next mask. The engine plans no step
+ahead while a constrained request runs (`SamplingParams.needs_sampled_tokens`): the mask
+of step N+1 depends on the token of step N.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from jaxserve.core.scheduler_output import SchedulerOutput
+from jaxserve.request import Request
+from jaxserve.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_GRAMMARS = 256  # compiled grammars kept (least recently used dropped)
+
+
+@dataclasses.dataclass(slots=True)
+class _RequestMatcher:
+    grammar: str  # llguidance's grammar text, to rebuild the matcher
+    matcher: object  # llguidance.LLMatcher
+    num_tokens: int = 0  # output tokens offered to it so far
+
+
+class StructuredOutputs:
+    def __init__(self, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int]):
+        self._hf_tokenizer = tokenizer  # the engine's (HF fast) tokenizer, or None
+        self._vocab_size = vocab_size  # V of the model: ids at or past it are never allowed
+        self._eos_token_ids = sorted(eos_token_ids)
+        self._ll_tokenizer = None  # llguidance's view of the vocabulary, built at first use
+        self._grammars: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self._matchers: dict[str, _RequestMatcher] = {}  # live constrained requests
+
+    # -- requests ------------------------------------------------------------------------
+    def compile(self, spec: StructuredOutputsParams) -> str:
+        """llguidance's grammar for `spec` (cached); a ValueError starting with
+        "structured_outputs" and carrying the compiler's message when it is invalid."""
+        import llguidance
+
+        kind, text = spec.grammar_spec()
+        key = (kind, text, spec.disable_any_whitespace)
+        grammar = self._grammars.get(key)
+        if grammar is not None:
+            self._grammars.move_to_end(key)
+            return grammar
+        tokenizer = self._tokenizer()
+        try:
+            if kind == "json":
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    text, defaults={"whitespace_flexible": not spec.disable_any_whitespace})
+            else:
+                grammar = llguidance.grammar_from(kind, text)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"structured_outputs: invalid {kind}: {e}") from None
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, tokenizer)
+        if is_error:
+            raise ValueError(f"structured_outputs: invalid {kind}: {messages[0]}")
+        self._grammars[key] = grammar
+        if len(self._grammars) > MAX_CACHED_GRAMMARS:
+            self._grammars.popitem(last=False)
+        return grammar
+
+    def add(self, req_id: str, grammar: str) -> None:
+        """A matcher at the grammar's start for a new (child) request."""
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        self._matchers[req_id] = _RequestMatcher(grammar, matcher)
+
+    def remove(self, req_ids: Iterable[str]) -> None:
+        if self._matchers:
+            for req_id in req_ids:
+                self._matchers.pop(req_id, None)
+
+    def __len__(self) -> int:
+        return len(self._matchers)
+
+    # -- each step -----------------------------------------------------------------------
+    def prepare_step(self, out: SchedulerOutput,
+                     requests: Mapping[str, Request]) -> SchedulerOutput:
+        """`out` with the mask rows of its constrained requests that sample (batch order);
+        forgets the matchers of the requests it reports finished."""
+        if not self._matchers:
+            return out
+        self.remove(out.finished_req_ids)
+        req_ids = tuple(r for r in out.num_scheduled_tokens
+                        if r in self._matchers and out.samples(r))
+        if not req_ids:
+            return out
+        from llguidance.numpy import fill_next_token_bitmask
+
+        tokenizer = self._tokenizer()
+        mask = np.zeros((len(req_ids), -(-tokenizer.vocab_size // 32)), np.int32)  # [G, W']
+        for j, req_id in enumerate(req_ids):
+            state = self._in_step(req_id, requests[req_id].output_token_ids)
+            fill_next_token_bitmask(state.matcher, mask, j)
+        return dataclasses.replace(out, structured_output_req_ids=req_ids,
+                                   grammar_bitmask=mask)
+
+    def accept(self, req_id: str, token_ids: Sequence[int]) -> bool:
+        """Advances the request's matcher by the tokens the scheduler accepted; True when
+        its grammar is complete (nothing but EOS may follow): the request should stop."""
+        state = self._matchers.get(req_id)
+        if state is None:
+            return False
+        matcher = state.matcher
+        for token_id in token_ids:
+            if not matcher.is_stopped() and not matcher.consume_token(token_id):
+                logger.error("request %s: token %d does not match its grammar: %s", req_id,
+                             token_id, matcher.get_error())
+        state.num_tokens += len(token_ids)
+        return matcher.is_stopped()
+
+    def _in_step(self, req_id: str, output_token_ids: Sequence[int]) -> _RequestMatcher:
+        """The request's matcher, rebuilt from its output tokens where it missed some."""
+        state = self._matchers[req_id]
+        if state.num_tokens != len(output_token_ids):
+            self.add(req_id, state.grammar)
+            self.accept(req_id, output_token_ids)
+            state = self._matchers[req_id]
+        return state
+
+    def _tokenizer(self):
+        """llguidance's tokenizer over max(V, tokenizer size) ids (built once: about a
+        second for a 150k vocabulary); ids past the tokenizer's have no bytes, so no grammar
+        ever allows them."""
+        if self._ll_tokenizer is None:
+            import llguidance.hf
+
+            if self._hf_tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer (skip_tokenizer_init=True)")
+            n_vocab = max(self._vocab_size, len(self._hf_tokenizer))
+            try:
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=n_vocab, eos_token=self._eos_token_ids or None)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs need a fast tokenizer: {e}") from None
+        return self._ll_tokenizer

@@ -1,0 +1,195 @@
+"""Structured outputs through the whole engine: random weights, so only the grammar can make
+the outputs valid. JSON schemas validate, regexes fullmatch, choices are choices; greedy and
+sampled, n > 1, logprobs, stop strings, async scheduling, preemption; no compilation."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from jaxserve import SamplingParams, StructuredOutputsParams
+from jaxserve.testing import forbid_compilation
+from jaxserve.testing.hf_reference import random_prompts
+
+SCHEMAS = [
+    {  # nested object
+        "type": "object", "additionalProperties": False, "required": ["user"],
+        "properties": {"user": {
+            "type": "object", "additionalProperties": False, "required": ["id", "active"],
+            "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999},
+                           "active": {"type": "boolean"}}}}},
+    {  # array of bounded integers
+        "type": "array", "minItems": 1, "maxItems": 4,
+        "items": {"type": "integer", "minimum": -5, "maximum": 5}},
+    {  # enums
+        "type": "object", "additionalProperties": False, "required": ["color", "size"],
+        "properties": {"color": {"enum": ["red", "green", "blue"]},
+                       "size": {"type": "string", "enum": ["S", "M", "L"]}}},
+    {  # required fields, an optional one, bounded strings and integers
+        "type": "object", "additionalProperties": False, "required": ["name", "age"],
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 6},
+                       "age": {"type": "integer", "minimum": 18, "maximum": 99},
+                       "note": {"type": "string", "maxLength": 4}}},
+]
+PROMPTS = ["Hello, world!", "The quick brown fox", "Numbers: 0 1 2", "Paged attention"]
+
+
+def _json(schema):
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+
+def _generate(llm, prompts, params):
+    with forbid_compilation():
+        return llm.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_outputs_parse_and_validate(qwen2_llm, temperature):
+    params = [SamplingParams(temperature=temperature, seed=i, n=2, max_tokens=120,
+                             structured_outputs=_json(schema))
+              for i, schema in enumerate(SCHEMAS)]
+    outputs = _generate(qwen2_llm, PROMPTS, params)
+    for schema, output in zip(SCHEMAS, outputs):
+        assert len(output.outputs) == 2
+        for sample in output.outputs:
+            assert sample.finish_reason == "stop", sample.text
+            jsonschema.validate(json.loads(sample.text), schema)
+    if temperature == 0.0:  # greedy children agree with each other and with a rerun
+        assert all(o.outputs[0].text == o.outputs[1].text for o in outputs)
+        again = _generate(qwen2_llm, PROMPTS, params)
+        assert [o.outputs[0].text for o in again] == [o.outputs[0].text for o in outputs]
+
+
+def test_json_object_regex_choice_and_lark_grammar(qwen2_llm):
+    regex = r"[a-z]{2,6}@[a-z]{3}\.(com|org)"
+    choices = ["yes", "no", "maybe later"]
+    grammar = 'start: "(" item ("," item)~0..3 ")"\nitem: /[0-9]{1,2}/ | "x"'
+    specs = [StructuredOutputsParams(json_object=True, disable_any_whitespace=True),
+             StructuredOutputsParams(regex=regex), StructuredOutputsParams(choice=choices),
+             StructuredOutputsParams(grammar=grammar)]
+    checks = [lambda text: isinstance(json.loads(text), dict),
+              lambda text: re.fullmatch(regex, text),
+              lambda text: text in choices,
+              lambda text: re.fullmatch(r"\((\d{1,2}|x)(,(\d{1,2}|x)){0,3}\)", text)]
+    for temperature in (0.0, 1.0):
+        params = [SamplingParams(temperature=temperature, n=3, seed=5, max_tokens=60,
+                                 structured_outputs=spec) for spec in specs]
+        outputs = _generate(qwen2_llm, PROMPTS, params)
+        for i, (check, output) in enumerate(zip(checks, outputs)):
+            for sample in output.outputs:
+                if i == 0 and sample.finish_reason == "length":  # keys have no length cap
+                    assert sample.text.startswith("{")
+                    continue
+                assert check(sample.text) and sample.finish_reason == "stop", sample.text
+
+
+@pytest.mark.parametrize("spec, message", [
+    (StructuredOutputsParams(json={"type": "objectx"}), "invalid json: .*objectx"),
+    (StructuredOutputsParams(json="{not json"), "invalid json"),
+    (StructuredOutputsParams(regex="a(b"), "invalid regex: .*unclosed group"),
+    (StructuredOutputsParams(grammar="start: foo"), "invalid grammar: .*foo"),
+])
+def test_an_invalid_spec_is_a_value_error_from_add_request(qwen2_llm, spec, message):
+    engine = qwen2_llm.llm_engine
+    with pytest.raises(ValueError, match=f"(?s)^structured_outputs: {message}"):
+        engine.add_request(None, [5, 6, 7], SamplingParams(structured_outputs=spec))
+    assert not engine.has_unfinished_requests() and len(engine.structured_outputs) == 0
+
+
+def test_logprobs_and_stop_strings_with_a_grammar(qwen2_llm):
+    regex = r"[a-z]{3}-[a-z]{3}-[a-z]{3}"
+    params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=2, stop=["-"],
+                            structured_outputs=StructuredOutputsParams(regex=regex))
+    sample = _generate(qwen2_llm, PROMPTS[:1], params)[0].outputs[0]
+    assert re.fullmatch("[a-z]{3}", sample.text) and sample.stop_reason == "-"
+    for token_id, position in zip(sample.token_ids, sample.logprobs):
+        assert position[token_id].rank == 1 and position[token_id].logprob > float("-inf")
+
+
+def test_constrained_requests_run_in_sync_beside_unconstrained_ones(qwen2_llm):
+    engine = qwen2_llm.llm_engine
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([9, 30, 17], seed=3)]
+    plain = SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True)
+    constrained = SamplingParams(temperature=0.0, max_tokens=60,
+                                 structured_outputs=_json(SCHEMAS[2]))
+    results = []
+    for async_scheduling in (False, True):
+        engine.async_scheduling = async_scheduling
+        try:
+            outputs = _generate(qwen2_llm, prompts, [plain, constrained, plain])
+        finally:
+            engine.async_scheduling = True
+        results.append([o.outputs[0].token_ids for o in outputs])
+        jsonschema.validate(json.loads(outputs[1].outputs[0].text), SCHEMAS[2])
+    assert results[0] == results[1]
+
+
+def test_preemption_keeps_each_matcher_on_its_tokens(engine_checkpoint, engine_kwargs,
+                                                     qwen2_llm):
+    from jaxserve import LLM
+
+    llm = LLM(str(engine_checkpoint("qwen2")), **{
+        **engine_kwargs, "max_num_batched_tokens": 32, "num_gpu_blocks_override": 12,
+        "max_num_seqs": 8, "max_model_len": 128})
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([30, 35, 40, 28, 33], seed=7)]
+    params = [SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True,
+                             structured_outputs=_json(SCHEMAS[i % 2 * 3])) for i in range(5)]
+    outputs = _generate(llm, prompts, params)
+    assert llm.get_metrics()["num_preemptions"] > 0
+    for param, output in zip(params, outputs):
+        jsonschema.validate(json.loads(output.outputs[0].text),
+                            json.loads(param.structured_outputs.grammar_spec()[1]))
+    alone = _generate(qwen2_llm, prompts, params)  # no preemption: the same greedy tokens
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in alone]
+
+
+def _manager(vocab_size=336):  # the test tokenizer has 320 tokens, EOS id 0
+    from jaxserve.engine.structured_outputs import StructuredOutputs
+    from jaxserve.testing.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(320)
+    return tokenizer, StructuredOutputs(tokenizer, vocab_size=vocab_size, eos_token_ids=[0])
+
+
+def _allowed(manager, req_id, request):
+    from jaxserve.core.scheduler_output import SchedulerOutput
+    from jaxserve.runner.token_bitmask import unpack_token_bitmask
+
+    out = manager.prepare_step(SchedulerOutput(
+        (), (), {req_id: 1}, 1, frozenset([req_id]), frozenset(), frozenset()),
+        {req_id: request})
+    assert out.structured_output_req_ids == (req_id,)
+    return set(unpack_token_bitmask(out.grammar_bitmask, 336)[0].nonzero()[0].tolist())
+
+
+def test_eos_only_where_the_grammar_may_end_and_never_ids_past_the_tokenizer():
+    from jaxserve.request import Request
+
+    tokenizer, manager = _manager()
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    manager.add("r", manager.compile(StructuredOutputsParams(regex="xy?")))
+    request = Request("r", [5], SamplingParams())
+    first = _allowed(manager, "r", request)
+    assert x in first and 0 not in first and y not in first and max(first) < 320
+    request.append_output_token_ids(x)
+    assert not manager.accept("r", [x])  # may end or go on
+    assert {0, y} <= _allowed(manager, "r", request)
+    request.append_output_token_ids(y)
+    assert manager.accept("r", [y])  # complete: only EOS is left
+    assert _allowed(manager, "r", request) == {0}
+
+
+def test_a_matcher_behind_its_requests_tokens_is_rebuilt_from_them():
+    from jaxserve.request import Request
+
+    tokenizer, manager = _manager()
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    grammar = manager.compile(StructuredOutputsParams(regex="xy?"))
+    assert manager.compile(StructuredOutputsParams(regex="xy?")) is grammar  # cached
+    manager.add("r", grammar)
+    request = Request("r", [5], SamplingParams())
+    request.append_output_token_ids([x, y])  # tokens the matcher never saw
+    assert _allowed(manager, "r", request) == {0}
+    manager.remove(["r"])
+    assert len(manager) == 0
