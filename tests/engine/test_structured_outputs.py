@@ -125,6 +125,29 @@ def test_constrained_requests_run_in_sync_beside_unconstrained_ones(qwen2_llm):
     assert results[0] == results[1]
 
 
+def test_a_preempted_request_resumes_on_its_matcher(qwen2_llm):
+    engine = qwen2_llm.llm_engine
+    prompts = random_prompts([30, 35], seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=_json(SCHEMAS[0]))
+    expected = _generate(qwen2_llm, [{"prompt_token_ids": p} for p in prompts], params)
+    req_ids = [engine.add_request(None, p, params) for p in prompts]
+    finished = {}
+    with forbid_compilation():
+        for step in range(200):
+            if step == 8:  # recompute both from their tokens so far (no step is in flight)
+                assert engine._in_flight is None and len(engine.scheduler.running) == 2
+                for request in list(engine.scheduler.running.values()):
+                    assert request.num_output_tokens > 0
+                    engine.scheduler._preempt(request)
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
+            if not engine.has_unfinished_requests():
+                break
+    for req_id, output in zip(req_ids, expected):
+        assert finished[req_id].outputs[0].token_ids == output.outputs[0].token_ids
+        jsonschema.validate(json.loads(finished[req_id].outputs[0].text), SCHEMAS[0])
+
+
+@pytest.mark.slow
 def test_preemption_keeps_each_matcher_on_its_tokens(engine_checkpoint, engine_kwargs,
                                                      qwen2_llm):
     from jaxserve import LLM
