@@ -136,7 +136,7 @@ class LLMEngine:
                 self.output_processor.abort(request_id)
                 raise
             if grammar is not None:  # each child its own matcher
-                self.structured_outputs.add(child_id, grammar)
+                self.structured_outputs.add(request, grammar)
         self.num_prompt_tokens += len(prompt_token_ids)
         return request_id
 
@@ -212,7 +212,7 @@ class LLMEngine:
             raise RuntimeError("no step program is compiled yet: an LLMEngine built with "
                                "warm_up=False needs runner.compile_programs() first")
         scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
-        scheduled = self.structured_outputs.prepare_step(scheduled, self.scheduler.requests)
+        scheduled = self.structured_outputs.prepare_step(scheduled)
         if self.step_broadcaster is not None:
             self.step_broadcaster.send(scheduled)
         return scheduled

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ MAX_CACHED_GRAMMARS = 256  # compiled grammars kept (least recently used dropped
 
 @dataclasses.dataclass(slots=True)
 class _RequestMatcher:
+    request: Request  # the scheduler's, whose output tokens the matcher follows
     grammar: str  # llguidance's grammar text, to rebuild the matcher
     matcher: object  # llguidance.LLMatcher
     num_tokens: int = 0  # output tokens offered to it so far
@@ -76,12 +77,12 @@ class StructuredOutputs:
             self._grammars.popitem(last=False)
         return grammar
 
-    def add(self, req_id: str, grammar: str) -> None:
+    def add(self, request: Request, grammar: str) -> None:
         """A matcher at the grammar's start for a new (child) request."""
         import llguidance
 
         matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
-        self._matchers[req_id] = _RequestMatcher(grammar, matcher)
+        self._matchers[request.request_id] = _RequestMatcher(request, grammar, matcher)
 
     def remove(self, req_ids: Iterable[str]) -> None:
         if self._matchers:
@@ -92,13 +93,16 @@ class StructuredOutputs:
         return len(self._matchers)
 
     # -- each step -----------------------------------------------------------------------
-    def prepare_step(self, out: SchedulerOutput,
-                     requests: Mapping[str, Request]) -> SchedulerOutput:
+    def prepare_step(self, out: SchedulerOutput) -> SchedulerOutput:
         """`out` with the mask rows of its constrained requests that sample (batch order);
-        forgets the matchers of the requests it reports finished."""
+        forgets the matchers of the requests it reports finished (not of a new request
+        that took a finished one's id since)."""
         if not self._matchers:
             return out
-        self.remove(out.finished_req_ids)
+        for req_id in out.finished_req_ids:
+            state = self._matchers.get(req_id)
+            if state is not None and state.request.is_finished:
+                del self._matchers[req_id]
         req_ids = tuple(r for r in out.num_scheduled_tokens
                         if r in self._matchers and out.samples(r))
         if not req_ids:
@@ -108,8 +112,7 @@ class StructuredOutputs:
         tokenizer = self._tokenizer()
         mask = np.zeros((len(req_ids), -(-tokenizer.vocab_size // 32)), np.int32)  # [G, W']
         for j, req_id in enumerate(req_ids):
-            state = self._in_step(req_id, requests[req_id].output_token_ids)
-            fill_next_token_bitmask(state.matcher, mask, j)
+            fill_next_token_bitmask(self._in_step(req_id).matcher, mask, j)
         return dataclasses.replace(out, structured_output_req_ids=req_ids,
                                    grammar_bitmask=mask)
 
@@ -127,11 +130,12 @@ class StructuredOutputs:
         state.num_tokens += len(token_ids)
         return matcher.is_stopped()
 
-    def _in_step(self, req_id: str, output_token_ids: Sequence[int]) -> _RequestMatcher:
+    def _in_step(self, req_id: str) -> _RequestMatcher:
         """The request's matcher, rebuilt from its output tokens where it missed some."""
         state = self._matchers[req_id]
+        output_token_ids = state.request.output_token_ids
         if state.num_tokens != len(output_token_ids):
-            self.add(req_id, state.grammar)
+            self.add(state.request, state.grammar)
             self.accept(req_id, output_token_ids)
             state = self._matchers[req_id]
         return state

@@ -175,13 +175,12 @@ def _manager(vocab_size=336):  # the test tokenizer has 320 tokens, EOS id 0
     return tokenizer, StructuredOutputs(tokenizer, vocab_size=vocab_size, eos_token_ids=[0])
 
 
-def _allowed(manager, req_id, request):
+def _allowed(manager, req_id, finished=()):
     from jaxserve.core.scheduler_output import SchedulerOutput
     from jaxserve.runner.token_bitmask import unpack_token_bitmask
 
     out = manager.prepare_step(SchedulerOutput(
-        (), (), {req_id: 1}, 1, frozenset([req_id]), frozenset(), frozenset()),
-        {req_id: request})
+        (), (), {req_id: 1}, 1, frozenset([req_id]), frozenset(finished), frozenset()))
     assert out.structured_output_req_ids == (req_id,)
     return set(unpack_token_bitmask(out.grammar_bitmask, 336)[0].nonzero()[0].tolist())
 
@@ -191,28 +190,35 @@ def test_eos_only_where_the_grammar_may_end_and_never_ids_past_the_tokenizer():
 
     tokenizer, manager = _manager()
     x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
-    manager.add("r", manager.compile(StructuredOutputsParams(regex="xy?")))
     request = Request("r", [5], SamplingParams())
-    first = _allowed(manager, "r", request)
+    manager.add(request, manager.compile(StructuredOutputsParams(regex="xy?")))
+    first = _allowed(manager, "r")
     assert x in first and 0 not in first and y not in first and max(first) < 320
     request.append_output_token_ids(x)
     assert not manager.accept("r", [x])  # may end or go on
-    assert {0, y} <= _allowed(manager, "r", request)
+    assert {0, y} <= _allowed(manager, "r")
     request.append_output_token_ids(y)
     assert manager.accept("r", [y])  # complete: only EOS is left
-    assert _allowed(manager, "r", request) == {0}
+    assert _allowed(manager, "r") == {0}
 
 
 def test_a_matcher_behind_its_requests_tokens_is_rebuilt_from_them():
-    from jaxserve.request import Request
+    from jaxserve.core.scheduler_output import SchedulerOutput
+    from jaxserve.request import Request, RequestStatus
 
     tokenizer, manager = _manager()
     x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
     grammar = manager.compile(StructuredOutputsParams(regex="xy?"))
     assert manager.compile(StructuredOutputsParams(regex="xy?")) is grammar  # cached
-    manager.add("r", grammar)
     request = Request("r", [5], SamplingParams())
+    manager.add(request, grammar)
     request.append_output_token_ids([x, y])  # tokens the matcher never saw
-    assert _allowed(manager, "r", request) == {0}
-    manager.remove(["r"])
+    assert _allowed(manager, "r") == {0}
+    request.status = RequestStatus.FINISHED_STOPPED  # and its id is taken by a new one:
+    again = Request("r", [5], SamplingParams())
+    manager.add(again, grammar)
+    assert x in _allowed(manager, "r", finished=["r"])  # the new one keeps its matcher
+    again.status = RequestStatus.FINISHED_ABORTED
+    manager.prepare_step(SchedulerOutput((), (), {}, 0, frozenset(), frozenset(["r"]),
+                                         frozenset()))
     assert len(manager) == 0
