@@ -41,13 +41,10 @@
 // bf16) a portable scalar loop nest is used.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -63,6 +60,8 @@ namespace ffi = xla::ffi;
 using jaxserve_cpu::Bf16ToF32;
 using jaxserve_cpu::F32ToBf16;
 using jaxserve_cpu::FromF32;
+using jaxserve_cpu::ParallelFor;
+using jaxserve_cpu::ParallelForAhead;
 using jaxserve_cpu::ToF32;
 #ifdef JAXSERVE_AVX2
 namespace avx2 = jaxserve_cpu::avx2;
@@ -72,80 +71,6 @@ using jaxserve_cpu::Exp512;
 #endif
 
 namespace {
-
-// ---------------------------------------------------------------------------------------
-// Threading: claim work items from an atomic counter; the caller works too and waits.
-
-struct WorkState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Runs `work` on `tasks` pool threads and on the caller, then waits until `n` items are
-// done (the workers count them in state.done).
-template <typename W>
-void RunAndWait(ffi::ThreadPool& pool, int64_t tasks, const W& work, const WorkState& state,
-                int64_t n) {
-  for (int64_t t = 0; t < tasks; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  int spins = 0;
-  while (state.done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#endif
-    if (++spins > 4096) std::this_thread::yield();
-  }
-}
-
-// (Threading pays even at M = 1, K = 512, N = 128 here, so there is no size threshold.)
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
-  if (n <= 0) return;
-  int64_t threads = pool.num_threads();
-  if (threads <= 1 || n == 1) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  auto state = std::make_shared<WorkState>();
-  const F* fp = &f;
-  auto work = [state, fp, n]() {
-    for (;;) {
-      int64_t i = state->next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n) return;  // late tasks find nothing left and never touch *fp
-      (*fp)(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  RunAndWait(pool, std::min<int64_t>(threads, n) - 1, work, *state, n);
-}
-
-// Like ParallelFor, but each worker claims its next item before working on the current
-// one and calls f(item, next) (next = -1 when there is none), so f can prefetch what
-// `next` reads while it computes `item`.
-template <typename F>
-void ParallelForAhead(ffi::ThreadPool& pool, int64_t n, const F& f) {
-  if (n <= 0) return;
-  int64_t threads = pool.num_threads();
-  if (threads <= 1 || n == 1) {
-    for (int64_t i = 0; i < n; ++i) f(i, i + 1 < n ? i + 1 : -1);
-    return;
-  }
-  auto state = std::make_shared<WorkState>();
-  const F* fp = &f;
-  auto work = [state, fp, n]() {
-    int64_t i = state->next.fetch_add(1, std::memory_order_relaxed);
-    while (i < n) {  // late tasks find nothing left and never touch *fp
-      int64_t j = state->next.fetch_add(1, std::memory_order_relaxed);
-      (*fp)(i, j < n ? j : -1);
-      state->done.fetch_add(1, std::memory_order_release);
-      i = j;
-    }
-  };
-  RunAndWait(pool, std::min<int64_t>(threads, n) - 1, work, *state, n);
-}
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
