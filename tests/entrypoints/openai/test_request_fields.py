@@ -1,7 +1,9 @@
-"""Nothing a client sends is silently ignored: a refused field (request_fields.py) turned on
-is a 400 naming it, the values that ask for nothing and the metadata are accepted, and a
-field of no schema is ignored with a warning. Checked on the session's real server through
-the openai client.
+"""Nothing a client sends is silently ignored. Every field of the installed openai SDK's
+completion and chat requests (the TypedDicts, inherited keys and nested stream options
+included) is implemented (a field of jaxserve's model that the server reads), metadata
+(accepted, ignored) or refused (request_fields.py: a 400 naming it), so a field a new openai
+release adds fails here until it is classified. The refusals and the values that ask for
+nothing are checked on the session's real server through the openai client.
 """
 
 import json
@@ -12,6 +14,7 @@ import typing
 
 import openai
 import pytest
+import typing_extensions
 from openai.types import completion_create_params as completion_sdk
 from openai.types.chat import completion_create_params as chat_sdk
 
@@ -63,12 +66,66 @@ def sdk_fields(module) -> dict[str, object]:
             **typing.get_type_hints(module.CompletionCreateParamsStreaming)}
 
 
+def nested_typeddict(annotation):
+    """The TypedDict inside Optional/Required/Union, if there is one."""
+    if typing_extensions.is_typeddict(annotation):
+        return annotation
+    return next(filter(None, map(nested_typeddict, typing.get_args(annotation))), None)
+
+
+def nested_model(annotation):
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, protocol.OpenAIModel):
+            return arg
+    return None
+
+
+def classify(fields: dict[str, object], model, prefix="") -> dict[str, str]:
+    """'implemented' / 'metadata' / 'refused' / 'UNCLASSIFIED' per SDK field (and per key of
+    a nested TypedDict that jaxserve parses with a model of its own)."""
+    kinds = {}
+    for name, annotation in fields.items():
+        if name in model.metadata_fields:
+            kinds[prefix + name] = "metadata"
+        elif name in model.refused_fields:
+            kinds[prefix + name] = "refused"
+        elif name in model.model_fields:
+            kinds[prefix + name] = "implemented"
+            inner = nested_model(model.model_fields[name].annotation)
+            sdk_inner = nested_typeddict(annotation)
+            if inner is not None and sdk_inner is not None:
+                kinds.update(classify(typing.get_type_hints(sdk_inner), inner, f"{name}."))
+        else:
+            kinds[prefix + name] = "UNCLASSIFIED"
+    return kinds
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_every_field_the_openai_sdk_sends_is_classified(endpoint):
+    module, model, _ = ENDPOINTS[endpoint]
+    kinds = classify(sdk_fields(module), model)
+    unclassified = sorted(name for name, kind in kinds.items() if kind == "UNCLASSIFIED")
+    assert not unclassified, (
+        f"openai {openai.__version__} sends {endpoint} fields jaxserve has not classified: "
+        f"{unclassified}; implement each, or add it to request_fields.py (refused or metadata)")
+    assert "stream_options.include_usage" in kinds  # the nested keys were walked too
+
+
 def test_the_three_classes_are_disjoint():
     for model in (protocol.ChatCompletionRequest, protocol.CompletionRequest,
                   protocol.StreamOptions):
         fields, refused = set(model.model_fields), set(model.refused_fields)
         assert not fields & refused and not fields & model.metadata_fields
         assert not refused & model.metadata_fields
+
+
+@pytest.mark.parametrize("model", [protocol.ChatCompletionRequest, protocol.CompletionRequest,
+                                   protocol.StreamOptions])
+def test_every_implemented_field_is_read_by_the_server(model):
+    """A field in the model that no code reads would be accepted and dropped."""
+    source = "\n".join(p.read_text() for p in OPENAI_DIR.glob("*.py"))
+    unread = [name for name in model.model_fields if not re.search(rf"\.{name}\b", source)]
+    assert not unread
 
 
 def refused_cases():
