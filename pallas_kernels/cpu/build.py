@@ -187,7 +187,7 @@ def can_execute(march: str) -> bool:
         return False
 
 
-# The macros that select the kernels' code paths (see matmul.cc and common.h).
+# The macros that select the kernels' code paths (see matmul_common.h and common.h).
 PATH_MACROS = ("__AVX2__", "__FMA__", "__AVX512F__", "__AVX512BW__", "__AVX512VL__",
                "__AVX512BF16__")
 

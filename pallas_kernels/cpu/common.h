@@ -1,6 +1,8 @@
 // Helpers shared by the native CPU kernels: scalar bfloat16 <-> float32 conversions, a cache
-// prefetch hint, and e^x on 16 (AVX-512) or 8 (AVX2) lanes. Every .cc of this directory is built on its own; build.py hashes this header
-// into each library's cache key, so a change here rebuilds them all.
+// prefetch hint, e^x on 16 (AVX-512) or 8 (AVX2) lanes, and the parallel loops on XLA's
+// intra-op pool (threading.h). Every .cc of this directory is built on its own; build.py
+// hashes every header of the directory into each library's cache key, so a change to one
+// rebuilds them all.
 
 #ifndef JAXSERVE_PALLAS_KERNELS_CPU_COMMON_H_
 #define JAXSERVE_PALLAS_KERNELS_CPU_COMMON_H_
@@ -11,6 +13,8 @@
 
 #include <cstdint>
 #include <cstring>
+
+#include "threading.h"
 
 namespace jaxserve_cpu {
 

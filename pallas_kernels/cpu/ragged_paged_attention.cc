@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -25,6 +24,8 @@
 namespace ffi = xla::ffi;
 using jaxserve_cpu::Bf16ToF32;
 using jaxserve_cpu::F32ToBf16;
+using jaxserve_cpu::NumWorkers;
+using jaxserve_cpu::ParallelFor;
 #ifdef __AVX512F__
 using jaxserve_cpu::Exp512;
 #endif
@@ -406,32 +407,6 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
     }
   }
   return true;
-}
-
-// Runs body(i, worker) for i in [0, n) on the caller and XLA's intra-op pool; returns when
-// all ran. `worker` in [0, NumWorkers(pool)) is distinct for each concurrently running loop.
-inline int64_t NumWorkers(ffi::ThreadPool& pool) { return std::max<int64_t>(pool.num_threads(), 1); }
-
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body& body) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::atomic<int> workers{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body]() {
-    if (shared->next.load() >= n) return;  // late task: everything is claimed
-    const int worker = shared->workers.fetch_add(1);
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-      body(i, worker);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(NumWorkers(pool), n) - 1;
-  // `body` outlives every claimed item: the caller waits for `done == n` below.
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,

@@ -1,45 +1,56 @@
 """Request and response schemas of the OpenAI API, with vLLM's extra sampling fields.
 
-Requests are parsed with pydantic (a schema error is a 400); fields this server does not
-know are ignored with a debug log, as vLLM does. `to_sampling_params()` turns a request
-into `SamplingParams`, whose own validation names the parameter of any bad value.
+Requests are parsed with pydantic (a schema error is a 400). Each model's `refused_fields`
+(request_fields.py) are the fields it does not implement: turning one on is a 400 naming
+it; metadata is accepted and ignored, unknown fields ignored with a warning, as in vLLM.
+`to_sampling_params()` turns a request into `SamplingParams`, whose own validation names
+the parameter of any bad value.
 Responses are pydantic models too, serialized with `model_dump_json()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jaxserve.entrypoints.openai import request_fields
+from jaxserve.entrypoints.openai.request_fields import Refused
 from jaxserve.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    # What a model refuses and what it accepts unread (request_fields.py's tables), and
+    # where it sits in a request ("stream_options."), for the param an error names.
+    refused_fields: ClassVar[Mapping[str, Refused]] = MappingProxyType({})
+    metadata_fields: ClassVar[frozenset[str]] = frozenset()
+    param_prefix: ClassVar[str] = ""
 
     @model_validator(mode="before")
     @classmethod
-    def _log_unknown_fields(cls, data: Any) -> Any:
+    def _check_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
-            if unknown:
-                logger.debug("%s: ignoring unknown fields %s", cls.__name__, unknown)
+            request_fields.check_fields(cls.__name__, data, cls.model_fields,
+                                        cls.refused_fields, param_prefix=cls.param_prefix,
+                                        metadata=cls.metadata_fields)
         return data
 
 
 class StreamOptions(OpenAIModel):
+    refused_fields = request_fields.STREAM_OPTIONS_REFUSED
+    param_prefix = "stream_options."
     include_usage: bool | None = False
 
 
 class _SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
+    metadata_fields = request_fields.METADATA_FIELDS
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -51,7 +62,6 @@ class _SamplingRequest(OpenAIModel):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     echo: bool = False
     top_k: int | None = None
     min_p: float | None = None
@@ -102,18 +112,13 @@ class _SamplingRequest(OpenAIModel):
 
 
 class CompletionRequest(_SamplingRequest):
+    refused_fields = request_fields.COMPLETION_REFUSED
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
     add_special_tokens: bool = True
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of not in (None, self.n):
-            raise ValueError(f"best_of must equal n ({self.n}) when set, got {self.best_of}")
         params = self._sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs)
         if self.echo and self.logprobs is not None and self.prompt_logprobs is None:
             # echo + logprobs reports the prompt's tokens too, as OpenAI does
@@ -121,7 +126,9 @@ class CompletionRequest(_SamplingRequest):
         return params
 
 
-class TextPart(OpenAIModel):
+class TextPart(BaseModel):
+    """One content part; a part of another type (image_url, ...) is refused by type."""
+
     type: str
     text: str | None = None
 
@@ -145,6 +152,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    refused_fields = request_fields.CHAT_REFUSED
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None

@@ -84,6 +84,8 @@ async def parse_body(request: web.Request, model: type[_M]) -> _M:
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "unsupported_field":  # request_fields.py names the field
+            raise bad_request(message, param=first["ctx"]["param"]) from None
         param = ".".join(str(part) for part in first["loc"] if _is_field(part))
         if not param:  # a rule across fields: the message names the parameter first
             raise from_value_error(ValueError(message), KNOWN_PARAMS) from None

@@ -6,7 +6,6 @@ engine is served in test_server.py.
 
 import asyncio
 import json
-import logging
 import socket
 
 import aiohttp
@@ -80,17 +79,6 @@ def test_several_prompts_get_choice_indices_in_prompt_order(scripted):
     chunks = [json.loads(e) for e in stream[:-1]]
     assert sorted({c["choices"][0]["index"] for c in chunks}) == list(range(6))
     assert all(len(c["choices"]) == 1 for c in chunks) and stream[-1] == "[DONE]"
-
-
-def test_unknown_fields_are_ignored_with_a_debug_log(scripted, caplog):
-    async def test(client, engine):
-        with caplog.at_level(logging.DEBUG, logger="jaxserve.entrypoints.openai.protocol"):
-            response = await client.post("/v1/completions", json={
-                "prompt": "Hello", "max_tokens": 1, "frobnicate": True})
-        return response.status
-
-    assert scripted.serve(test) == 200
-    assert "frobnicate" in caplog.text
 
 
 def test_engine_death_errors_in_band_then_done_and_health_turns_503(scripted):
