@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxserve.entrypoints.openai import request_fields
 from jaxserve.entrypoints.openai.request_fields import Refused
+from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -47,7 +48,7 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
 
-class _SamplingRequest(OpenAIModel):
+class _SamplingRequest(OpenAIModel, StructuredOutputFields):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     metadata_fields = request_fields.METADATA_FIELDS
@@ -104,7 +105,8 @@ class _SamplingRequest(OpenAIModel):
             ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
             logprobs=logprobs, prompt_logprobs=self.prompt_logprobs, logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
-            spaces_between_special_tokens=self.spaces_between_special_tokens)
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.structured_outputs_params())
 
     @property
     def include_usage(self) -> bool:

@@ -65,7 +65,8 @@ def _equals_n(value: Any, request: Mapping[str, Any]) -> bool:
 
 
 _NO_TOOLS = "any value without tools"
-_JSON_MODES = "structured output (JSON mode, JSON schema, grammars) is not implemented"
+_JSON_MODES = ("structured output takes response_format, structured_outputs or guided_json / "
+               "_regex / _choice / _grammar; this form is not implemented")
 
 # vLLM's extensions that jaxserve lacks (those it has are fields of the models), and
 # best_of, OpenAI's in completions and vLLM's in chat.
@@ -78,11 +79,8 @@ _VLLM = MappingProxyType({
                                       "context is a 400"),
     "allowed_token_ids": Refused("restricting the vocabulary is not implemented"),
     "bad_words": Refused("banned words are not implemented", ([],)),
-    "guided_json": Refused(_JSON_MODES), "guided_regex": Refused(_JSON_MODES),
-    "guided_choice": Refused(_JSON_MODES), "guided_grammar": Refused(_JSON_MODES),
-    "guided_decoding_backend": Refused(_JSON_MODES),
     "guided_whitespace_pattern": Refused(_JSON_MODES),
-    "structural_tag": Refused(_JSON_MODES), "structured_outputs": Refused(_JSON_MODES),
+    "structural_tag": Refused(_JSON_MODES),
     "logits_processors": Refused("custom logits processors are not implemented", ([],)),
     "return_tokens_as_token_ids": Refused("logprob tokens are always text", (False,)),
     "return_token_ids": Refused("responses carry no token ids", (False,)),
@@ -99,7 +97,6 @@ CHAT_REFUSED: Mapping[str, Refused] = MappingProxyType({
                                    also_accepts=_no_tools, accepted_text=_NO_TOOLS),
     "functions": Refused("function calling is not implemented", ([],)),
     "function_call": Refused("function calling is not implemented", ("none", "auto")),
-    "response_format": Refused(_JSON_MODES, ({"type": "text"},)),
     "audio": Refused("only text output is supported"),
     "modalities": Refused("only text output is supported", (["text"],)),
     "prediction": Refused("predicted outputs are not implemented"),
@@ -119,7 +116,6 @@ CHAT_REFUSED: Mapping[str, Refused] = MappingProxyType({
 
 COMPLETION_REFUSED: Mapping[str, Refused] = MappingProxyType({
     "suffix": Refused("insertion (suffix) is not implemented", ("",)),
-    "response_format": Refused(_JSON_MODES, ({"type": "text"},)),
     "prompt_embeds": Refused("prompts are text or token ids"),
     **_VLLM,
 })
