@@ -67,6 +67,10 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *, max_num_seqs: int,
             if variant == "greedy" and mesh is None:  # argmax only: maybe never writes logits
                 token_ids = greedy_token_ids(graphdef, params, hidden, num_seqs)  # [B]
                 out = sampler.SamplerOutput(token_ids, None, None, None, None)
+            elif variant == "greedy_masked":  # constrained greedy rows: mask, argmax; no sort
+                logits = gathered(compute_logits(graphdef, params, hidden, num_seqs))  # [B, V]
+                logits = sampler.apply_token_bitmask(logits, tensors.token_bitmask)
+                out = sampler.SamplerOutput(sampler.argmax(logits), None, None, None, None)
             else:
                 logits = gathered(compute_logits(graphdef, params, hidden, num_seqs))  # [B, V]
                 greedy = variant == "greedy"

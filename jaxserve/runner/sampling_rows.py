@@ -23,7 +23,8 @@ from jaxserve.sampling_params import SamplingParams
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_MIN_TOKENS_BANNED_IDS = 64
 
-SAMPLER_VARIANTS = ("greedy", "sample", "masked", "penalties")
+# greedy_masked: greedy rows, some constrained (structured outputs): mask, then argmax only
+SAMPLER_VARIANTS = ("greedy", "greedy_masked", "sample", "masked", "penalties")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,10 +97,11 @@ class SamplingRows:
         banning = output_lens < self.min_tokens[rows]
         greedy = (np.all(self.temperature[rows] < 1e-5) and not self.has_bias[rows].any()
                   and not banning.any() and not self.has_penalty[rows].any()
-                  and not self.logprobs[rows].any() and bitmask is None)
-        if greedy:
+                  and not self.logprobs[rows].any())
+        if greedy and bitmask is None:
             return "greedy", None
-        variant = ("penalties" if self.has_penalty[rows].any()
+        variant = ("greedy_masked" if greedy
+                   else "penalties" if self.has_penalty[rows].any()
                    else "sample" if bitmask is None else "masked")
         if variant == "penalties" and bitmask is None:
             bitmask = np.full((padded, bitmask_width(self.vocab_size)), -1, np.int32)
@@ -145,9 +147,10 @@ def dummy_tensors(variant: str, num_rows: int, *, vocab_size: int,
     token_ids = np.zeros((num_rows, max_model_len), np.int32)
     if variant == "penalties":
         rows.has_penalty[:] = True
-    rows.temperature[:] = 1.0
+    if variant != "greedy_masked":
+        rows.temperature[:] = 1.0
     bitmask = (np.full((num_rows, bitmask_width(vocab_size)), -1, np.int32)
-               if variant == "masked" else None)
+               if variant in ("masked", "greedy_masked") else None)
     chosen, tensors = rows.gather(np.arange(num_rows), np.ones(num_rows, np.int32), token_ids,
                                   num_rows, bitmask)
     assert chosen == variant, (chosen, variant)
