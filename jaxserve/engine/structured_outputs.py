@@ -46,6 +46,7 @@ class StructuredOutputs:
         self._ll_tokenizer = None  # llguidance's view of the vocabulary, built at first use
         self._grammars: collections.OrderedDict[tuple, str] = collections.OrderedDict()
         self._matchers: dict[str, _RequestMatcher] = {}  # live constrained requests
+        self._executor = None  # llguidance.LLExecutor, made at the first mask
 
     # -- requests ------------------------------------------------------------------------
     def compile(self, spec: StructuredOutputsParams) -> str:
@@ -107,12 +108,15 @@ class StructuredOutputs:
                         if r in self._matchers and out.samples(r))
         if not req_ids:
             return out
-        from llguidance.numpy import fill_next_token_bitmask
+        import llguidance
+        from llguidance.numpy import fill_next_token_bitmask_par
 
         tokenizer = self._tokenizer()
         mask = np.zeros((len(req_ids), -(-tokenizer.vocab_size // 32)), np.int32)  # [G, W']
-        for j, req_id in enumerate(req_ids):
-            fill_next_token_bitmask(self._in_step(req_id).matcher, mask, j)
+        if self._executor is None:  # llguidance's own thread pool: one call fills every row
+            self._executor = llguidance.LLExecutor()
+        fill_next_token_bitmask_par(
+            self._executor, [(self._in_step(r).matcher, j) for j, r in enumerate(req_ids)], mask)
         return dataclasses.replace(out, structured_output_req_ids=req_ids,
                                    grammar_bitmask=mask)
 
