@@ -101,3 +101,27 @@ def test_smollm2_answers_a_chat_and_matches_transformers_greedy():
                              pad_token_id=config.pad_token_id)
     assert continued.outputs[0].token_ids == out[0, ids.shape[1]:].tolist()
     print(f"SmolLM2: {answer.outputs[0].text!r} in {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_answers_in_a_json_schema_through_its_gguf_tokenizer():
+    """Structured outputs map the GGUF tokenizer's vocabulary for llguidance: the real model's
+    greedy chat answer is the schema's JSON."""
+    import json
+
+    import jsonschema
+
+    from jaxserve import LLM, SamplingParams, StructuredOutputsParams
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["color", "count"],
+              "properties": {"color": {"enum": ["red", "green", "blue"]},
+                             "count": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    llm = LLM(default_model_path(), max_model_len=512, max_num_seqs=8,
+              max_num_batched_tokens=128, progress=False, background_compilation=False)
+    (output,) = llm.chat([[{"role": "user", "content": "A color and a count, as JSON."}]],
+                         SamplingParams(temperature=0, max_tokens=40,
+                                        structured_outputs=StructuredOutputsParams(json=schema)),
+                         use_tqdm=False)
+    assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
+    jsonschema.validate(json.loads(output.outputs[0].text), schema)
