@@ -22,6 +22,7 @@ from jaxserve import __version__
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestAbortedError
 from jaxserve.entrypoints.openai.errors import APIError, from_http_exception
 from jaxserve.entrypoints.openai.metrics import ServerMetrics
+from jaxserve.entrypoints.openai.openapi import openapi_document
 from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from jaxserve.entrypoints.openai.serving_chat import create_chat_completion, render_chat
 from jaxserve.entrypoints.openai.serving_common import ServerState, parse_body
@@ -33,7 +34,7 @@ STATE = web.AppKey("state", ServerState)
 METRICS = web.AppKey("metrics", ServerMetrics)
 DEFAULT_MAX_BODY_BYTES = 10 * 2**20
 # Routes open without the API key (probes and scrapers), as in vLLM.
-_OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
 
 
 def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str, ...],
@@ -68,6 +69,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
     app.router.add_post("/tokenize", route(_tokenize))
     app.router.add_post("/detokenize", route(_detokenize))
     app.router.add_get("/version", _version)
+    document = openapi_document(__version__)  # built once: the models do not change
+    app.router.add_get("/openapi.json", lambda request: web.json_response(document))
     return app
 
 
