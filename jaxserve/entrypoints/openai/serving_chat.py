@@ -1,9 +1,10 @@
 """POST /v1/chat/completions: messages through the chat template in, assistant messages out.
 
 `render_chat` applies the tokenizer's (or --chat-template's, or the request's) template with
-`add_generation_prompt`, `continue_final_message` and `chat_template_kwargs`. Streaming sends
-each choice's role first, then content deltas, then its finish reason; logprobs follow
-OpenAI's chat format (`content: [{token, logprob, bytes, top_logprobs}]`).
+`add_generation_prompt`, `continue_final_message`, `chat_template_kwargs` and the request's
+`tools`; a forced tool call's output becomes the message's `tool_calls` (tools.py).
+Streaming sends each choice's role first, then content deltas, then its finish reason;
+logprobs follow OpenAI's chat format (`content: [{token, logprob, bytes, top_logprobs}]`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _ROLE = "assistant"
 def render_chat(state: common.ServerState, messages: list[ChatMessage], *,
                 add_generation_prompt: bool, continue_final_message: bool,
                 chat_template: str | None, chat_template_kwargs: dict | None,
-                add_special_tokens: bool = False) -> tuple[str, list[int]]:
+                add_special_tokens: bool = False, tools: list[dict] | None = None,
+                ) -> tuple[str, list[int]]:
     """(prompt text, token ids) of a conversation; 400 for anything the template rejects."""
     tokenizer = state.tokenizer
     if tokenizer is None:
@@ -49,7 +51,7 @@ def render_chat(state: common.ServerState, messages: list[ChatMessage], *,
     try:
         text = tokenizer.apply_chat_template(
             conversation, **(chat_template_kwargs or {}), tokenize=False,
-            chat_template=template, add_generation_prompt=add_generation_prompt,
+            chat_template=template, tools=tools, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message)
     except (ValueError, TypeError, KeyError, IndexError) as error:
         raise bad_request(f"the chat template failed: {error}", param="messages") from None
@@ -64,11 +66,15 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     req = await common.parse_body(request, ChatCompletionRequest)
     model = state.check_model(req.model)
     params = common.sampling_params(state, req)
+    if req.stream and req.forced_tool() is not None:
+        raise bad_request("tool_choice: a forced tool call (required or a named function) "
+                          "is not supported with stream=true yet", param="tool_choice")
     text, ids = render_chat(state, req.messages, add_generation_prompt=req.add_generation_prompt,
                             continue_final_message=req.continue_final_message,
                             chat_template=req.chat_template,
                             chat_template_kwargs=req.chat_template_kwargs,
-                            add_special_tokens=req.add_special_tokens)
+                            add_special_tokens=req.add_special_tokens,
+                            tools=req.template_tools())
     prompt = common.Prompt(text, ids, common.clamp_max_tokens(params, len(ids),
                                                               state.max_model_len))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -79,11 +85,17 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
         return await common.stream_sse(request, state, streams, _chunks(
             state, req, request_id, model, streams[0], prompt, echo))
     final = (await common.final_outputs(state, streams))[0]
-    choices = [ChatChoice(index=s.index,
-                          message=AssistantMessage(role=_ROLE, content=echo + s.text),
-                          logprobs=_logprobs(state, req, s.token_ids, s.logprobs),
-                          finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-               for s in final.outputs]
+    choices = []
+    for s in final.outputs:
+        message = AssistantMessage(role=_ROLE, content=echo + s.text)
+        finish_reason = s.finish_reason
+        calls = req.parse_tool_calls(s.text)
+        if calls is not None:  # a forced tool call: the output is its JSON
+            message = AssistantMessage(role=_ROLE, tool_calls=calls)
+            finish_reason = "tool_calls"
+        choices.append(ChatChoice(index=s.index, message=message, finish_reason=finish_reason,
+                                  logprobs=_logprobs(state, req, s.token_ids, s.logprobs),
+                                  stop_reason=s.stop_reason))
     return web.json_response(text=ChatCompletionResponse(
         id=request_id, model=model, choices=choices, usage=_usage(prompt, final),
         prompt_logprobs=common.prompt_logprobs(state, req, final)).model_dump_json())
