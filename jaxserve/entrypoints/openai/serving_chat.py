@@ -3,8 +3,9 @@
 `render_chat` applies the tokenizer's (or --chat-template's, or the request's) template with
 `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs` and the request's
 `tools`; a forced tool call's output becomes the message's `tool_calls` (tools.py).
-Streaming sends each choice's role first, then content deltas, then its finish reason;
-logprobs follow OpenAI's chat format (`content: [{token, logprob, bytes, top_logprobs}]`).
+Streaming sends each choice's role first, then content deltas (a forced tool call: its
+calls, whole, once done), then its finish reason; logprobs follow OpenAI's chat format
+(`content: [{token, logprob, bytes, top_logprobs}]`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jaxserve.entrypoints.openai.protocol import (AssistantMessage, ChatChoice,
                                                   ChatCompletionResponse, ChatLogprobs,
                                                   ChatMessage, ChatStreamChoice, DeltaMessage,
                                                   TokenLogprob, TopLogprob, Usage)
+from jaxserve.entrypoints.openai.tools import DeltaToolCall
 from jaxserve.outputs import RequestOutput
 
 _ROLE = "assistant"
@@ -66,9 +68,6 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     req = await common.parse_body(request, ChatCompletionRequest)
     model = state.check_model(req.model)
     params = common.sampling_params(state, req)
-    if req.stream and req.forced_tool() is not None:
-        raise bad_request("tool_choice: a forced tool call (required or a named function) "
-                          "is not supported with stream=true yet", param="tool_choice")
     text, ids = render_chat(state, req.messages, add_generation_prompt=req.add_generation_prompt,
                             continue_final_message=req.continue_final_message,
                             chat_template=req.chat_template,
@@ -139,13 +138,17 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
         return common.sse(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=choices, usage=usage))
 
+    forced = req.forced_tool() is not None  # its JSON goes out as tool calls, once done
     for index in range(req.n):
-        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role=_ROLE, content=echo))])
+        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(
+            role=_ROLE, content=None if forced else echo))])
     sent = [_Sent() for _ in range(req.n)]
     last: RequestOutput | None = None
     async for last in stream:
         for sample in last.outputs:
             progress = sent[sample.index]
+            if forced and not sample.finish_reason:
+                continue
             new_text = sample.text[progress.num_chars:]
             new_ids = sample.token_ids[progress.num_tokens:]
             if progress.done or not (new_text or new_ids or sample.finish_reason):
@@ -154,8 +157,14 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
                                  else sample.logprobs[progress.num_tokens:])
             progress.num_chars, progress.num_tokens = len(sample.text), len(sample.token_ids)
             progress.done = sample.finish_reason is not None
+            delta, finish_reason = DeltaMessage(content=new_text), sample.finish_reason
+            calls = req.parse_tool_calls(sample.text) if forced else None
+            if calls is not None:
+                delta = DeltaMessage(tool_calls=[DeltaToolCall(index=i, **call.model_dump())
+                                                 for i, call in enumerate(calls)])
+                finish_reason = "tool_calls"
             yield chunk([ChatStreamChoice(
-                index=sample.index, delta=DeltaMessage(content=new_text), logprobs=logprobs,
-                finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)])
+                index=sample.index, delta=delta, logprobs=logprobs,
+                finish_reason=finish_reason, stop_reason=sample.stop_reason)])
     if req.include_usage:
         yield chunk([], usage=_usage(prompt, last))

@@ -7,8 +7,9 @@ grammar engine, as vLLM does: the output must be JSON matching a schema built fr
 tools (`forced_schema`), and `parse_tool_calls` turns it into the message's `tool_calls`.
 For a named function the output is its arguments object; for "required" it is an array
 (one item when `parallel_tool_calls` is false) of `{"name", "arguments"}` objects, one of
-the tools each. `"none"` and `"auto"` generate plain text: no auto tool-call parser is
-implemented, so under "auto" a model's own tool-call syntax stays in the content.
+the tools each; a stream sends them whole, when the JSON is done. `"none"` and `"auto"`
+generate plain text: no auto tool-call parser is implemented, so under "auto" a model's
+own tool-call syntax stays in the content.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class ToolCall(BaseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    """A tool call in a stream: each call whole, in the chunk that ends its choice."""
+
+    index: int
 
 
 class ToolFields(StructuredOutputFields):

@@ -91,6 +91,25 @@ def test_none_and_auto_generate_plain_text(client, tool_choice):
     assert isinstance(choice.message.content, str)
 
 
+def test_a_stream_sends_the_calls_whole_at_the_end(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with client.chat.completions.stream(model=MODEL, messages=MESSAGES, tools=TOOLS,
+                                        tool_choice=named, max_tokens=80, temperature=0,
+                                        stream_options={"include_usage": True}) as stream:
+        final = stream.get_final_completion()  # the SDK accumulates the deltas
+    _check_calls(final.choices[0], {"get_weather"})
+    chunks = list(_chat(client, tool_choice="required", parallel_tool_calls=False, n=2,
+                        seed=3, temperature=1.0, stream=True))
+    for index in range(2):
+        deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert deltas[0].delta.role == "assistant" and not deltas[0].delta.tool_calls
+        assert [d.finish_reason for d in deltas] == [None, "tool_calls"]
+        (call,) = deltas[-1].delta.tool_calls
+        assert call.index == 0 and call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments),
+                            PARAMETERS[call.function.name])
+
+
 def test_a_tool_result_round_trip(client):
     reply = _chat(client, tool_choice="required", parallel_tool_calls=False).choices[0].message
     call = reply.tool_calls[0]
@@ -110,7 +129,6 @@ def test_a_tool_result_round_trip(client):
     {"tool_choice": "required"},
     {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
     {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
-    {"tools": TOOLS, "tool_choice": "required", "stream": True},
     {"tools": TOOLS, "tool_choice": "sometimes"},
 ])
 def test_a_forced_choice_the_request_cannot_meet_is_a_400_then_serving(client, body):
