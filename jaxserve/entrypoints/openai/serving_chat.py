@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from jaxserve.entrypoints.openai import serving_common as common
-from jaxserve.entrypoints.openai.errors import bad_request
+from jaxserve.entrypoints.openai.errors import APIError, bad_request
 from jaxserve.entrypoints.openai.protocol import (AssistantMessage, ChatChoice,
                                                   ChatCompletionChunk, ChatCompletionRequest,
                                                   ChatCompletionResponse, ChatLogprobs,
@@ -77,7 +77,13 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     prompt = common.Prompt(text, ids, common.clamp_max_tokens(params, len(ids),
                                                               state.max_model_len))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await common.submit(state, request_id, [prompt], req, prompt_param="messages")
+    try:
+        streams = await common.submit(state, request_id, [prompt], req, prompt_param="messages")
+    except APIError as error:  # the grammar compiler's word on a tool's parameters
+        if error.param != "structured_outputs" or req.forced_tool() is None:
+            raise
+        raise bad_request("tools: a parameters schema is invalid: " + error.message.removeprefix(
+            "structured_outputs: "), param="tools") from None
     last = req.messages[-1]
     echo = last.template_dict()["content"] if req.echo and last.role == _ROLE else ""
     if req.stream:

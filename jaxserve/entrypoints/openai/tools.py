@@ -24,7 +24,7 @@ from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
 from jaxserve.sampling_params import StructuredOutputsParams
 
 # What a function without `parameters` takes: no arguments (OpenAI's reading).
-_NO_PARAMETERS = {"type": "object", "properties": {}}
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 class FunctionDefinition(BaseModel):

@@ -139,6 +139,23 @@ def test_a_forced_choice_the_request_cannot_meet_is_a_400_then_serving(client, b
     assert _chat(client, max_tokens=2).choices[0].message.content is not None
 
 
+def test_an_invalid_parameters_schema_is_a_400_naming_tools(client):
+    bogus = [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=bogus,
+                                       tool_choice="required", max_tokens=4)
+    assert refused.value.param == "tools" and "bogus" in refused.value.message
+
+
+def test_a_function_without_parameters_gets_no_arguments(client):
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    choice = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools,
+                                            tool_choice="required", parallel_tool_calls=False,
+                                            max_tokens=60, temperature=0).choices[0]
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == [("now", {})]
+
+
 def test_bad_tool_call_arguments_in_a_message_are_a_400(client):
     messages = [*MESSAGES, {"role": "assistant", "tool_calls": [{
         "id": "call_1", "type": "function", "function": {"name": "roll_dice",
