@@ -94,9 +94,9 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     for s in final.outputs:
         message = AssistantMessage(role=_ROLE, content=echo + s.text)
         finish_reason = s.finish_reason
-        calls = req.parse_tool_calls(s.text)
-        if calls is not None:  # a forced tool call: the output is its JSON
-            message = AssistantMessage(role=_ROLE, tool_calls=calls)
+        parsed = req.tool_calls_in(s.text, state.tool_call_parser)
+        if parsed is not None:
+            message = AssistantMessage(role=_ROLE, content=parsed[0], tool_calls=parsed[1])
             finish_reason = "tool_calls"
         choices.append(ChatChoice(index=s.index, message=message, finish_reason=finish_reason,
                                   logprobs=_logprobs(state, req, s.token_ids, s.logprobs),
@@ -144,7 +144,7 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
         return common.sse(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=choices, usage=usage))
 
-    forced = req.forced_tool() is not None  # its JSON goes out as tool calls, once done
+    forced = req.holds_output(state.tool_call_parser)  # calls go out whole, once done
     for index in range(req.n):
         yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(
             role=_ROLE, content=None if forced else echo))])
@@ -164,10 +164,11 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
             progress.num_chars, progress.num_tokens = len(sample.text), len(sample.token_ids)
             progress.done = sample.finish_reason is not None
             delta, finish_reason = DeltaMessage(content=new_text), sample.finish_reason
-            calls = req.parse_tool_calls(sample.text) if forced else None
-            if calls is not None:
-                delta = DeltaMessage(tool_calls=[DeltaToolCall(index=i, **call.model_dump())
-                                                 for i, call in enumerate(calls)])
+            parsed = req.tool_calls_in(sample.text, state.tool_call_parser) if forced else None
+            if parsed is not None:
+                content, calls = parsed
+                delta = DeltaMessage(content=content, tool_calls=[
+                    DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)])
                 finish_reason = "tool_calls"
             yield chunk([ChatStreamChoice(
                 index=sample.index, delta=delta, logprobs=logprobs,

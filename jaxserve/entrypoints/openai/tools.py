@@ -7,14 +7,15 @@ grammar engine, as vLLM does: the output must be JSON matching a schema built fr
 tools (`forced_schema`), and `parse_tool_calls` turns it into the message's `tool_calls`.
 For a named function the output is its arguments object; for "required" it is an array
 (one item when `parallel_tool_calls` is false) of `{"name", "arguments"}` objects, one of
-the tools each; a stream sends them whole, when the JSON is done. `"none"` and `"auto"`
-generate plain text: no auto tool-call parser is implemented, so under "auto" a model's
-own tool-call syntax stays in the content.
+the tools each; a stream sends them whole, when the JSON is done. `"none"` generates plain
+text, and so does `"auto"`, whose output the server's auto parser (--tool-call-parser
+hermes, with --enable-auto-tool-choice) reads for `<tool_call>` blocks when it has one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, Literal
 
@@ -23,6 +24,10 @@ from pydantic import BaseModel, ConfigDict
 from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
 from jaxserve.sampling_params import StructuredOutputsParams
 
+AUTO_TOOL_CALL_PARSERS = ("hermes",)  # the --tool-call-parser choices
+# Hermes (Qwen2.5, NousResearch): each call is `<tool_call>{"name", "arguments"}</tool_call>`;
+# the last may be cut short of its end tag.
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 # What a function without `parameters` takes: no arguments (OpenAI's reading).
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -126,6 +131,23 @@ class ToolFields(StructuredOutputFields):
         # Compact JSON: whitespace would only delay the call (the arguments are re-serialized).
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
+    def holds_output(self, auto_parser: str | None) -> bool:
+        """Whether the output may be tool calls, which a stream sends whole at the end."""
+        return self.forced_tool() is not None or self._auto(auto_parser)
+
+    def tool_calls_in(self, text: str, auto_parser: str | None,
+                      ) -> tuple[str | None, list[ToolCall]] | None:
+        """(content, tool calls) when the output holds calls, else None (plain content).
+        `auto_parser` (--tool-call-parser, with --enable-auto-tool-choice) reads the
+        calls of an unforced output when tools are offered."""
+        if self._auto(auto_parser):
+            return _parse_hermes(text)
+        calls = self.parse_tool_calls(text)
+        return None if calls is None else (None, calls)
+
+    def _auto(self, auto_parser: str | None) -> bool:
+        return bool(auto_parser and self.tools and self.tool_choice in (None, "auto"))
+
     def parse_tool_calls(self, text: str) -> list[ToolCall] | None:
         """The tool calls a forced output holds; None when none is forced or the text is
         not the complete JSON (cut short by max_tokens or a stop string)."""
@@ -142,9 +164,7 @@ class ToolFields(StructuredOutputFields):
             calls = [(v["name"], v.get("arguments", {})) for v in value]
         else:
             return None
-        return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                         function=FunctionCall(name=name, arguments=json.dumps(arguments)))
-                for name, arguments in calls]
+        return [_call(name, arguments) for name, arguments in calls]
 
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +185,29 @@ def template_message(message: dict[str, Any]) -> dict[str, Any]:
             call = {**call, "function": {**function, "arguments": arguments}}
         parsed.append(call)
     return {**message, "tool_calls": parsed}
+
+
+def _call(name: str, arguments: Any) -> ToolCall:
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                    function=FunctionCall(name=name, arguments=json.dumps(arguments)))
+
+
+def _parse_hermes(text: str) -> tuple[str | None, list[ToolCall]] | None:
+    """The text before the first call (None if blank) and the calls; None when there is no
+    call or one is not JSON `{"name": str, "arguments": ...}` (then it is all content)."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return None
+    calls = []
+    for body in _HERMES_CALL.findall(text, start):
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return None
+        calls.append(_call(value["name"], value.get("arguments", {})))
+    return text[:start].strip() or None, calls
 
 
 def _parameters(function: FunctionDefinition) -> dict[str, Any]:
