@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="let requests bring their own chat_template (it runs on the "
                        "server's event loop)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='read the tool calls of tool_choice "auto" outputs (needs '
+                       "--tool-call-parser)")
+    serve.add_argument("--tool-call-parser", default=None,
+                       help="the tool-call syntax of the model's outputs: hermes")
     serve.add_argument("--max-logprobs", type=int, default=20,
                        help="most logprobs / top_logprobs a request may ask for (<= 20)")
     serve.add_argument("--max-request-body-bytes", type=parse_size, default="10MiB",
@@ -143,9 +148,15 @@ def serve(args: argparse.Namespace) -> int:
 
     from jaxserve.engine.async_engine import AsyncEngine
     from jaxserve.entrypoints.openai.api_server import build_app, serve_http
+    from jaxserve.entrypoints.openai.tools import AUTO_TOOL_CALL_PARSERS
 
     if not 0 <= args.max_logprobs <= 20:
         raise ValueError(f"--max-logprobs must be in [0, 20], got {args.max_logprobs}")
+    parser = args.tool_call_parser
+    if parser not in (None, *AUTO_TOOL_CALL_PARSERS) or (args.enable_auto_tool_choice
+                                                        and parser is None):
+        raise ValueError(f"--tool-call-parser must be one of {list(AUTO_TOOL_CALL_PARSERS)} "
+                         f"(--enable-auto-tool-choice needs it), got {parser!r}")
     chat_template = args.chat_template
     if chat_template is not None and os.path.isfile(chat_template):
         with open(chat_template) as f:
@@ -169,6 +180,7 @@ def serve(args: argparse.Namespace) -> int:
                         api_key=args.api_key, chat_template=chat_template,
                         trust_request_chat_template=args.trust_request_chat_template,
                         max_logprobs=args.max_logprobs,
+                        tool_call_parser=parser if args.enable_auto_tool_choice else None,
                         max_request_body_bytes=args.max_request_body_bytes)
         asyncio.run(serve_http(app, args.host, args.port,
                                shutdown_timeout=args.shutdown_timeout))

@@ -42,6 +42,17 @@ def test_serve_flags_parse_sizes_lengths_and_negations():
         cli.build_parser().parse_args(["serve", "m", "--kv-cache-memory", "lots"])
 
 
+@pytest.mark.parametrize("flags", [["--enable-auto-tool-choice"],
+                                   ["--enable-auto-tool-choice", "--tool-call-parser", "x"]])
+def test_auto_tool_choice_needs_a_known_tool_call_parser(flags):
+    args = cli.build_parser().parse_args(["serve", "m", *flags])
+    with pytest.raises(ValueError, match="--tool-call-parser must be one of"):
+        cli.serve(args)  # before any model is looked for
+    args = cli.build_parser().parse_args(
+        ["serve", "m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "hermes")
+
+
 def test_serve_model_is_optional_and_generate_needs_a_prompt():
     assert cli.build_parser().parse_args(["serve"]).model is None
     with pytest.raises(SystemExit):

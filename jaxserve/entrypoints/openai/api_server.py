@@ -40,7 +40,7 @@ _OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
 def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str, ...],
               model_root: str | None = None, api_key: str | None = None,
               chat_template: str | None = None, trust_request_chat_template: bool = False,
-              max_logprobs: int = 20,
+              max_logprobs: int = 20, tool_call_parser: str | None = None,
               max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
     """The server app; sets the engine's observer to the app's metrics."""
     if not served_model_names:
@@ -48,7 +48,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
     state = ServerState(engine=engine, served_model_names=tuple(served_model_names),
                         model_root=model_root or served_model_names[0],
                         max_logprobs=max_logprobs, chat_template=chat_template,
-                        trust_request_chat_template=trust_request_chat_template)
+                        trust_request_chat_template=trust_request_chat_template,
+                        tool_call_parser=tool_call_parser)
     metrics = ServerMetrics(lambda: {**engine.stats, **engine.compilation_stats()},
                             served_model_names[0])
     engine.observer = metrics

@@ -1,11 +1,10 @@
 """Request and response schemas of the OpenAI API, with vLLM's extra sampling fields.
 
 Requests are parsed with pydantic (a schema error is a 400). Each model's `refused_fields`
-(request_fields.py) are the fields it does not implement: turning one on is a 400 naming
-it; metadata is accepted and ignored, unknown fields ignored with a warning, as in vLLM.
-`to_sampling_params()` turns a request into `SamplingParams`, whose own validation names
-the parameter of any bad value.
-Responses are pydantic models too, serialized with `model_dump_json()`.
+(request_fields.py) are the fields it does not implement (a 400 naming the one turned on);
+metadata is accepted and ignored, unknown fields ignored with a warning, as in vLLM.
+`to_sampling_params()` makes `SamplingParams`, whose validation names any bad parameter
+(structured output and tools: modules of their own). Responses are pydantic models too.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jaxserve.entrypoints.openai import request_fields
 from jaxserve.entrypoints.openai.request_fields import Refused
 from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
+from jaxserve.entrypoints.openai.tools import DeltaToolCall, ToolCall, ToolFields, template_message
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -128,9 +128,7 @@ class CompletionRequest(_SamplingRequest):
         return params
 
 
-class TextPart(BaseModel):
-    """One content part; a part of another type (image_url, ...) is refused by type."""
-
+class TextPart(BaseModel):  # one content part; other types (image_url, ...) are refused
     type: str
     text: str | None = None
 
@@ -150,10 +148,10 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"messages: only text content is supported, got {kinds}")
             message["content"] = "\n".join(p.text or "" for p in self.content)
         message.setdefault("content", "")
-        return message
+        return template_message(message)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(_SamplingRequest, ToolFields):
     refused_fields = request_fields.CHAT_REFUSED
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
@@ -254,6 +252,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -277,6 +276,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

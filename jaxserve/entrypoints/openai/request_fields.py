@@ -1,8 +1,8 @@
 """The request fields this server does not implement, in one place, and the one check of them.
 
 A field of OpenAI's (or vLLM's) request that jaxserve does not implement is *refused*: any
-value but null and the values that ask for nothing (`tools=[]`, `response_format={"type":
-"text"}`) is a 400 whose `param` names it, so that no client believes it got what it asked
+value but null and the values that ask for nothing (`functions=[]`, `best_of` equal to
+`n`) is a 400 whose `param` names it, so that no client believes it got what it asked
 for. Pure metadata (`METADATA_FIELDS`: who is asking, how OpenAI bills or stores it) is
 accepted and ignored. A field in no schema at all (a typo) is ignored with a warning, as
 vLLM does. `check_fields` applies the three rules to one request's JSON object.
@@ -56,15 +56,10 @@ def _same(value: Any, allowed: Any) -> bool:
     return value == allowed and isinstance(value, bool) == isinstance(allowed, bool)
 
 
-def _no_tools(value: Any, request: Mapping[str, Any]) -> bool:
-    return not request.get("tools")
-
-
 def _equals_n(value: Any, request: Mapping[str, Any]) -> bool:
     return _same(value, request.get("n", 1))
 
 
-_NO_TOOLS = "any value without tools"
 _JSON_MODES = ("structured output takes response_format, structured_outputs or guided_json / "
                "_regex / _choice / _grammar; this form is not implemented")
 
@@ -91,12 +86,10 @@ _VLLM = MappingProxyType({
 })
 
 CHAT_REFUSED: Mapping[str, Refused] = MappingProxyType({
-    "tools": Refused("tool calling is not implemented", ([],)),
-    "tool_choice": Refused("tool calling is not implemented", ("none", "auto")),
-    "parallel_tool_calls": Refused("tool calling is not implemented",
-                                   also_accepts=_no_tools, accepted_text=_NO_TOOLS),
-    "functions": Refused("function calling is not implemented", ([],)),
-    "function_call": Refused("function calling is not implemented", ("none", "auto")),
+    "functions": Refused("the deprecated function calling is not implemented; send tools",
+                         ([],)),
+    "function_call": Refused("the deprecated function calling is not implemented; send "
+                             "tool_choice", ("none", "auto")),
     "audio": Refused("only text output is supported"),
     "modalities": Refused("only text output is supported", (["text"],)),
     "prediction": Refused("predicted outputs are not implemented"),

@@ -1,9 +1,11 @@
 """POST /v1/chat/completions: messages through the chat template in, assistant messages out.
 
 `render_chat` applies the tokenizer's (or --chat-template's, or the request's) template with
-`add_generation_prompt`, `continue_final_message` and `chat_template_kwargs`. Streaming sends
-each choice's role first, then content deltas, then its finish reason; logprobs follow
-OpenAI's chat format (`content: [{token, logprob, bytes, top_logprobs}]`).
+`add_generation_prompt`, `continue_final_message`, `chat_template_kwargs` and the request's
+`tools`; a forced tool call's output becomes the message's `tool_calls` (tools.py).
+Streaming sends each choice's role first, then content deltas (a forced tool call: its
+calls, whole, once done), then its finish reason; logprobs follow OpenAI's chat format
+(`content: [{token, logprob, bytes, top_logprobs}]`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from jaxserve.entrypoints.openai import serving_common as common
-from jaxserve.entrypoints.openai.errors import bad_request
+from jaxserve.entrypoints.openai.errors import APIError, bad_request
 from jaxserve.entrypoints.openai.protocol import (AssistantMessage, ChatChoice,
                                                   ChatCompletionChunk, ChatCompletionRequest,
                                                   ChatCompletionResponse, ChatLogprobs,
                                                   ChatMessage, ChatStreamChoice, DeltaMessage,
                                                   TokenLogprob, TopLogprob, Usage)
+from jaxserve.entrypoints.openai.tools import DeltaToolCall
 from jaxserve.outputs import RequestOutput
 
 _ROLE = "assistant"
@@ -30,7 +33,8 @@ _ROLE = "assistant"
 def render_chat(state: common.ServerState, messages: list[ChatMessage], *,
                 add_generation_prompt: bool, continue_final_message: bool,
                 chat_template: str | None, chat_template_kwargs: dict | None,
-                add_special_tokens: bool = False) -> tuple[str, list[int]]:
+                add_special_tokens: bool = False, tools: list[dict] | None = None,
+                ) -> tuple[str, list[int]]:
     """(prompt text, token ids) of a conversation; 400 for anything the template rejects."""
     tokenizer = state.tokenizer
     if tokenizer is None:
@@ -49,7 +53,7 @@ def render_chat(state: common.ServerState, messages: list[ChatMessage], *,
     try:
         text = tokenizer.apply_chat_template(
             conversation, **(chat_template_kwargs or {}), tokenize=False,
-            chat_template=template, add_generation_prompt=add_generation_prompt,
+            chat_template=template, tools=tools, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message)
     except (ValueError, TypeError, KeyError, IndexError) as error:
         raise bad_request(f"the chat template failed: {error}", param="messages") from None
@@ -68,22 +72,35 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
                             continue_final_message=req.continue_final_message,
                             chat_template=req.chat_template,
                             chat_template_kwargs=req.chat_template_kwargs,
-                            add_special_tokens=req.add_special_tokens)
+                            add_special_tokens=req.add_special_tokens,
+                            tools=req.template_tools())
     prompt = common.Prompt(text, ids, common.clamp_max_tokens(params, len(ids),
                                                               state.max_model_len))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await common.submit(state, request_id, [prompt], req, prompt_param="messages")
+    try:
+        streams = await common.submit(state, request_id, [prompt], req, prompt_param="messages")
+    except APIError as error:  # the grammar compiler's word on a tool's parameters
+        if error.param != "structured_outputs" or req.forced_tool() is None:
+            raise
+        raise bad_request("tools: a parameters schema is invalid: " + error.message.removeprefix(
+            "structured_outputs: "), param="tools") from None
     last = req.messages[-1]
     echo = last.template_dict()["content"] if req.echo and last.role == _ROLE else ""
     if req.stream:
         return await common.stream_sse(request, state, streams, _chunks(
             state, req, request_id, model, streams[0], prompt, echo))
     final = (await common.final_outputs(state, streams))[0]
-    choices = [ChatChoice(index=s.index,
-                          message=AssistantMessage(role=_ROLE, content=echo + s.text),
-                          logprobs=_logprobs(state, req, s.token_ids, s.logprobs),
-                          finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-               for s in final.outputs]
+    choices = []
+    for s in final.outputs:
+        message = AssistantMessage(role=_ROLE, content=echo + s.text)
+        finish_reason = s.finish_reason
+        parsed = req.tool_calls_in(s.text, state.tool_call_parser)
+        if parsed is not None:
+            message = AssistantMessage(role=_ROLE, content=parsed[0], tool_calls=parsed[1])
+            finish_reason = "tool_calls"
+        choices.append(ChatChoice(index=s.index, message=message, finish_reason=finish_reason,
+                                  logprobs=_logprobs(state, req, s.token_ids, s.logprobs),
+                                  stop_reason=s.stop_reason))
     return web.json_response(text=ChatCompletionResponse(
         id=request_id, model=model, choices=choices, usage=_usage(prompt, final),
         prompt_logprobs=common.prompt_logprobs(state, req, final)).model_dump_json())
@@ -127,13 +144,17 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
         return common.sse(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=choices, usage=usage))
 
+    forced = req.holds_output(state.tool_call_parser)  # calls go out whole, once done
     for index in range(req.n):
-        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role=_ROLE, content=echo))])
+        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(
+            role=_ROLE, content=None if forced else echo))])
     sent = [_Sent() for _ in range(req.n)]
     last: RequestOutput | None = None
     async for last in stream:
         for sample in last.outputs:
             progress = sent[sample.index]
+            if forced and not sample.finish_reason:
+                continue
             new_text = sample.text[progress.num_chars:]
             new_ids = sample.token_ids[progress.num_tokens:]
             if progress.done or not (new_text or new_ids or sample.finish_reason):
@@ -142,8 +163,15 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
                                  else sample.logprobs[progress.num_tokens:])
             progress.num_chars, progress.num_tokens = len(sample.text), len(sample.token_ids)
             progress.done = sample.finish_reason is not None
+            delta, finish_reason = DeltaMessage(content=new_text), sample.finish_reason
+            parsed = req.tool_calls_in(sample.text, state.tool_call_parser) if forced else None
+            if parsed is not None:
+                content, calls = parsed
+                delta = DeltaMessage(content=content, tool_calls=[
+                    DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)])
+                finish_reason = "tool_calls"
             yield chunk([ChatStreamChoice(
-                index=sample.index, delta=DeltaMessage(content=new_text), logprobs=logprobs,
-                finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)])
+                index=sample.index, delta=delta, logprobs=logprobs,
+                finish_reason=finish_reason, stop_reason=sample.stop_reason)])
     if req.include_usage:
         yield chunk([], usage=_usage(prompt, last))

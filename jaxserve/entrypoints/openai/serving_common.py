@@ -49,6 +49,7 @@ class ServerState:
     max_n: int = 128  # most samples per prompt: n children each hold a sequence slot
     chat_template: str | None = None  # overrides the tokenizer's template when set
     trust_request_chat_template: bool = False  # requests may bring their own template
+    tool_call_parser: str | None = None  # reads "auto" tool calls (--enable-auto-tool-choice)
 
     @property
     def max_model_len(self) -> int:

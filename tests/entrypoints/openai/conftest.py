@@ -204,10 +204,11 @@ class ScriptedEngine:
     """Answers every prompt with ANSWER, one token per step, with made-up logprobs; can
     pause (steps do nothing), fail (a step raises) and cap its live requests."""
 
-    def __init__(self, tokenizer, *, max_waiting=None):
+    def __init__(self, tokenizer, *, max_waiting=None, answer=ANSWER, max_model_len=64):
         self.tokenizer = tokenizer
-        self.model_config = types.SimpleNamespace(max_model_len=64, vocab_size=len(tokenizer))
-        self.answer_ids = tokenizer.encode(ANSWER)
+        self.model_config = types.SimpleNamespace(max_model_len=max_model_len,
+                                                  vocab_size=len(tokenizer))
+        self.answer_ids = tokenizer.encode(answer)
         self.live = {}
         self.max_waiting = max_waiting
         self.fail = threading.Event()

@@ -23,7 +23,7 @@ from jaxserve.entrypoints.openai import protocol, request_fields
 API_KEY = "test-key"  # as api_server serves (conftest.API_SERVER_FLAGS)
 MODEL = "tiny-qwen2"
 OPENAI_DIR = pathlib.Path(protocol.__file__).parent
-TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+FUNCTIONS = [{"name": "f", "parameters": {"type": "object"}}]  # the deprecated form of tools
 
 # endpoint -> (the SDK's params module, jaxserve's model, the rest of a minimal request)
 ENDPOINTS = {
@@ -33,8 +33,7 @@ ENDPOINTS = {
 }
 # A value of each refused field that asks for what jaxserve lacks.
 TURNED_ON = {
-    "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": True,
-    "functions": [{"name": "f", "parameters": {}}], "function_call": {"name": "f"},
+    "functions": FUNCTIONS, "function_call": {"name": "f"},
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "Hi"},
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {},
@@ -50,9 +49,6 @@ TURNED_ON = {
     "request_id": "mine", "mm_processor_kwargs": {"a": 1},
     "include_obfuscation": True, "continuous_usage_stats": True,
 }
-# parallel_tool_calls qualifies tools: on its own it asks for nothing, so with tools the
-# 400 names tools.
-TURNED_ON_BODY = {"parallel_tool_calls": ({"tools": [TOOL]}, "tools")}
 METADATA = {"user": "u-1", "metadata": {"team": "a"}, "store": True, "service_tier": "flex",
             "safety_identifier": "hash-1", "prompt_cache_key": "k"}
 
@@ -156,8 +152,7 @@ def create(client, endpoint: str, body: dict):
 @pytest.mark.parametrize("endpoint,param", list(refused_cases()))
 def test_a_refused_field_turned_on_is_a_400_naming_it(client, endpoint, param):
     head, _, name = param.rpartition(".")
-    body, expected = TURNED_ON_BODY.get(name, ({}, param))
-    body = {**body, name: TURNED_ON[name]}
+    body, expected = {name: TURNED_ON[name]}, param
     if head:
         body = {"stream": True, head: body}
     with pytest.raises(openai.BadRequestError) as refused:
@@ -181,9 +176,7 @@ def test_values_that_ask_for_nothing_and_metadata_are_accepted(client, endpoint)
     stream_values = off_values(protocol.StreamOptions)
     for i in range(max(map(len, [*values.values(), *stream_values.values()]))):
         body = {name: choices[i % len(choices)] for name, choices in values.items()}
-        if endpoint == "chat":
-            body["parallel_tool_calls"] = bool(i % 2)  # accepted without tools
-        else:
+        if endpoint == "completions":
             body.update(n=2, best_of=2)
         options = {name: choices[i % len(choices)] for name, choices in stream_values.items()}
         response = create(client, endpoint, {**body, **METADATA})
@@ -196,16 +189,16 @@ def test_values_that_ask_for_nothing_and_metadata_are_accepted(client, endpoint)
 def test_a_refused_field_in_a_stream_is_refused_before_the_stream_starts(api_server):
     status, body = api_server.request(
         "POST", "/v1/chat/completions", {**ENDPOINTS["chat"][2], "stream": True,
-                                         "tools": [TOOL]},
+                                         "functions": FUNCTIONS},
         {"Authorization": f"Bearer {API_KEY}"})
-    assert status == 400 and body["error"]["param"] == "tools", body
+    assert status == 400 and body["error"]["param"] == "functions", body
 
 
 def test_the_documented_400_is_the_servers(api_server):
     docs = (OPENAI_DIR.parents[2] / "docs" / "serving.md").read_text()
     example = re.search(r"## Request fields.*?```json\n(.*?)```", docs, re.S)
     status, body = api_server.request("POST", "/v1/chat/completions",
-                                      {**ENDPOINTS["chat"][2], "tools": [TOOL]},
+                                      {**ENDPOINTS["chat"][2], "functions": FUNCTIONS},
                                       {"Authorization": f"Bearer {API_KEY}"})
     assert status == 400 and json.loads(example.group(1)) == body
 
