@@ -71,7 +71,11 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
     app.router.add_post("/detokenize", route(_detokenize))
     app.router.add_get("/version", _version)
     document = openapi_document(__version__)  # built once: the models do not change
-    app.router.add_get("/openapi.json", lambda request: web.json_response(document))
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
