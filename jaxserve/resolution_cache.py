@@ -16,6 +16,7 @@ read is ignored and written again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -110,11 +111,12 @@ def _write(record_path: str | None, record: dict) -> None:
     """Atomic (a temporary file renamed), and best effort: a read-only cache only costs time."""
     if record_path is None:
         return
+    temporary = f"{record_path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(record_path), exist_ok=True)
-        temporary = f"{record_path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
             json.dump(record, f)
         os.replace(temporary, record_path)
-    except (OSError, TypeError, ValueError):
-        pass
+    except (OSError, TypeError, ValueError):  # unwritable, or a value JSON cannot hold
+        with contextlib.suppress(OSError):
+            os.remove(temporary)

@@ -30,5 +30,6 @@ class AttentionMetadata:
 
     def num_tokens(self) -> jax.Array:  # [] int32
         """The step's real tokens, T before padding: padding sequences have no queries, so
-        `query_start_loc` ends at it. Dense layers compute only these rows (`dense_dot`)."""
+        `query_start_loc` ends at it. Linear layers pass it to `Ops.dense`, whose native GEMM
+        computes only these rows."""
         return self.query_start_loc[-1]

@@ -43,15 +43,15 @@ class StructuredOutputFields(BaseModel):
         if backend is not None and backend not in _BACKENDS:
             raise ValueError(f"guided_decoding_backend must be one of {_BACKENDS}, got "
                              f"{backend!r}")
-        guided = {"guided_json": dict(json=self.guided_json),
-                  "guided_regex": dict(regex=self.guided_regex),
-                  "guided_choice": dict(choice=self.guided_choice),
-                  "guided_grammar": dict(grammar=self.guided_grammar)}
+        guided = (("guided_json", "json", self.guided_json),
+                  ("guided_regex", "regex", self.guided_regex),
+                  ("guided_choice", "choice", self.guided_choice),
+                  ("guided_grammar", "grammar", self.guided_grammar))
         forms = {name: params for name, params in (
             ("response_format", _from_response_format(self.response_format)),
             ("structured_outputs", _from_structured_outputs(self.structured_outputs)),
-            *((name, StructuredOutputsParams(**spec)) for name, spec in guided.items()
-              if next(iter(spec.values())) is not None),
+            *((name, StructuredOutputsParams(**{key: value}))
+              for name, key, value in guided if value is not None),
         ) if params is not None}
         if len(forms) > 1:
             raise ValueError(f"{sorted(forms)[1]}: only one structured output form per "
