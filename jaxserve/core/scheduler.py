@@ -94,11 +94,11 @@ class Scheduler:
         self.waiting.add(request)
 
     def can_schedule_ahead(self) -> bool:
-        """Whether `schedule(ahead=True)` may run now: something is running and no running
-        request samples from the tokens before (penalties read the ids, a grammar's mask
-        follows the last one; a placeholder has no id yet)."""
-        return bool(self.running) and not self._ahead_fell_short and not any(
-            r.sampling_params.needs_sampled_tokens for r in self.running.values())
+        """Whether `schedule(ahead=True)` may run now: something is running and the last
+        ahead plan did not fall short of blocks. (Requests that sample from the tokens
+        before, penalties or a grammar, are planned ahead too: the engine defers their
+        step's sampler until those tokens are known.)"""
+        return bool(self.running) and not self._ahead_fell_short
 
     def schedule(self, *, ahead: bool = False,
                  capacity: tuple[int, int] | None = None) -> SchedulerOutput:

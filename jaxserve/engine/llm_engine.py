@@ -15,8 +15,10 @@ device: runner/sample_links.py), so scheduling and input preparation overlap the
 work too. A stop string therefore ends its request a step or two late; the tokens of those
 extra steps are dropped, never shown. docs/architecture.md, "Async scheduling: one step
 ahead", follows one step through every file. Structured outputs (a grammar per request,
-engine/structured_outputs.py) add their mask rows to each step's SchedulerOutput; while a
-constrained request runs, steps are planned in sync.
+engine/structured_outputs.py) add their mask rows to each step's SchedulerOutput. A step
+planned ahead whose requests sample from the tokens before (a grammar's mask, penalties)
+launches its forward ahead and its sampler once the step before is collected and the
+matchers have taken its tokens (`dispatch(defer_sampling=True)`, then `runner.sample`).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class LLMEngine:
             except Exception:
                 self.scheduler.abort_requests(child_ids[:index])
                 self.output_processor.abort(request_id)
+                self.structured_outputs.forget_finished()
                 raise
             if grammar is not None:  # each child its own matcher
                 self.structured_outputs.add(request, grammar)
@@ -170,6 +173,8 @@ class LLMEngine:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.scheduler.abort_requests(self.output_processor.child_ids(request_id))
             self.output_processor.abort(request_id)
+        if len(self.structured_outputs):
+            self.structured_outputs.forget_finished()
 
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs of the last step not yet returned."""
@@ -189,10 +194,13 @@ class LLMEngine:
             scheduled = self._schedule()
             with self.step_compilations.track():  # this engine's, on this thread only
                 pending = self.runner.dispatch(scheduled)
+        deferred = False  # the ahead step's sampler waits for this step's tokens
         if self._may_schedule_ahead(pending.out):  # plan and launch the next one meanwhile
             ahead = self._schedule(ahead=True)  # the ahead plan
+            deferred = self._samples_from_history(ahead)
             with self.step_compilations.track():
-                self._in_flight = self.runner.dispatch(ahead, pending)
+                self._in_flight = self.runner.dispatch(ahead, pending,
+                                                       defer_sampling=deferred)
         outputs = self._finish_step(self._unprocessed) if self._unprocessed else []
         self._unprocessed = None
         if on_outputs is not None and outputs:
@@ -203,6 +211,12 @@ class LLMEngine:
         updates = self.scheduler.update_from_output(pending.out, sampled)
         if len(self.structured_outputs):
             updates = self._advance_grammars(updates)
+        if deferred:  # this step's tokens are known: masks and penalties of the next one
+            ahead = self.structured_outputs.prepare_step(self._in_flight.out)
+            with self.step_compilations.track():
+                self._in_flight = self.runner.sample(self._in_flight, ahead)
+        if len(self.structured_outputs):
+            self.structured_outputs.forget_finished()
         if updates or sampled.prompt_logprobs:
             self._unprocessed = CollectedStep(updates, sampled)
         return outputs
@@ -212,7 +226,8 @@ class LLMEngine:
             raise RuntimeError("no step program is compiled yet: an LLMEngine built with "
                                "warm_up=False needs runner.compile_programs() first")
         scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
-        scheduled = self.structured_outputs.prepare_step(scheduled)
+        if not ahead or not self._samples_from_history(scheduled):  # else: after collection
+            scheduled = self.structured_outputs.prepare_step(scheduled)
         if self.step_broadcaster is not None:
             self.step_broadcaster.send(scheduled)
         return scheduled
@@ -222,6 +237,13 @@ class LLMEngine:
         time), `scheduled` samples something to run ahead of, and the scheduler agrees."""
         return (self.async_scheduling and self.step_broadcaster is None
                 and bool(scheduled.sampling_req_ids) and self.scheduler.can_schedule_ahead())
+
+    def _samples_from_history(self, scheduled) -> bool:
+        """Whether a request `scheduled` samples for reads the tokens sampled before it
+        (penalties, a grammar): planned ahead, its sampler must wait for them."""
+        requests = self.scheduler.requests
+        return any(requests[r].sampling_params.needs_sampled_tokens
+                   for r in scheduled.sampling_req_ids if r in requests)
 
     def _advance_grammars(self, updates: list[RequestUpdate]) -> list[RequestUpdate]:
         """Each constrained request's matcher takes its accepted tokens; a complete grammar

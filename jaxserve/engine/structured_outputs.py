@@ -7,9 +7,10 @@ Each step it fills the packed mask rows of the constrained requests that sample
 (`prepare_step`, into the `SchedulerOutput` the runner gets) and advances each matcher
 with the tokens the scheduler accepted (`accept`); a complete grammar finishes its request.
 A matcher follows the request's output tokens: if their counts differ (a token appended
-elsewhere), it is rebuilt from those tokens before its next mask. The engine plans no step
-ahead while a constrained request runs (`SamplingParams.needs_sampled_tokens`): the mask
-of step N+1 depends on the token of step N.
+elsewhere), it is rebuilt from those tokens before its next mask. The mask of step N+1
+depends on the token of step N (`SamplingParams.needs_sampled_tokens`): a step planned
+ahead of its tokens gets its rows once step N is collected and accepted (the engine
+defers that step's sampler).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class StructuredOutputs:
         if self._matchers:
             for req_id in req_ids:
                 self._matchers.pop(req_id, None)
+
+    def forget_finished(self) -> None:
+        """Drops the matchers of requests that finished (completed, stopped, aborted)."""
+        for req_id in [r for r, state in self._matchers.items() if state.request.is_finished]:
+            del self._matchers[req_id]
 
     def __len__(self) -> int:
         return len(self._matchers)

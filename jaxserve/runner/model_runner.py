@@ -6,7 +6,9 @@ sequence's last hidden state and samples; one prompt-logprobs program per token 
 `compile_programs()` compiles them ahead of time (`CompiledPrograms`): the smallest buckets
 before it returns, the rest at once or in the background; `capacity` says which buckets a
 step may use now. A step only calls compiled executables (it never compiles), with one
-host-to-device put of its inputs and one device-to-host get of its results. With
+host-to-device put of its inputs (two when its sampler is deferred until the step before
+is collected: `dispatch(defer_sampling=True)`, then `sample()`) and one device-to-host get
+of its results. With
 `tensor_parallel_size` > 1, params and pools shard over a ("data", "model") mesh, inputs are
 replicated on it, and every program runs under `jax.set_mesh` (attention uses shard_map).
 """
@@ -55,6 +57,8 @@ class PendingStep:
     prompt_result: tuple | None  # their device arrays, or None
     # [R] int32 on the device: the sampled ids padded, the next step's `previous_ids`
     next_ids: jax.Array | None = None
+    # [B, D] the forward's last hidden states while the sampler waits (`defer_sampling`)
+    hidden_last: jax.Array | None = None
 
     def sample_indices(self) -> dict[str, int]:
         """req_id -> index in this step's batch of each request it samples for: the i of
@@ -164,12 +168,16 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(out))
 
-    def dispatch(self, out: SchedulerOutput, in_flight: PendingStep | None = None) -> PendingStep:
+    def dispatch(self, out: SchedulerOutput, in_flight: PendingStep | None = None, *,
+                 defer_sampling: bool = False) -> PendingStep:
         """Prepares the step's inputs and launches its programs without waiting for them.
 
         `in_flight`: a dispatched step not collected yet (async scheduling; `out` is then
         the ahead plan); the tokens it samples are this step's inputs where `out` schedules
         them: sample links, resolved on the device from its `next_ids`.
+        `defer_sampling`: launch the forward only; `sample()` launches the sampler once
+        `in_flight` is collected (its tokens are then known on the host: penalties read
+        them, a grammar's mask follows them).
         """
         samples_in_flight = previous_ids = None
         if in_flight is not None and in_flight.inputs is not None:
@@ -179,6 +187,43 @@ class ModelRunner:
             self.batch.prepare(out)  # still applies finished/preempted deltas
             return PendingStep(out, None, None, [], None)
         inputs = self.batch.prepare(out, samples_in_flight)
+        md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
+                               inputs.query_start_loc, inputs.logits_indices)
+        variant, *sampling = (None, None, None) if defer_sampling else self._sampling_inputs(
+            out, inputs)
+        # one host-to-device transfer for the whole step (the sampler's too, unless deferred)
+        input_ids, positions, md, sampling = self._put(
+            (inputs.input_ids, inputs.positions, md, sampling))
+        prompt_req = self._prompt_logprob_requests(out, inputs)
+        prompt_result = None
+        num_tokens = len(inputs.input_ids)  # the step's buckets
+        with self._under_mesh():
+            hidden_last, hidden_all, self.kv_caches = self.compiled.forward(
+                num_tokens, len(inputs.seq_lens))(
+                self.param_leaves, self.kv_caches, input_ids, positions, md,
+                self._no_previous if previous_ids is None else previous_ids)
+            if prompt_req:
+                targets = self._put(self._prompt_targets(inputs, inputs.rows))
+                prompt_result = self.compiled.prompt_logprobs(num_tokens)(
+                    self.param_leaves, hidden_all, targets)
+        pending = PendingStep(out, inputs, None, prompt_req, prompt_result,
+                              hidden_last=hidden_last)
+        if defer_sampling:
+            return pending
+        return self._launch_sampler(pending, out, variant, *sampling)
+
+    def sample(self, pending: PendingStep, out: SchedulerOutput | None = None) -> PendingStep:
+        """Launches the sampler of a step dispatched with `defer_sampling` (after the step
+        before it is collected); `out`: its SchedulerOutput with the grammar mask rows
+        filled since (None: `pending.out`)."""
+        out = pending.out if out is None else out
+        if pending.inputs is None:
+            return dataclasses.replace(pending, out=out)
+        variant, *sampling = self._sampling_inputs(out, pending.inputs)
+        return self._launch_sampler(pending, out, variant, *self._put(sampling))
+
+    def _sampling_inputs(self, out: SchedulerOutput, inputs: StepInputs):
+        """(variant, num_seqs, tensors) on the host: the sampler's inputs for the step."""
         rows = inputs.rows
         num_padded_seqs = len(inputs.seq_lens)
         # each row's history length; a token being sampled in flight counts (seq_lens)
@@ -187,26 +232,15 @@ class ModelRunner:
                                self.model_config.vocab_size)  # [B, W] int32 or None
         variant, tensors = self.batch.sampling.gather(
             rows, history, self.batch.token_ids, num_padded_seqs, bitmask)
-        md = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
-                               inputs.query_start_loc, inputs.logits_indices)
-        num_seqs = np.int32(len(inputs.req_ids))  # the rest of B is padding
-        device_in = self._put((inputs.input_ids, inputs.positions, md, num_seqs, tensors))
-        input_ids, positions, md, num_seqs, tensors = device_in
-        prompt_req = self._prompt_logprob_requests(out, inputs)
-        prompt_result = None
-        num_tokens = len(inputs.input_ids)  # the step's buckets
+        return variant, np.int32(len(inputs.req_ids)), tensors  # the rest of B is padding
+
+    def _launch_sampler(self, pending: PendingStep, out: SchedulerOutput, variant: str,
+                        num_seqs: jax.Array, tensors) -> PendingStep:
         with self._under_mesh():
-            hidden_last, hidden_all, self.kv_caches = self.compiled.forward(
-                num_tokens, num_padded_seqs)(
-                self.param_leaves, self.kv_caches, input_ids, positions, md,
-                self._no_previous if previous_ids is None else previous_ids)
-            sampled, next_ids = self.compiled.sample(variant, num_padded_seqs)(
-                self.param_leaves, hidden_last, num_seqs, tensors)
-            if prompt_req:
-                targets = self._put(self._prompt_targets(inputs, rows))
-                prompt_result = self.compiled.prompt_logprobs(num_tokens)(
-                    self.param_leaves, hidden_all, targets)
-        return PendingStep(out, inputs, sampled, prompt_req, prompt_result, next_ids)
+            sampled, next_ids = self.compiled.sample(variant, len(pending.inputs.seq_lens))(
+                self.param_leaves, pending.hidden_last, num_seqs, tensors)
+        return dataclasses.replace(pending, out=out, sampled=sampled, next_ids=next_ids,
+                                   hidden_last=None)
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Waits for a dispatched step: its one device-to-host transfer, then the output."""

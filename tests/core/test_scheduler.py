@@ -275,11 +275,12 @@ def test_ahead_never_preempts_and_leaves_that_to_the_next_synchronous_step(sim):
     assert scheduler.can_schedule_ahead()
 
 
-def test_penalties_keep_every_step_synchronous(sim):
+def test_penalties_are_planned_ahead_like_any_request(sim):
+    # the engine defers such a step's sampler until the pending token is known
     scheduler = sim.scheduler()
     scheduler.add_request(sim.request("a", range(1, 9)))
     scheduler.add_request(sim.request("p", range(20, 28), presence_penalty=0.5))
     scheduler.schedule()
-    assert not scheduler.can_schedule_ahead()  # "p" samples from its whole history
-    scheduler.abort_requests("p")
     assert scheduler.can_schedule_ahead()
+    ahead = scheduler.schedule(ahead=True)
+    assert ahead.sampling_req_ids == {"a", "p"}

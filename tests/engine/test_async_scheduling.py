@@ -1,6 +1,7 @@
 """Async scheduling through the whole engine: each step planned and launched while the one
 before computes gives exactly the outputs of synchronous steps, for every sampling feature
-(and switches itself off for penalties), survives aborts mid-flight and never compiles."""
+(penalties included: their steps' samplers wait for the tokens before), survives aborts
+mid-flight and never compiles."""
 
 import numpy as np
 import pytest
@@ -62,18 +63,27 @@ def test_async_steps_give_the_outputs_of_synchronous_steps(qwen2_llm, engine):
     assert asynchronous == sync
 
 
-def test_a_request_with_penalties_runs_its_steps_in_sync_with_the_same_outputs(qwen2_llm,
-                                                                               engine):
+def test_requests_with_penalties_run_ahead_with_the_same_outputs(qwen2_llm, engine):
     params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
                              presence_penalty=1.5, repetition_penalty=1.3),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True,
+                             frequency_penalty=0.7, logprobs=1),
               SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
-    prompts = random_prompts([20, 25], seed=22)
+    prompts = random_prompts([20, 25, 7], seed=22)
     sync = _run(qwen2_llm, engine, prompts, params, async_scheduling=False)
     engine.calls.update(ahead=0, sync=0)
-    asynchronous = _run(qwen2_llm, engine, prompts, params, async_scheduling=True)
+    deferred = []
+    sample = engine.runner.sample
+    engine.runner.sample = lambda *a, **k: deferred.append(1) or sample(*a, **k)
+    try:
+        asynchronous = _run(qwen2_llm, engine, prompts, params, async_scheduling=True)
+    finally:
+        del engine.runner.sample
     assert asynchronous == sync
-    # steps ran in sync while the penalized request was running, ahead after it ended
-    assert engine.calls["sync"] >= 16 and engine.calls["ahead"] >= 10
+    # every step after the first was planned ahead; while a penalized request ran, its
+    # step's sampler waited for the tokens of the step before
+    assert engine.calls["sync"] <= 3 and engine.calls["ahead"] >= 27
+    assert len(deferred) >= 18
 
 
 def test_aborting_mid_flight_leaves_the_other_requests_intact(qwen2_llm, engine):

@@ -107,22 +107,30 @@ def test_logprobs_and_stop_strings_with_a_grammar(qwen2_llm):
         assert position[token_id].rank == 1 and position[token_id].logprob > float("-inf")
 
 
-def test_constrained_requests_run_in_sync_beside_unconstrained_ones(qwen2_llm):
+def test_constrained_requests_run_ahead_beside_unconstrained_ones(qwen2_llm):
+    # planned ahead, a constrained step's sampler waits for the matchers to take the
+    # tokens before; the outputs are those of synchronous steps
     engine = qwen2_llm.llm_engine
     prompts = [{"prompt_token_ids": p} for p in random_prompts([9, 30, 17], seed=3)]
     plain = SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True)
     constrained = SamplingParams(temperature=0.0, max_tokens=60,
                                  structured_outputs=_json(SCHEMAS[2]))
-    results = []
+    results, aheads = [], []
+    schedule = engine.scheduler.schedule
     for async_scheduling in (False, True):
         engine.async_scheduling = async_scheduling
+        calls = []
+        engine.scheduler.schedule = lambda **k: calls.append(k.get("ahead")) or schedule(**k)
         try:
             outputs = _generate(qwen2_llm, prompts, [plain, constrained, plain])
         finally:
             engine.async_scheduling = True
+            del engine.scheduler.schedule
         results.append([o.outputs[0].token_ids for o in outputs])
+        aheads.append(sum(bool(a) for a in calls))
         jsonschema.validate(json.loads(outputs[1].outputs[0].text), SCHEMAS[2])
     assert results[0] == results[1]
+    assert aheads[0] == 0 and aheads[1] >= len(results[1][1]) - 2
 
 
 def test_a_preempted_request_resumes_on_its_matcher(qwen2_llm):
@@ -132,16 +140,20 @@ def test_a_preempted_request_resumes_on_its_matcher(qwen2_llm):
     expected = _generate(qwen2_llm, [{"prompt_token_ids": p} for p in prompts], params)
     req_ids = [engine.add_request(None, p, params) for p in prompts]
     finished = {}
-    with forbid_compilation():
-        for step in range(200):
-            if step == 8:  # recompute both from their tokens so far (no step is in flight)
-                assert engine._in_flight is None and len(engine.scheduler.running) == 2
-                for request in list(engine.scheduler.running.values()):
-                    assert request.num_output_tokens > 0
-                    engine.scheduler._preempt(request)
-            finished.update((o.request_id, o) for o in engine.step() if o.finished)
-            if not engine.has_unfinished_requests():
-                break
+    engine.async_scheduling = False  # steps in sync: the test preempts between two of them
+    try:
+        with forbid_compilation():
+            for step in range(200):
+                if step == 8:  # recompute both from their tokens so far (no step in flight)
+                    assert engine._in_flight is None and len(engine.scheduler.running) == 2
+                    for request in list(engine.scheduler.running.values()):
+                        assert request.num_output_tokens > 0
+                        engine.scheduler._preempt(request)
+                finished.update((o.request_id, o) for o in engine.step() if o.finished)
+                if not engine.has_unfinished_requests():
+                    break
+    finally:
+        engine.async_scheduling = True
     for req_id, output in zip(req_ids, expected):
         assert finished[req_id].outputs[0].token_ids == output.outputs[0].token_ids
         jsonschema.validate(json.loads(finished[req_id].outputs[0].text), SCHEMAS[0])
