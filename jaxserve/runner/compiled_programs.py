@@ -3,7 +3,8 @@
 `CompiledPrograms` owns one XLA executable per program a step calls: `forward` per
 (T, B) bucket pair, each sampler variant per B, prompt logprobs per T. They are compiled
 from abstract arguments (`jax.jit(...).lower(...).compile()`): nothing runs, and with the
-persistent compilation cache a later start reads them from disk. Compilation follows
+persistent compilation cache a later start reads them from disk (with an
+`ExecutableCache`, as executables, without tracing them again). Compilation follows
 `runner.buckets.compile_stages`; `capacity` is the (T, B) rectangle finished so far, published
 only once every program in it exists, and the engine keeps its steps inside it. The first
 stage compiles before the engine serves; the rest at once or in a daemon thread named
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxserve.runner.buckets import compile_stages, reachable_pairs
+from jaxserve.runner.executable_cache import ExecutableCache
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.runner.programs import Programs
 from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS, dummy_tensors
@@ -51,14 +53,21 @@ class StepSignature:
 class CompiledPrograms:
     def __init__(self, programs: Programs, signature: StepSignature,
                  token_buckets: tuple[int, ...], seq_buckets: tuple[int, ...], *,
-                 mesh=None, track: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 mesh=None, track: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 cache: ExecutableCache | None = None):
         self._programs, self._sig, self._mesh = programs, signature, mesh
+        self.cache = cache  # executables on disk (executable_cache.py), or None
         self._track = track or contextlib.nullcontext  # counts compilations (the engine's)
         self._ladders = (token_buckets, seq_buckets)
         self._stages = compile_stages(token_buckets, seq_buckets)
         pairs = reachable_pairs(token_buckets, seq_buckets)
-        self.num_programs = (len(pairs) + len({b for _, b in pairs}) * len(SAMPLER_VARIANTS)
-                             + len({t for t, _ in pairs}))
+        names = ([f"forward {t} {b}" for t, b in pairs]
+                 + [f"sample {v} {b}" for b in sorted({b for _, b in pairs})
+                    for v in SAMPLER_VARIANTS]
+                 + [f"prompt_logprobs {t}" for t in sorted({t for t, _ in pairs})])
+        self.num_programs = len(names)
+        if cache is not None:
+            cache.use_for(names)
         self._forward: dict[tuple[int, int], object] = {}
         self._sample: dict[tuple[str, int], object] = {}
         self._prompt_logprobs: dict[int, object] = {}
@@ -175,8 +184,8 @@ class CompiledPrograms:
                                block_tables=self._inputs(b, sig.max_blocks),
                                seq_lens=self._inputs(b), query_start_loc=self._inputs(b + 1),
                                logits_indices=self._inputs(b))
-        return self._programs.forward.lower(sig.params, sig.kv_caches, self._inputs(t),
-                                            self._inputs(t), md, sig.previous_ids).compile()
+        return self._compile(f"forward {t} {b}", lambda: self._programs.forward.lower(
+            sig.params, sig.kv_caches, self._inputs(t), self._inputs(t), md, sig.previous_ids))
 
     def _compile_sample(self, variant: str, b: int, hidden):
         sig = self._sig
@@ -184,12 +193,17 @@ class CompiledPrograms:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sig.input_sharding),
             dummy_tensors(variant, b, vocab_size=sig.vocab_size,
                           max_model_len=sig.max_model_len))
-        return self._programs.sample[variant].lower(sig.params, hidden, self._inputs(),
-                                                    tensors).compile()
+        return self._compile(f"sample {variant} {b}", lambda: self._programs.sample[
+            variant].lower(sig.params, hidden, self._inputs(), tensors))
 
     def _compile_prompt_logprobs(self, t: int, hidden):
-        return self._programs.prompt_logprobs.lower(self._sig.params, hidden,
-                                                    self._inputs(t)).compile()
+        return self._compile(f"prompt_logprobs {t}", lambda: self._programs.prompt_logprobs
+                             .lower(self._sig.params, hidden, self._inputs(t)))
+
+    def _compile(self, program: str, lower: Callable[[], jax.stages.Lowered]):
+        if self.cache is None:
+            return lower().compile()
+        return self.cache.get_or_compile(program, lower)
 
 
 def _stop_at_exit(ref: weakref.ref) -> None:

@@ -38,6 +38,7 @@ from jaxserve.parallel.tensor_parallel import tp_model_config
 from jaxserve.runner.input_batch import InputBatch, StepInputs
 from jaxserve.runner.kv_cache import allocate_kv_caches, plan_kv_cache
 from jaxserve.runner.compiled_programs import CompiledPrograms, StepSignature
+from jaxserve.runner.executable_cache import ExecutableCache
 from jaxserve.runner.programs import make_programs
 from jaxserve.runner.token_bitmask import step_bitmask
 
@@ -72,7 +73,7 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
                  seed: int = 0, tensor_parallel_size: int = 1,
-                 track_compilation=None):
+                 track_compilation=None, executable_cache_dir: str | None = None):
         self.model_config = model_config
         tp = tensor_parallel_size
         self.mesh = make_mesh(tp) if tp > 1 else None
@@ -116,9 +117,13 @@ class ModelRunner:
             previous_ids=like(self._no_previous), input_sharding=self.input_sharding,
             max_blocks=self.batch.max_blocks, vocab_size=model_config.vocab_size,
             max_model_len=model_config.max_model_len)
+        cache = None
+        if executable_cache_dir is not None and jax.process_count() == 1:
+            cache = ExecutableCache(executable_cache_dir, repr((
+                model_config, attention_backend, tp, self.seq_buckets[-1], signature)))
         self.compiled = CompiledPrograms(self.programs, signature, self.token_buckets,
                                          self.seq_buckets, mesh=self.mesh,
-                                         track=track_compilation)
+                                         track=track_compilation, cache=cache)
 
     def _plan_and_allocate(self, pool: ThreadPoolExecutor, pool_config: ModelConfig,
                            cache_config: CacheConfig, tp: int) -> Future:
