@@ -181,6 +181,7 @@ def serve(args: argparse.Namespace) -> int:
                         trust_request_chat_template=args.trust_request_chat_template,
                         max_logprobs=args.max_logprobs,
                         tool_call_parser=parser if args.enable_auto_tool_choice else None,
+                        reasoning_parser=args.reasoning_parser,
                         max_request_body_bytes=args.max_request_body_bytes)
         asyncio.run(serve_http(app, args.host, args.port,
                                shutdown_timeout=args.shutdown_timeout))
