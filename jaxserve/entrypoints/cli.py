@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='read the tool calls of tool_choice "auto" outputs (needs '
                        "--tool-call-parser)")
     serve.add_argument("--tool-call-parser", default=None,
-                       help="the tool-call syntax of the model's outputs: hermes")
+                       help="the tool-call syntax of the model's outputs: hermes, llama3_json, "
+                       "mistral or pythonic")
     serve.add_argument("--max-logprobs", type=int, default=20,
                        help="most logprobs / top_logprobs a request may ask for (<= 20)")
     serve.add_argument("--max-request-body-bytes", type=parse_size, default="10MiB",

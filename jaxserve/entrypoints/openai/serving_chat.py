@@ -19,6 +19,7 @@ from aiohttp import web
 
 from jaxserve.entrypoints.openai import serving_common as common
 from jaxserve.entrypoints.openai.chat_output import ChoiceOutput
+from jaxserve.entrypoints.openai.tool_parsers import KEEP_SPECIAL_TOKENS
 from jaxserve.entrypoints.openai.errors import APIError, bad_request
 from jaxserve.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk,
                                                   ChatCompletionRequest, ChatCompletionResponse,
@@ -67,6 +68,8 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     req = await common.parse_body(request, ChatCompletionRequest)
     model = state.check_model(req.model)
     params = common.sampling_params(state, req)
+    if state.tool_call_parser in KEEP_SPECIAL_TOKENS and req.auto_parses(state.tool_call_parser):
+        params = dataclasses.replace(params, skip_special_tokens=False)  # the calls' tags
     text, ids = render_chat(state, req.messages, add_generation_prompt=req.add_generation_prompt,
                             continue_final_message=req.continue_final_message,
                             chat_template=req.chat_template,
@@ -169,7 +172,7 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
             progress.num_chars, progress.num_tokens = len(sample.text), len(sample.token_ids)
             progress.done = final
             yield chunk([ChatStreamChoice(
-                index=sample.index, delta=delta or DeltaMessage(content=""), logprobs=logprobs,
+                index=sample.index, delta=delta or DeltaMessage(content=output.empty_content), logprobs=logprobs,
                 finish_reason=output.finish_reason or sample.finish_reason,
                 stop_reason=sample.stop_reason)])
     if req.include_usage:
