@@ -145,7 +145,9 @@ async def _tokenize(state: ServerState, request: web.Request) -> web.Response:
                              continue_final_message=req.continue_final_message,
                              chat_template=req.chat_template,
                              chat_template_kwargs=req.chat_template_kwargs,
-                             add_special_tokens=req.add_special_tokens)
+                             add_special_tokens=req.add_special_tokens,
+                             tools=[tool.model_dump(exclude_none=True) for tool in req.tools]
+                             if req.tools else None)
     else:
         ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return web.json_response({"count": len(ids), "max_model_len": state.max_model_len,

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jaxserve.entrypoints.openai import request_fields
 from jaxserve.entrypoints.openai.request_fields import Refused
 from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
-from jaxserve.entrypoints.openai.tools import DeltaToolCall, ToolCall, ToolFields, template_message
+from jaxserve.entrypoints.openai.tools import (DeltaToolCall, Tool, ToolCall, ToolFields,
+                                              template_message)
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -186,11 +187,14 @@ class TokenizeRequest(OpenAIModel):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # the chat form's tools, for the template
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages is required")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages (the chat form), not prompt")
         return self
 
 
