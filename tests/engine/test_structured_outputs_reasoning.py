@@ -1,27 +1,14 @@
 """Structured outputs under a reasoning parser, through the whole engine: the grammar starts
-after the output's end-of-think tokens. The tiny checkpoint's tokenizer gets `<think>` and
-`</think>` as tokens of their own, so a logit bias can make the random model close its
-think block at once; the grammar then has to shape the answer."""
+after the output's end-of-think tokens. The tiny checkpoint's tokenizer has `<think>` and
+`</think>` as tokens of their own (tests/conftest.py's thinking_llm), so a logit bias can
+make the random model close its think block at once; the grammar then has to shape the
+answer."""
 
 import re
-import shutil
 
-import pytest
-
-from jaxserve import LLM, SamplingParams, StructuredOutputsParams
-from jaxserve.testing.tokenizer import build_tokenizer
+from jaxserve import SamplingParams, StructuredOutputsParams
 
 REGEX = "[ab]{3}-[0-9]{2}"
-
-
-@pytest.fixture(scope="module")
-def thinking_llm(engine_checkpoint, engine_kwargs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("thinking") / "model"
-    shutil.copytree(engine_checkpoint("qwen2"), path)
-    tokenizer = build_tokenizer(318)
-    tokenizer.add_tokens(["<think>", "</think>"])  # ids 318, 319: the model's V is 320
-    tokenizer.save_pretrained(path)
-    return LLM(str(path), reasoning_parser="deepseek_r1", **engine_kwargs)
 
 
 def _params(**kwargs):

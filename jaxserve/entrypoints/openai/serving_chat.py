@@ -172,7 +172,8 @@ async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str
             progress.num_chars, progress.num_tokens = len(sample.text), len(sample.token_ids)
             progress.done = final
             yield chunk([ChatStreamChoice(
-                index=sample.index, delta=delta or DeltaMessage(content=output.empty_content), logprobs=logprobs,
+                index=sample.index, delta=delta or DeltaMessage(content=output.empty_content),
+                logprobs=logprobs,
                 finish_reason=output.finish_reason or sample.finish_reason,
                 stop_reason=sample.stop_reason)])
     if req.include_usage:
