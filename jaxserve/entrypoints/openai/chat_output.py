@@ -36,7 +36,7 @@ class ChoiceOutput:
         reasoning, content = self._reasoning.feed(text, final=True)
         # All reasoning: no content (vLLM's None), where a plain empty output has "".
         message = AssistantMessage(content=self._echo + content or (None if reasoning else ""),
-                                   **_reasoning(reasoning))
+                                   **self._reasoning_fields(reasoning))
         parsed = self._req.tool_calls_in(content, self._tool_call_parser)
         if parsed is not None:
             message.content, message.tool_calls = parsed
@@ -46,7 +46,7 @@ class ChoiceOutput:
     def delta(self, text: str, *, final: bool) -> DeltaMessage | None:
         """What the output `text` (cumulative) adds to the stream; None: nothing yet."""
         reasoning, content = self._reasoning.feed(text, final=final)
-        delta = DeltaMessage(content=content or None, **_reasoning(reasoning))
+        delta = DeltaMessage(content=content or None, **self._reasoning_fields(reasoning))
         if self._calls is not None:
             content, calls = self._calls.feed(self._reasoning.content, final=final)
             delta.content = content or None
@@ -85,5 +85,7 @@ class ChoiceOutput:
         return None if self.holds or self._calls is not None else ""
 
 
-def _reasoning(text: str) -> dict[str, str | None]:
-    return {"reasoning_content": text or None, "reasoning": text or None}
+    def _reasoning_fields(self, text: str) -> dict[str, str | None]:
+        """The reasoning under both names; none when the request asks for none."""
+        text = (text if self._req.include_reasoning else "") or None
+        return {"reasoning_content": text, "reasoning": text}

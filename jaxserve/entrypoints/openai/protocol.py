@@ -164,6 +164,7 @@ class ChatCompletionRequest(_SamplingRequest, ToolFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    include_reasoning: bool = True  # False: the reasoning parser's think block is dropped
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -44,6 +44,21 @@ def test_the_think_block_becomes_reasoning_content(scripted):
     assert body["choices"][0]["finish_reason"] == "length"
 
 
+def test_include_reasoning_false_drops_the_think_block(scripted):
+    for stream in (False, True):
+        status, body = chat(scripted, {**BODY, "include_reasoning": False, "stream": stream},
+                            reasoning_parser="qwen3")
+        assert status == 200, body
+        if stream:
+            deltas = [d["delta"] for d in _stream_deltas(body)]
+            assert not any(d.get("reasoning_content") for d in deltas)
+            assert "".join(d.get("content") or "" for d in deltas) == "\n\nHello there!"
+        else:
+            message = body["choices"][0]["message"]
+            assert message["reasoning_content"] is None
+            assert message["content"] == "\n\nHello there!"
+
+
 def test_without_a_parser_the_think_block_stays_content(scripted):
     status, body = chat(scripted, BODY)
     message = body["choices"][0]["message"]
