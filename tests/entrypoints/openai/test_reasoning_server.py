@@ -9,6 +9,7 @@ import json
 
 import jsonschema
 import openai
+import pytest
 from aiohttp.test_utils import TestServer
 
 from jaxserve.engine.async_engine import AsyncEngine
@@ -76,3 +77,21 @@ def test_reasoning_then_a_grammar_shaped_answer_through_the_server(thinking_llm)
     assert message.reasoning_content is None and finish == "stop"
     jsonschema.validate(json.loads(message.content), SCHEMA)
     assert (reasoning, content) == ("", message.content)
+
+
+@pytest.mark.slow
+def test_the_serve_flag_reaches_the_server_and_the_engine(start_server):
+    """`jaxserve serve --reasoning-parser deepseek_r1` on the plain tiny checkpoint, whose
+    tokenizer has no think tokens: the random output never closes the block, so it is all
+    reasoning, and a grammar waits for the block's end."""
+    server = start_server("--reasoning-parser", "deepseek_r1")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        kwargs = dict(model=client.models.list().data[0].id, messages=MESSAGES,
+                      temperature=0.0, max_tokens=10)
+        free = client.chat.completions.create(**kwargs).choices[0].message
+        waiting = client.chat.completions.create(**kwargs, extra_body=FORMAT).choices[0]
+    finally:
+        assert server.stop() == 0
+    assert free.content is None and free.reasoning_content
+    assert waiting.message.reasoning_content == free.reasoning_content
