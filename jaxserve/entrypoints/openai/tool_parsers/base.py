@@ -128,7 +128,11 @@ def scan_call_object(text: str, at: int, args_keys: tuple[str, ...] = ("argument
             return call, None
         if text[colon] != ":":
             return None
-        key, end = json.loads(text[at:key_end]), value_end(text, start)
+        try:
+            key = json.loads(text[at:key_end])
+        except json.JSONDecodeError:
+            return None
+        end = value_end(text, start)
         if key in args_keys and not has_args:
             if text[start] != "{":
                 return None
@@ -137,10 +141,10 @@ def scan_call_object(text: str, at: int, args_keys: tuple[str, ...] = ("argument
             return call, None
         try:
             value = json.loads(text[start:end])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
         if key == "name":
-            if not isinstance(value, str):
+            if not isinstance(value, str) or not value:
                 return None
             call.name = value
         at = end

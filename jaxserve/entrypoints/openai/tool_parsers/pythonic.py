@@ -8,10 +8,12 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 
 from jaxserve.entrypoints.openai.tool_parsers.base import Parsed, PartialCall
 
 START, END = "<|python_start|>", "<|python_end|>"
+_UNPARSABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 _CALL_START = re.compile(r"\s*[A-Za-z_]\w*\s*(\(|$)")  # what a call being written starts as
 
 
@@ -52,8 +54,8 @@ def parse(text: str, *, final: bool) -> Parsed | None:
 
 def _parse_list(body: str) -> Parsed | None:
     try:
-        tree = ast.parse(body, mode="eval").body
-    except SyntaxError:
+        tree = _parse(body)
+    except _UNPARSABLE:
         return None
     if not isinstance(tree, ast.List) or not tree.elts:
         return None
@@ -63,9 +65,15 @@ def _parse_list(body: str) -> Parsed | None:
 
 def _call(source: str) -> PartialCall | None:
     try:
-        return _from_node(ast.parse(source.strip(), mode="eval").body)
-    except SyntaxError:
+        return _from_node(_parse(source.strip()))
+    except _UNPARSABLE:
         return None
+
+
+def _parse(source: str) -> ast.AST:
+    with warnings.catch_warnings():  # model text is no code of ours to warn about
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return ast.parse(source, mode="eval").body
 
 
 def _from_node(node: ast.AST) -> PartialCall | None:
@@ -74,6 +82,6 @@ def _from_node(node: ast.AST) -> PartialCall | None:
         return None
     try:
         arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-    except ValueError:
+        return PartialCall(node.func.id, json.dumps(arguments, ensure_ascii=False), True)
+    except (*_UNPARSABLE, TypeError):  # not literals, or literals JSON has no form for
         return None
-    return PartialCall(node.func.id, json.dumps(arguments, ensure_ascii=False), True)

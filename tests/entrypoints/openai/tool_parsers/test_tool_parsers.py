@@ -40,6 +40,12 @@ NOT_CALLS = [  # parser, output that is content
     ("llama3_json", "The weather is fine."), ("llama3_json", '{"nam": 1}'),
     ("mistral", "No tools needed."), ("mistral", "[TOOL_CALLS] oops, not a call"),
     ("pythonic", "Plain words."), ("pythonic", "[1, 2, 3]"), ("pythonic", "[f(1)]"),
+    # malformed in ways that once raised: a bad escape in a key, an empty name, values
+    # that are Python literals without a JSON form
+    ("llama3_json", '{"na\\me": "f", "parameters": {}}'),
+    ("llama3_json", '{"name": "", "parameters": {}}'),
+    ("pythonic", "[f(x={1, 2})]"), ("pythonic", "[f(x=b'1')]"), ("pythonic", "[f(x=1j)]"),
+    ("pythonic", "[f(x=1\x00)]"),
 ]
 
 
