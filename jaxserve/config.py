@@ -248,6 +248,7 @@ class SchedulerConfig:
 # "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp);
 # the one list of names: EngineConfig checks it and `jaxserve serve` offers it.
 ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # jaxserve/reasoning.py's, by name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +272,9 @@ class EngineConfig:
     # Serve once the smallest buckets are compiled and compile the others in a background
     # thread (steps stay inside what is compiled meanwhile); False: all before serving.
     background_compilation: bool = _rule(True, "True or False", _is_bool)
+    # The outputs' think block syntax: a request's grammar applies after it (the answer).
+    reasoning_parser: str | None = _rule(None, f"None or one of {REASONING_PARSERS}",
+                                         _none_or(REASONING_PARSERS.__contains__))
 
     def __post_init__(self) -> None:
         _check_rules(self)

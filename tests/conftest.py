@@ -219,6 +219,21 @@ def qwen2_llm(engine_checkpoint):
     return LLM(str(engine_checkpoint("qwen2")), **ENGINE_KWARGS)
 
 
+@pytest.fixture(scope="session")
+def thinking_llm(engine_checkpoint, tmp_path_factory):
+    """The tiny qwen2 engine under reasoning_parser="deepseek_r1", its tokenizer with
+    `<think>` and `</think>` as tokens of their own (the programs are qwen2_llm's)."""
+    import shutil
+
+    from jaxserve import LLM
+    from jaxserve.testing.tokenizer import save_thinking_tokenizer
+
+    path = tmp_path_factory.mktemp("thinking") / "model"
+    shutil.copytree(engine_checkpoint("qwen2"), path)
+    save_thinking_tokenizer(path)
+    return LLM(str(path), reasoning_parser="deepseek_r1", **ENGINE_KWARGS)
+
+
 # The paged parity run the model-family tests share: ragged prompts of these lengths prefill
 # together in one step on shuffled blocks of NaN-poisoned pools, then decode a few steps.
 PARITY_PROMPT_LENS = (1, 15, 17, 40)

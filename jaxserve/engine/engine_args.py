@@ -18,8 +18,9 @@ import re
 import typing
 from collections.abc import Callable
 
-from jaxserve.config import (ATTENTION_BACKENDS, SCHEDULER_POLICIES, CacheConfig, EngineConfig,
-                             ModelConfig, SchedulerConfig, check_rule)
+from jaxserve.config import (ATTENTION_BACKENDS, REASONING_PARSERS, SCHEDULER_POLICIES,
+                             CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
+                             check_rule)
 from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
 
 
@@ -141,6 +142,10 @@ class EngineArgs:
     background_compilation: bool = _config_option(
         EngineConfig, "background_compilation", "serve once the smallest buckets are "
         "compiled and compile the rest meanwhile (off under multi-host)")
+    reasoning_parser: str | None = _config_option(
+        EngineConfig, "reasoning_parser", "the models' think block syntax: the server "
+        "splits it into reasoning_content; structured output applies after it",
+        choices=REASONING_PARSERS)
 
     def __post_init__(self) -> None:
         for field in options():

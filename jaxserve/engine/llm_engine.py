@@ -94,7 +94,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer)
         self.structured_outputs = StructuredOutputs(
             tokenizer, vocab_size=self.model_config.vocab_size,
-            eos_token_ids=self.model_config.eos_token_ids)
+            eos_token_ids=self.model_config.eos_token_ids,
+            reasoning_parser=config.reasoning_parser)
         self._id_counter = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0

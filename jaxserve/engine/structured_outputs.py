@@ -10,7 +10,9 @@ A matcher follows the request's output tokens: if their counts differ (a token a
 elsewhere), it is rebuilt from those tokens before its next mask. The mask of step N+1
 depends on the token of step N (`SamplingParams.needs_sampled_tokens`): a step planned
 ahead of its tokens gets its rows once step N is collected and accepted (the engine
-defers that step's sampler).
+defers that step's sampler). Under a reasoning parser a grammar starts after the output's
+end-of-think tokens (or at once where the prompt closed the think block): until then its
+request samples unmasked.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from jaxserve.core.scheduler_output import SchedulerOutput
+from jaxserve.reasoning import get_reasoning_parser
 from jaxserve.request import Request
 from jaxserve.sampling_params import StructuredOutputsParams
 
@@ -37,11 +40,16 @@ class _RequestMatcher:
     grammar: str  # llguidance's grammar text, to rebuild the matcher
     matcher: object  # llguidance.LLMatcher
     num_tokens: int = 0  # output tokens offered to it so far
+    start: int | None = 0  # the output index where the grammar starts; None: still reasoning
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(self, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int],
+                 reasoning_parser: str | None = None):
         self._hf_tokenizer = tokenizer  # the engine's (HF fast) tokenizer, or None
+        self._reasoning = None if reasoning_parser is None else get_reasoning_parser(
+            reasoning_parser)
+        self._reasoning_end: tuple[int, ...] = ()  # the end tag's ids, encoded at first use
         self._vocab_size = vocab_size  # V of the model: ids at or past it are never allowed
         self._eos_token_ids = sorted(eos_token_ids)
         self._ll_tokenizer = None  # llguidance's view of the vocabulary, built at first use
@@ -84,7 +92,8 @@ class StructuredOutputs:
         import llguidance
 
         matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
-        self._matchers[request.request_id] = _RequestMatcher(request, grammar, matcher)
+        self._matchers[request.request_id] = _RequestMatcher(
+            request, grammar, matcher, start=None if self._reasons(request) else 0)
 
     def remove(self, req_ids: Iterable[str]) -> None:
         if self._matchers:
@@ -111,7 +120,8 @@ class StructuredOutputs:
             if state is not None and state.request.is_finished:
                 del self._matchers[req_id]
         req_ids = tuple(r for r in out.num_scheduled_tokens
-                        if r in self._matchers and out.samples(r))
+                        if r in self._matchers and out.samples(r)
+                        and self._in_step(r).start is not None)
         if not req_ids:
             return out
         import llguidance
@@ -132,13 +142,37 @@ class StructuredOutputs:
         state = self._matchers.get(req_id)
         if state is None:
             return False
-        matcher = state.matcher
+        matcher, num_before = state.matcher, state.num_tokens
+        state.num_tokens += len(token_ids)
+        if state.start is None:  # the grammar starts after the reasoning's end, if it came
+            state.start = self._reasoning_end_in(state.request.output_token_ids, num_before)
+            if state.start is None:
+                return False
+            token_ids = state.request.output_token_ids[state.start:state.num_tokens]
         for token_id in token_ids:
             if not matcher.is_stopped() and not matcher.consume_token(token_id):
                 logger.error("request %s: token %d does not match its grammar: %s", req_id,
                              token_id, matcher.get_error())
-        state.num_tokens += len(token_ids)
         return matcher.is_stopped()
+
+    def _reasons(self, request: Request) -> bool:
+        """Whether the request's output starts with reasoning (its prompt does not close it)."""
+        if self._reasoning is None:
+            return False
+        if not self._reasoning_end:
+            self._reasoning_end = tuple(self._hf_tokenizer.encode(
+                self._reasoning.end, add_special_tokens=False))
+        tail = self._hf_tokenizer.decode(request.prompt_token_ids[-8:])
+        return not self._reasoning.ended_in(tail)
+
+    def _reasoning_end_in(self, output_token_ids: Sequence[int], num_seen: int) -> int | None:
+        """The index after the first end-of-reasoning ids in the output, looking from where
+        they could end among tokens not seen before; None if they are not there yet."""
+        end, n = self._reasoning_end, len(self._reasoning_end)
+        for at in range(max(0, num_seen - n + 1), len(output_token_ids) - n + 1):
+            if tuple(output_token_ids[at:at + n]) == end:
+                return at + n
+        return None
 
     def _in_step(self, req_id: str) -> _RequestMatcher:
         """The request's matcher, rebuilt from its output tokens where it missed some."""

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='read the tool calls of tool_choice "auto" outputs (needs '
                        "--tool-call-parser)")
     serve.add_argument("--tool-call-parser", default=None,
-                       help="the tool-call syntax of the model's outputs: hermes")
+                       help="the tool-call syntax of the model's outputs: hermes, llama3_json, "
+                       "mistral or pythonic")
     serve.add_argument("--max-logprobs", type=int, default=20,
                        help="most logprobs / top_logprobs a request may ask for (<= 20)")
     serve.add_argument("--max-request-body-bytes", type=parse_size, default="10MiB",
@@ -181,6 +182,7 @@ def serve(args: argparse.Namespace) -> int:
                         trust_request_chat_template=args.trust_request_chat_template,
                         max_logprobs=args.max_logprobs,
                         tool_call_parser=parser if args.enable_auto_tool_choice else None,
+                        reasoning_parser=args.reasoning_parser,
                         max_request_body_bytes=args.max_request_body_bytes)
         asyncio.run(serve_http(app, args.host, args.port,
                                shutdown_timeout=args.shutdown_timeout))

@@ -87,3 +87,13 @@ def save_tokenizer(model_dir: str | os.PathLike, vocab_size: int = 320):
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.save_pretrained(model_dir)
     return tokenizer
+
+
+def save_thinking_tokenizer(model_dir: str | os.PathLike, vocab_size: int = 320):
+    """Saves a tokenizer whose last two ids are `<think>` and `</think>` (tokens of their
+    own, as in Qwen3 and DeepSeek-R1, so that a logit bias can make a random model close
+    its think block); returns it."""
+    tokenizer = build_tokenizer(vocab_size - 2)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(model_dir)
+    return tokenizer

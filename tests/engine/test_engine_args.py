@@ -33,6 +33,7 @@ OTHER_VALUES = {
     "max_num_waiting": (4, ["--max-num-waiting", "4"]),
     "async_scheduling": (False, ["--no-async-scheduling"]),
     "background_compilation": (False, ["--no-background-compilation"]),
+    "reasoning_parser": ("qwen3", ["--reasoning-parser", "qwen3"]),
 }
 # For every option that has a rule (all but the cache directory): a value it refuses.
 BAD_VALUES = {
@@ -42,7 +43,7 @@ BAD_VALUES = {
     "tensor_parallel_size": 0, "enable_expert_parallel": 1, "attention_backend": "flash",
     "skip_tokenizer_init": "no", "long_prefill_token_threshold": -1,
     "scheduling_policy": "lifo", "max_num_waiting": 0, "async_scheduling": None,
-    "background_compilation": "on",
+    "background_compilation": "on", "reasoning_parser": "granite",
 }
 COMMANDS = (["serve", "m"], ["generate", "m", "--prompt", "hi"])
 

@@ -27,6 +27,7 @@ from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequ
 from jaxserve.entrypoints.openai.serving_chat import create_chat_completion, render_chat
 from jaxserve.entrypoints.openai.serving_common import ServerState, parse_body
 from jaxserve.entrypoints.openai.serving_completion import create_completion
+from jaxserve.reasoning import get_reasoning_parser
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
               model_root: str | None = None, api_key: str | None = None,
               chat_template: str | None = None, trust_request_chat_template: bool = False,
               max_logprobs: int = 20, tool_call_parser: str | None = None,
+              reasoning_parser: str | None = None,
               max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
     """The server app; sets the engine's observer to the app's metrics."""
     if not served_model_names:
@@ -49,7 +51,9 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
                         model_root=model_root or served_model_names[0],
                         max_logprobs=max_logprobs, chat_template=chat_template,
                         trust_request_chat_template=trust_request_chat_template,
-                        tool_call_parser=tool_call_parser)
+                        tool_call_parser=tool_call_parser,
+                        reasoning_parser=reasoning_parser and get_reasoning_parser(
+                            reasoning_parser))
     metrics = ServerMetrics(lambda: {**engine.stats, **engine.compilation_stats()},
                             served_model_names[0])
     engine.observer = metrics
@@ -141,7 +145,9 @@ async def _tokenize(state: ServerState, request: web.Request) -> web.Response:
                              continue_final_message=req.continue_final_message,
                              chat_template=req.chat_template,
                              chat_template_kwargs=req.chat_template_kwargs,
-                             add_special_tokens=req.add_special_tokens)
+                             add_special_tokens=req.add_special_tokens,
+                             tools=[tool.model_dump(exclude_none=True) for tool in req.tools]
+                             if req.tools else None)
     else:
         ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return web.json_response({"count": len(ids), "max_model_len": state.max_model_len,

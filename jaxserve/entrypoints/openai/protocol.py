@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jaxserve.entrypoints.openai import request_fields
 from jaxserve.entrypoints.openai.request_fields import Refused
 from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
-from jaxserve.entrypoints.openai.tools import DeltaToolCall, ToolCall, ToolFields, template_message
+from jaxserve.entrypoints.openai.tools import (DeltaToolCall, Tool, ToolCall, ToolFields,
+                                              template_message)
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -163,6 +164,7 @@ class ChatCompletionRequest(_SamplingRequest, ToolFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    include_reasoning: bool = True  # False: the reasoning parser's think block is dropped
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -186,11 +188,14 @@ class TokenizeRequest(OpenAIModel):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # the chat form's tools, for the template
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages is required")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages (the chat form), not prompt")
         return self
 
 
@@ -252,6 +257,9 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    # The think block (--reasoning-parser), under vLLM's old name and its new one.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -276,6 +284,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

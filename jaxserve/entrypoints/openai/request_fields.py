@@ -102,7 +102,6 @@ CHAT_REFUSED: Mapping[str, Refused] = MappingProxyType({
     "prompt_cache_retention": Refused("the prefix cache is automatic (LRU); it takes no "
                                       "retention policy"),
     "documents": Refused("documents for RAG templates are not implemented"),
-    "include_reasoning": Refused("reasoning is never separated from the content", (True,)),
     "thinking_token_budget": Refused("a thinking budget is not implemented"),
     **_VLLM,
 })

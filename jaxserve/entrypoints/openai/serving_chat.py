@@ -2,9 +2,9 @@
 
 `render_chat` applies the tokenizer's (or --chat-template's, or the request's) template with
 `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs` and the request's
-`tools`; a forced tool call's output becomes the message's `tool_calls` (tools.py).
-Streaming sends each choice's role first, then content deltas (a forced tool call: its
-calls, whole, once done), then its finish reason; logprobs follow OpenAI's chat format
+`tools`; chat_output.py turns each choice's text into the message (reasoning, content,
+tool calls). Streaming sends each choice's role first, then its deltas, then its finish
+reason; logprobs follow OpenAI's chat format
 (`content: [{token, logprob, bytes, top_logprobs}]`).
 """
 
@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from jaxserve.entrypoints.openai import serving_common as common
+from jaxserve.entrypoints.openai.chat_output import ChoiceOutput
+from jaxserve.entrypoints.openai.tool_parsers import KEEP_SPECIAL_TOKENS
 from jaxserve.entrypoints.openai.errors import APIError, bad_request
-from jaxserve.entrypoints.openai.protocol import (AssistantMessage, ChatChoice,
-                                                  ChatCompletionChunk, ChatCompletionRequest,
-                                                  ChatCompletionResponse, ChatLogprobs,
-                                                  ChatMessage, ChatStreamChoice, DeltaMessage,
-                                                  TokenLogprob, TopLogprob, Usage)
-from jaxserve.entrypoints.openai.tools import DeltaToolCall
+from jaxserve.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk,
+                                                  ChatCompletionRequest, ChatCompletionResponse,
+                                                  ChatLogprobs, ChatMessage, ChatStreamChoice,
+                                                  DeltaMessage, TokenLogprob, TopLogprob, Usage)
 from jaxserve.outputs import RequestOutput
 
 _ROLE = "assistant"
@@ -68,6 +68,8 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     req = await common.parse_body(request, ChatCompletionRequest)
     model = state.check_model(req.model)
     params = common.sampling_params(state, req)
+    if state.tool_call_parser in KEEP_SPECIAL_TOKENS and req.auto_parses(state.tool_call_parser):
+        params = dataclasses.replace(params, skip_special_tokens=False)  # the calls' tags
     text, ids = render_chat(state, req.messages, add_generation_prompt=req.add_generation_prompt,
                             continue_final_message=req.continue_final_message,
                             chat_template=req.chat_template,
@@ -87,18 +89,16 @@ async def create_chat_completion(state: common.ServerState, request: web.Request
     last = req.messages[-1]
     echo = last.template_dict()["content"] if req.echo and last.role == _ROLE else ""
     if req.stream:
+        outputs = [_choice_output(state, req, text, echo) for _ in range(req.n)]
         return await common.stream_sse(request, state, streams, _chunks(
-            state, req, request_id, model, streams[0], prompt, echo))
+            state, req, request_id, model, streams[0], prompt, outputs))
     final = (await common.final_outputs(state, streams))[0]
     choices = []
     for s in final.outputs:
-        message = AssistantMessage(role=_ROLE, content=echo + s.text)
-        finish_reason = s.finish_reason
-        parsed = req.tool_calls_in(s.text, state.tool_call_parser)
-        if parsed is not None:
-            message = AssistantMessage(role=_ROLE, content=parsed[0], tool_calls=parsed[1])
-            finish_reason = "tool_calls"
-        choices.append(ChatChoice(index=s.index, message=message, finish_reason=finish_reason,
+        output = _choice_output(state, req, text, echo)
+        message = output.message(s.text)
+        choices.append(ChatChoice(index=s.index, message=message,
+                                  finish_reason=output.finish_reason or s.finish_reason,
                                   logprobs=_logprobs(state, req, s.token_ids, s.logprobs),
                                   stop_reason=s.stop_reason))
     return web.json_response(text=ChatCompletionResponse(
@@ -136,42 +136,45 @@ class _Sent:
     done: bool = False
 
 
+def _choice_output(state: common.ServerState, req: ChatCompletionRequest, prompt_text: str,
+                   echo: str) -> ChoiceOutput:
+    return ChoiceOutput(req, tool_call_parser=state.tool_call_parser,
+                        reasoning_parser=state.reasoning_parser, prompt=prompt_text, echo=echo)
+
+
 async def _chunks(state, req: ChatCompletionRequest, request_id: str, model: str, stream,
-                  prompt: common.Prompt, echo: str) -> AsyncIterator[bytes]:
+                  prompt: common.Prompt, outputs: list[ChoiceOutput]) -> AsyncIterator[bytes]:
     created = int(time.time())
 
     def chunk(choices, usage=None) -> bytes:
         return common.sse(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=choices, usage=usage))
 
-    forced = req.holds_output(state.tool_call_parser)  # calls go out whole, once done
-    for index in range(req.n):
+    for index, output in enumerate(outputs):
         yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(
-            role=_ROLE, content=None if forced else echo))])
+            role=_ROLE, content=output.first_content))])
     sent = [_Sent() for _ in range(req.n)]
     last: RequestOutput | None = None
     async for last in stream:
         for sample in last.outputs:
-            progress = sent[sample.index]
-            if forced and not sample.finish_reason:
+            progress, output = sent[sample.index], outputs[sample.index]
+            if progress.done or not (len(sample.text) > progress.num_chars
+                                     or len(sample.token_ids) > progress.num_tokens
+                                     or sample.finish_reason):
                 continue
-            new_text = sample.text[progress.num_chars:]
+            final = sample.finish_reason is not None
+            delta = output.delta(sample.text, final=final)
+            if delta is None and not final and output.holds:  # its logprobs go later
+                continue
             new_ids = sample.token_ids[progress.num_tokens:]
-            if progress.done or not (new_text or new_ids or sample.finish_reason):
-                continue
             logprobs = _logprobs(state, req, new_ids, None if sample.logprobs is None
                                  else sample.logprobs[progress.num_tokens:])
             progress.num_chars, progress.num_tokens = len(sample.text), len(sample.token_ids)
-            progress.done = sample.finish_reason is not None
-            delta, finish_reason = DeltaMessage(content=new_text), sample.finish_reason
-            parsed = req.tool_calls_in(sample.text, state.tool_call_parser) if forced else None
-            if parsed is not None:
-                content, calls = parsed
-                delta = DeltaMessage(content=content, tool_calls=[
-                    DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-                finish_reason = "tool_calls"
+            progress.done = final
             yield chunk([ChatStreamChoice(
-                index=sample.index, delta=delta, logprobs=logprobs,
-                finish_reason=finish_reason, stop_reason=sample.stop_reason)])
+                index=sample.index, delta=delta or DeltaMessage(content=output.empty_content),
+                logprobs=logprobs,
+                finish_reason=output.finish_reason or sample.finish_reason,
+                stop_reason=sample.stop_reason)])
     if req.include_usage:
         yield chunk([], usage=_usage(prompt, last))

@@ -28,6 +28,7 @@ from jaxserve.entrypoints.openai.errors import APIError, bad_request, from_value
 from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                   OpenAIModel)
 from jaxserve.outputs import Logprob, PositionLogprobs
+from jaxserve.reasoning import ReasoningParser
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ServerState:
     chat_template: str | None = None  # overrides the tokenizer's template when set
     trust_request_chat_template: bool = False  # requests may bring their own template
     tool_call_parser: str | None = None  # reads "auto" tool calls (--enable-auto-tool-choice)
+    reasoning_parser: ReasoningParser | None = None  # splits off the think block
 
     @property
     def max_model_len(self) -> int:

@@ -8,26 +8,23 @@ tools (`forced_schema`), and `parse_tool_calls` turns it into the message's `too
 For a named function the output is its arguments object; for "required" it is an array
 (one item when `parallel_tool_calls` is false) of `{"name", "arguments"}` objects, one of
 the tools each; a stream sends them whole, when the JSON is done. `"none"` generates plain
-text, and so does `"auto"`, whose output the server's auto parser (--tool-call-parser
-hermes, with --enable-auto-tool-choice) reads for `<tool_call>` blocks when it has one.
+text, and so does `"auto"`, whose output the server's auto parser (--tool-call-parser NAME,
+with --enable-auto-tool-choice; tool_parsers/) reads for calls when it has one.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
+from jaxserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, call_id
 from jaxserve.sampling_params import StructuredOutputsParams
 
-AUTO_TOOL_CALL_PARSERS = ("hermes",)  # the --tool-call-parser choices
-# Hermes (Qwen2.5, NousResearch): each call is `<tool_call>{"name", "arguments"}</tool_call>`;
-# the last may be cut short of its end tag.
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+AUTO_TOOL_CALL_PARSERS = tuple(TOOL_CALL_PARSERS)  # the --tool-call-parser choices
 # What a function without `parameters` takes: no arguments (OpenAI's reading).
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -64,10 +61,28 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class DeltaToolCall(ToolCall):
-    """A tool call in a stream: each call whole, in the chunk that ends its choice."""
+class _WithoutNones(BaseModel):
+    """Sent without its unset (None) fields: the openai SDK's stream accumulator would
+    otherwise overwrite a call's `type` with null."""
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(_WithoutNones):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_WithoutNones):
+    """A piece of a tool call in a stream: its first carries the id and name, the others
+    (same index) more of the arguments."""
 
     index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ToolFields(StructuredOutputFields):
@@ -131,21 +146,26 @@ class ToolFields(StructuredOutputFields):
         # Compact JSON: whitespace would only delay the call (the arguments are re-serialized).
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
-    def holds_output(self, auto_parser: str | None) -> bool:
-        """Whether the output may be tool calls, which a stream sends whole at the end."""
-        return self.forced_tool() is not None or self._auto(auto_parser)
+    def holds_output(self) -> bool:
+        """Whether the output is a forced tool call, which a stream sends whole at the end."""
+        return self.forced_tool() is not None
 
     def tool_calls_in(self, text: str, auto_parser: str | None,
                       ) -> tuple[str | None, list[ToolCall]] | None:
         """(content, tool calls) when the output holds calls, else None (plain content).
         `auto_parser` (--tool-call-parser, with --enable-auto-tool-choice) reads the
         calls of an unforced output when tools are offered."""
-        if self._auto(auto_parser):
-            return _parse_hermes(text)
+        if self.auto_parses(auto_parser):
+            parsed = TOOL_CALL_PARSERS[auto_parser](text, final=True)
+            if parsed is None:
+                return None
+            return parsed.content or None, [ToolCall(id=call_id(auto_parser), function=(
+                FunctionCall(name=call.name, arguments=call.arguments))) for call in parsed.calls]
         calls = self.parse_tool_calls(text)
         return None if calls is None else (None, calls)
 
-    def _auto(self, auto_parser: str | None) -> bool:
+    def auto_parses(self, auto_parser: str | None) -> bool:
+        """Whether the auto parser reads this request's output (tools, no forced call)."""
         return bool(auto_parser and self.tools and self.tool_choice in (None, "auto"))
 
     def parse_tool_calls(self, text: str) -> list[ToolCall] | None:
@@ -190,24 +210,6 @@ def template_message(message: dict[str, Any]) -> dict[str, Any]:
 def _call(name: str, arguments: Any) -> ToolCall:
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
                     function=FunctionCall(name=name, arguments=json.dumps(arguments)))
-
-
-def _parse_hermes(text: str) -> tuple[str | None, list[ToolCall]] | None:
-    """The text before the first call (None if blank) and the calls; None when there is no
-    call or one is not JSON `{"name": str, "arguments": ...}` (then it is all content)."""
-    start = text.find("<tool_call>")
-    if start < 0:
-        return None
-    calls = []
-    for body in _HERMES_CALL.findall(text, start):
-        try:
-            value = json.loads(body)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return None
-        calls.append(_call(value["name"], value.get("arguments", {})))
-    return text[:start].strip() or None, calls
 
 
 def _parameters(function: FunctionDefinition) -> dict[str, Any]:

@@ -204,8 +204,10 @@ class ScriptedEngine:
     """Answers every prompt with ANSWER, one token per step, with made-up logprobs; can
     pause (steps do nothing), fail (a step raises) and cap its live requests."""
 
-    def __init__(self, tokenizer, *, max_waiting=None, answer=ANSWER, max_model_len=64):
+    def __init__(self, tokenizer, *, max_waiting=None, answer=ANSWER, max_model_len=64,
+                 step_seconds=0.0):
         self.tokenizer = tokenizer
+        self.step_seconds = step_seconds  # > 0: a stream gets its answer in many chunks
         self.model_config = types.SimpleNamespace(max_model_len=max_model_len,
                                                   vocab_size=len(tokenizer))
         self.answer_ids = tokenizer.encode(answer)
@@ -247,6 +249,7 @@ class ScriptedEngine:
         if self.paused.is_set():
             time.sleep(0.005)
             return []
+        time.sleep(self.step_seconds)
         outputs = []
         for request_id, (output, params) in list(self.live.items()):
             for sample in output.outputs:

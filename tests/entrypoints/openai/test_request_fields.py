@@ -39,7 +39,7 @@ TURNED_ON = {
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {},
     "moderation": {"model": "omni-moderation-latest"}, "prompt_cache_options": {"mode": "explicit"},
     "prompt_cache_retention": "24h", "documents": [{"title": "t", "text": "x"}],
-    "include_reasoning": False, "thinking_token_budget": 8, "suffix": " end", "best_of": 2,
+    "thinking_token_budget": 8, "suffix": " end", "best_of": 2,
     "prompt_embeds": "AAAA", "use_beam_search": True, "length_penalty": 0.5,
     "truncate_prompt_tokens": 4, "allowed_token_ids": [1, 2], "bad_words": ["x"],
     "guided_whitespace_pattern": " ", "structural_tag": "{}",

@@ -1,10 +1,12 @@
 """The auto tool-call parser (--enable-auto-tool-choice --tool-call-parser hermes) over the
 scripted engine, which can be made to answer with a model's tool-call syntax: its calls
-become `tool_calls` (streamed whole at the end), the text before them the content; without
+become `tool_calls` (streamed name first, then argument pieces), the text before them the
+content; without
 the parser, with tool_choice "none", or with text that is no call, the answer stays content."""
 
 import json
 
+import openai
 import pytest
 
 from jaxserve.entrypoints.openai.tools import ToolFields
@@ -38,16 +40,47 @@ def test_auto_calls_become_tool_calls(scripted):
     assert all(c["id"].startswith("call_") for c in calls)
 
 
-def test_auto_calls_stream_whole_at_the_end(scripted):
-    status, text = chat(scripted, {**BODY, "stream": True})
-    assert status == 200
-    events = [json.loads(line[len("data: "):]) for line in text.split("\n\n")
-              if line.startswith("data: {")]
-    deltas = [e["choices"][0] for e in events if e["choices"]]
-    assert deltas[0]["delta"]["role"] == "assistant" and deltas[0]["delta"]["content"] is None
-    assert len(deltas) == 2 and deltas[-1]["finish_reason"] == "tool_calls"
-    assert deltas[-1]["delta"]["content"] == "Sure."
-    assert [c["index"] for c in deltas[-1]["delta"]["tool_calls"]] == [0, 1]
+ANSWERS = {  # each parser's syntax, as its model family writes two calls
+    "hermes": CALLS,
+    "llama3_json": '{"name": "roll_dice", "parameters": {"sides": 6}}; '
+                   '{"name": "roll_dice", "parameters": {"sides": 2}}',
+    "mistral": 'Sure.[TOOL_CALLS][{"name": "roll_dice", "arguments": {"sides": 6}}, '
+               '{"name": "roll_dice", "arguments": {"sides": 2}}]',
+    "pythonic": "[roll_dice(sides=6), roll_dice(sides=2)]",
+}
+
+
+@pytest.mark.parametrize("parser", sorted(ANSWERS))
+def test_the_sdk_accumulates_the_streamed_calls_into_the_whole_ones(scripted, parser):
+    """The openai SDK's stream helper gets the name first, then argument pieces, and ends
+    with the calls (names, arguments) and content of the non-streamed answer."""
+    async def test(client, engine):
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="none",
+                                 max_retries=0)
+        kwargs = dict(model="scripted", messages=BODY["messages"], tools=BODY["tools"],
+                      max_tokens=200)
+        whole = await sdk.chat.completions.create(**kwargs)
+        engine.step_seconds = 0.002  # a token per chunk
+        events = []
+        async with sdk.chat.completions.stream(**kwargs) as stream:
+            async for event in stream:
+                events.append(event)
+            streamed = await stream.get_final_completion()
+        return whole.choices[0], streamed.choices[0], events
+
+    whole, streamed, events = scripted.serve(
+        test, app_kwargs={"tool_call_parser": parser}, answer=ANSWERS[parser],
+        max_model_len=256)
+    assert whole.finish_reason == streamed.finish_reason == "tool_calls"
+    assert streamed.message.content == whole.message.content
+    expected = [("roll_dice", '{"sides": 6}'), ("roll_dice", '{"sides": 2}')]
+    for choice in (whole, streamed):
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == (
+            expected)
+    pieces = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert [e.index for e in pieces] == sorted(e.index for e in pieces)
+    if parser != "pythonic":  # pythonic calls go out whole, once closed
+        assert len(pieces) > 4
 
 
 @pytest.mark.parametrize("case", ["no parser", "tool_choice none", "no tools", "not json"])
@@ -71,3 +104,17 @@ def test_the_parser_reads_plain_text_as_no_call():
     fields = ToolFields.model_validate({"tools": [TOOL]})
     assert fields.tool_calls_in("just text", "hermes") is None
     assert fields.tool_calls_in("just text", None) is None
+
+
+@pytest.mark.parametrize("parser, keeps", [("mistral", True), ("hermes", False)])
+def test_mistral_requests_keep_the_special_tokens_that_mark_calls(scripted, parser, keeps):
+    async def test(client, engine):
+        seen, add_request = [], engine.add_request
+        engine.add_request = lambda *args, **kwargs: (seen.append(args[2]),
+                                                      add_request(*args, **kwargs))[1]
+        for body in (BODY, {**BODY, "tool_choice": "none"}):
+            assert (await client.post("/v1/chat/completions", json=body)).status == 200
+        return [params.skip_special_tokens for params in seen]
+
+    assert scripted.serve(test, app_kwargs={"tool_call_parser": parser}, answer=CALLS,
+                          max_model_len=256) == [not keeps, True]
