@@ -165,3 +165,15 @@ def test_the_real_engine_streams_valid_events(api_server):
     cells, per_cell = summary["block_map"]["cells"], summary["block_map"]["blocks_per_cell"]
     assert len(cells) == -(-summary["kv"]["num_blocks"] // per_cell)
     assert summary["compilations"] > 0  # warm-up's
+
+
+@pytest.mark.slow
+def test_a_server_started_with_disable_dashboard_serves_none(start_server):
+    server = start_server("--disable-dashboard")
+    try:
+        assert server.request("GET", "/dashboard")[0] == 404
+        assert server.request("GET", "/dashboard/events")[0] == 404
+        assert server.request("GET", "/dashboard/static/dashboard.js")[0] == 404
+        assert server.request("GET", "/v1/models")[0] == 200
+    finally:
+        assert server.stop() == 0, server.log()
