@@ -24,10 +24,9 @@ def windows(records, interval: float) -> list[dict]:
     """Summaries of consecutive `interval`-second windows from the first record to the last."""
     if not records:
         return []
-    times = [r.time for r in records]
-    start = times[0] - interval  # the first window holds the first record
-    count = int(np.ceil((times[-1] - start) / interval))
-    return [summarize(records, start + i * interval, start + (i + 1) * interval, times=times)
+    start = records[0].time - interval  # the first window holds the first record
+    count = int(np.ceil((records[-1].time - start) / interval))
+    return [summarize(records, start + i * interval, start + (i + 1) * interval)
             for i in range(count)]
 
 

@@ -11,20 +11,20 @@ before the window, so a window with no step reports zero work and the latest sta
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Sequence
 
 from jaxserve.engine.step_stats import StepRecord
 
 # Steps of a window whose batch mix is sent (the most recent ones).
 MAX_BATCH_STEPS = 32
+_time = operator.attrgetter("time")
 
 
-def summarize(records: Sequence[StepRecord], start: float, end: float, *,
-              times: Sequence[float] | None = None) -> dict:
-    """The window (start, end] of `records` (oldest first, as StepStats keeps them);
-    `times`: their times, when the caller has them (many windows over the same records)."""
-    times = [r.time for r in records] if times is None else times
-    lo, hi = bisect.bisect_right(times, start), bisect.bisect_right(times, end)
+def summarize(records: Sequence[StepRecord], start: float, end: float) -> dict:
+    """The window (start, end] of `records` (oldest first, as StepStats keeps them)."""
+    lo = bisect.bisect_right(records, start, key=_time)
+    hi = bisect.bisect_right(records, end, lo=lo, key=_time)
     window = records[lo:hi]
     before = records[lo - 1] if lo > 0 else None
     last = records[hi - 1] if hi > 0 else None
@@ -59,9 +59,7 @@ def summarize(records: Sequence[StepRecord], start: float, end: float, *,
 
 def per_second(records: Sequence[StepRecord], end: float, seconds: int) -> list[dict]:
     """One summary for each of the `seconds` one-second windows before `end`, oldest first."""
-    times = [r.time for r in records]
-    return [summarize(records, end - k - 1, end - k, times=times)
-            for k in reversed(range(seconds))]
+    return [summarize(records, end - k - 1, end - k) for k in reversed(range(seconds))]
 
 
 def kv_blocks(record: StepRecord | None) -> dict:
