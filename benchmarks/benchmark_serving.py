@@ -4,7 +4,8 @@ Random prompts (token ids, or their text) go to `--endpoint` streamed, arriving 
 process at `--request-rate` (inf: all at once) and/or capped by `--max-concurrency`. Prints
 one table (request/s, output tok/s, TTFT/TPOT/ITL/E2E p50/p90/p99, goodput); `--launch CMD`
 starts the server (jaxserve's `--port 0` is read from its ready line), waits for /health,
-and stops it afterwards.
+and stops it afterwards. `--dashboard-subscribers N` keeps N dashboard pages' event streams
+(GET /dashboard/events) open during the load: the dashboard's cost is the difference.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--launch", default=None, help="server command to start, e.g. "
                    "\"jaxserve serve MODEL --port 0\"; stopped afterwards")
     p.add_argument("--launch-timeout", type=float, default=600.0)
+    p.add_argument("--dashboard-subscribers", type=int, default=0,
+                   help="event streams of the dashboard kept open during the load")
     p.add_argument("--output-json", default=None)
     p.add_argument("--plot", default=None, help="PNG of the TTFT and E2E latency CDFs")
     args = p.parse_args(argv)
@@ -190,6 +193,9 @@ async def run_load(args, prompts) -> tuple[list[dict], float]:
                 async with limit:
                     return await send(session, url, args, prompt, output_len)
 
+            events = [0] * args.dashboard_subscribers  # events each stream received
+            watchers = [asyncio.ensure_future(watch(session, base, events, i))
+                        for i in range(args.dashboard_subscribers)]
             tasks, start = [], time.perf_counter()
             for prompt, _, output_len in prompts:
                 tasks.append(asyncio.ensure_future(one(prompt, output_len)))
@@ -199,11 +205,22 @@ async def run_load(args, prompts) -> tuple[list[dict], float]:
             for task in pending:
                 task.cancel()
             elapsed = time.perf_counter() - start
+            for watcher in watchers:
+                watcher.cancel()
+            args.dashboard_events = events
             return [t.result() if t in done else {"ok": False, "error": "max-duration"}
                     for t in tasks], elapsed
     finally:
         if server is not None:
             server.stop()
+
+
+async def watch(session, base: str, events: list[int], index: int) -> None:
+    """Reads the dashboard's event stream like an open page, counting its events."""
+    async with session.get(base + "/dashboard/events") as response:
+        response.raise_for_status()
+        async for line in response.content:
+            events[index] += line.startswith(b"data: ")
 
 
 def summarize(results, prompts, elapsed, args) -> dict:
@@ -232,6 +249,7 @@ def summarize(results, prompts, elapsed, args) -> dict:
         "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot),
         "itl_ms": percentiles(itl), "e2el_ms": percentiles(e2el),
         "per_request": [{"ttft_ms": t, "e2el_ms": e} for t, e in zip(ttft, e2el)],
+        "dashboard_events": getattr(args, "dashboard_events", []),
     }
 
 

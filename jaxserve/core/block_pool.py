@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from .block_hash import BlockHash
 
 ROOT_CACHE_ID = 0  # the parent cache id of a request's first block; real ids start at 1
+# A block's state in `BlockPool.block_states()`, ordered by how busy it is.
+FREE, CACHED, USED, SHARED = 0, 1, 2, 3  # no table / free with a cached prefix / 1 / > 1 tables
 
 
 class KVCacheBlock:
@@ -109,6 +111,9 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached_blocks: dict[int, KVCacheBlock] = {}  # BlockHash.value -> cached block
         self._next_cache_id = ROOT_CACHE_ID + 1
+        # Free blocks that still hold a cached prefix (a hit revives them): kept as a count
+        # so that the stats of every step read it in O(1).
+        self.num_cached_free_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -129,6 +134,7 @@ class BlockPool:
         for _ in range(num_blocks):
             block = self.free_queue.popleft()
             if block.block_hash is not None:
+                self.num_cached_free_blocks -= 1
                 self._evict(block)
             block.ref_cnt = 1
             blocks.append(block)
@@ -139,6 +145,8 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 self.free_queue.remove(block)
+                if block.block_hash is not None:  # a hit revives a cached free block
+                    self.num_cached_free_blocks -= 1
             block.ref_cnt += 1
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
@@ -152,6 +160,7 @@ class BlockPool:
                     self.free_queue.appendleft(block)
                 else:
                     self.free_queue.append(block)
+                    self.num_cached_free_blocks += 1
 
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash, parent_cache_id: int) -> bool:
         """Registers a full block under its hash. False if another entry owns the hash
@@ -181,7 +190,14 @@ class BlockPool:
         for block in self.cached_blocks.values():
             block.block_hash = block.cache_id = block.parent_cache_id = None
         self.cached_blocks.clear()
+        self.num_cached_free_blocks = 0
         return True
+
+    def block_states(self) -> bytearray:
+        """[L - 1] one state per non-null block, in block order (FREE, CACHED, USED or
+        SHARED): the dashboard's block map. O(L); fine once a second, not every step."""
+        return bytearray(SHARED if b.ref_cnt > 1 else USED if b.ref_cnt else
+                         FREE if b.block_hash is None else CACHED for b in self.blocks[1:])
 
     def _evict(self, block: KVCacheBlock) -> None:
         if self.cached_blocks.get(block.block_hash.value) is block:

@@ -23,15 +23,18 @@ matchers have taken its tokens (`dispatch(defer_sampling=True)`, then `runner.sa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import numbers
 import logging
+import time
 
 from jaxserve.config import EngineConfig
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate
 from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.engine.step_stats import StepRecord, StepStats, count_token_kinds
 from jaxserve.engine.structured_outputs import StructuredOutputs
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
@@ -106,6 +109,11 @@ class LLMEngine:
         # it (its SchedulerOutput is `.out`)
         self._in_flight: PendingStep | None = None
         self.async_scheduling = config.scheduler_config.async_scheduling  # may be switched
+        # What each step did, for the dashboard (engine/step_stats.py); (prefill, decode)
+        # tokens of each dispatched step not collected yet, oldest first, counted when
+        # planned, while its requests are all live.
+        self.step_stats = StepStats()
+        self._planned_tokens: collections.deque[tuple[int, int]] = collections.deque()
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt_token_ids: list[int],
@@ -191,6 +199,7 @@ class LLMEngine:
         ready, while this step still computes, and `step` returns [] (the async engine
         streams them to clients a step's device time sooner).
         """
+        start = time.perf_counter()
         pending, self._in_flight = self._in_flight, None
         if pending is None:  # nothing computing: plan this step now
             scheduled = self._schedule()
@@ -208,8 +217,10 @@ class LLMEngine:
         if on_outputs is not None and outputs:
             on_outputs(outputs)
             outputs = []
+        waited = time.perf_counter()
         with self.step_compilations.track():
             sampled = self.runner.collect(pending)
+        waited = time.perf_counter() - waited
         updates = self.scheduler.update_from_output(pending.out, sampled)
         if len(self.structured_outputs):
             updates = self._advance_grammars(updates)
@@ -221,6 +232,7 @@ class LLMEngine:
             self.structured_outputs.forget_finished()
         if updates or sampled.prompt_logprobs:
             self._unprocessed = CollectedStep(updates, sampled)
+        self._record_step(pending, time.perf_counter() - start - waited, waited)
         return outputs
 
     def _schedule(self, *, ahead: bool = False):
@@ -230,6 +242,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
         if not ahead or not self._samples_from_history(scheduled):  # else: after collection
             scheduled = self.structured_outputs.prepare_step(scheduled)
+        self._planned_tokens.append(count_token_kinds(scheduled, self.scheduler.requests))
         if self.step_broadcaster is not None:
             self.step_broadcaster.send(scheduled)
         return scheduled
@@ -268,6 +281,29 @@ class LLMEngine:
         self.num_generation_tokens += sum(len(u.new_token_ids) for u in updates)
         return outputs
 
+    def _record_step(self, pending: PendingStep, host_seconds: float,
+                     device_wait_seconds: float) -> None:
+        num_prefill, num_decode = self._planned_tokens.popleft()
+        inputs, kv = pending.inputs, self.scheduler.kv_cache_manager
+        pool = kv.block_pool
+        token_bucket = 0 if inputs is None else len(inputs.input_ids)
+        num_cached_free = pool.num_cached_free_blocks
+        self.step_stats.append(StepRecord(
+            time=time.time(), num_prefill_tokens=num_prefill, num_decode_tokens=num_decode,
+            num_padding_tokens=token_bucket - pending.out.total_num_scheduled_tokens,
+            num_seqs=pending.out.num_reqs, token_bucket=token_bucket,
+            seq_bucket=0 if inputs is None else len(inputs.seq_lens),
+            num_blocks=pool.num_blocks - 1,
+            num_used_blocks=pool.num_blocks - 1 - pool.num_free_blocks,
+            num_cached_free_blocks=num_cached_free,
+            num_free_blocks=pool.num_free_blocks - num_cached_free,
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_compilations=self.compilations.count + self.step_compilations.count,
+            host_seconds=host_seconds, device_wait_seconds=device_wait_seconds))
+
     def compilation_stats(self) -> dict[str, int]:
         """Step programs compiled so far and still to compile (safe from any thread)."""
         compiled = self.runner.compiled
@@ -280,6 +316,12 @@ class LLMEngine:
         return self.runner.compiled.wait(timeout)
 
     # -- stats ---------------------------------------------------------------------------
+    def block_states(self) -> bytearray:
+        """[L - 1] each KV block's state (core/block_pool.py: FREE, CACHED, USED, SHARED);
+        O(L), for the dashboard's block map; any thread may read it (a snapshot the engine
+        thread may be changing: a block can show the state of the step before)."""
+        return self.scheduler.kv_cache_manager.block_pool.block_states()
+
     def get_stats(self) -> dict[str, float]:
         kv = self.scheduler.kv_cache_manager
         return {

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger request bodies get 413")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
+    serve.add_argument("--disable-dashboard", action="store_true",
+                       help="no live dashboard page (GET /dashboard) and no event stream")
     generate = commands.add_parser("generate", help="answer prompts offline and print the text")
     generate.add_argument("model", nargs="?", default=None, help="as for serve")
     generate.add_argument("--prompt", action="append", required=True,
@@ -183,7 +185,8 @@ def serve(args: argparse.Namespace) -> int:
                         max_logprobs=args.max_logprobs,
                         tool_call_parser=parser if args.enable_auto_tool_choice else None,
                         reasoning_parser=args.reasoning_parser,
-                        max_request_body_bytes=args.max_request_body_bytes)
+                        max_request_body_bytes=args.max_request_body_bytes,
+                        enable_dashboard=not args.disable_dashboard)
         asyncio.run(serve_http(app, args.host, args.port,
                                shutdown_timeout=args.shutdown_timeout))
     finally:

@@ -39,7 +39,7 @@ FLAGS = {
     "benchmark_serving": lambda model, out: [
         "--model", model, "--num-prompts", "8", "--input-len", "12", "--output-len", "6",
         "--random-range-ratio", "0.5", "--request-rate", "50", "--goodput", "ttft:60000",
-        "--output-json", out, "--launch",
+        "--dashboard-subscribers", "1", "--output-json", out, "--launch",
         f"{pathlib.Path(sys.executable).with_name('jaxserve')} serve {model} --port 0 "
         "--max-num-seqs 8 --max-num-batched-tokens 32"],
     "benchmark_prefix_caching": lambda model, out: [
@@ -70,6 +70,7 @@ def test_serving_benchmark_launches_the_server_and_measures(tiny_model, tmp_path
     assert result["goodput"] == pytest.approx(result["request_throughput"])
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         assert 0 < result[key]["p50"] <= result[key]["p90"] <= result[key]["p99"], key
+    assert result["dashboard_events"][0] >= 1  # an open page's stream: its history at least
 
 
 @pytest.mark.slow

@@ -1,9 +1,12 @@
 """The block pool: null block, free-queue order, ref counts, lazy eviction, exact hits."""
 
+import random
+
 import pytest
 
 from jaxserve.core.block_hash import BlockHash, hash_block
-from jaxserve.core.block_pool import ROOT_CACHE_ID, BlockPool, FreeBlockQueue, KVCacheBlock
+from jaxserve.core.block_pool import (CACHED, FREE, ROOT_CACHE_ID, SHARED, USED, BlockPool,
+                                      FreeBlockQueue, KVCacheBlock)
 
 
 def _ids(blocks):
@@ -177,3 +180,41 @@ def test_free_queue_removes_head_middle_and_tail_in_place(position):
     queue.appendleft(blocks[position])
     assert _ids(queue)[0] == position
     assert queue.popleft() is blocks[position]
+
+
+def test_block_states_tell_free_cached_used_and_shared_blocks_apart():
+    pool = BlockPool(6)
+    a, b, c = pool.get_new_blocks(3)
+    _cache(pool, a, [1])
+    _cache(pool, b, [2])
+    pool.touch([a])  # a second table holds a
+    pool.free_blocks([b])  # b: free, its prefix kept
+    assert list(pool.block_states()) == [SHARED, CACHED, USED, FREE, FREE]
+    assert pool.num_cached_free_blocks == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_cached_free_count_matches_the_blocks_after_random_operations(seed):
+    """The O(1) count the step stats read equals a count over every block, whatever the
+    mix of allocations, cachings, prefix hits, frees, evictions and resets."""
+    rng = random.Random(seed)
+    pool = BlockPool(12)
+    tables: list[list[KVCacheBlock]] = []
+    for token in range(400):
+        action = rng.choice(["alloc", "alloc", "cache", "hit", "free", "reset"])
+        if action == "alloc" and (blocks := pool.get_new_blocks(rng.randint(1, 3))):
+            tables.append(blocks)
+        elif action == "cache" and tables:
+            block = rng.choice(rng.choice(tables))
+            if block.block_hash is None:
+                pool.cache_block(block, hash_block(None, (token,)), ROOT_CACHE_ID)
+        elif action == "hit" and pool.cached_blocks:
+            tables.append([rng.choice(list(pool.cached_blocks.values()))])
+            pool.touch(tables[-1])
+        elif action == "free" and tables:
+            pool.free_blocks(reversed(tables.pop(rng.randrange(len(tables)))))
+        elif action == "reset":
+            pool.reset_prefix_cache()
+        states = list(pool.block_states())
+        assert pool.num_cached_free_blocks == states.count(CACHED)
+        assert states.count(FREE) + states.count(CACHED) == pool.num_free_blocks

@@ -30,6 +30,12 @@ def test_serve_flags_have_vllm_names_and_defaults():
         ["serve", "m", "-tp", "2", "--enable-expert-parallel"]).enable_expert_parallel is True
 
 
+def test_the_dashboard_is_served_unless_disabled():
+    assert cli.build_parser().parse_args(["serve", "m"]).disable_dashboard is False
+    assert cli.build_parser().parse_args(
+        ["serve", "m", "--disable-dashboard"]).disable_dashboard is True
+
+
 def test_serve_flags_parse_sizes_lengths_and_negations():
     args = cli.build_parser().parse_args([
         "serve", "m", "--kv-cache-memory", "2GiB", "--max-model-len", "32k",

@@ -1,10 +1,10 @@
 """The aiohttp app of the OpenAI-compatible server, and how it runs until SIGTERM.
 
 `build_app(async_engine, ...)` wires the routes (completions, chat, models, health, metrics,
-tokenize, detokenize, version) and one middleware for the API key and for OpenAI-style
-error bodies; it works in-process for tests. `serve_http` listens, logs the URL once ready,
-and on SIGTERM/SIGINT stops accepting, lets in-flight requests finish for a grace period,
-cancels (and so aborts) the rest, and returns.
+tokenize, detokenize, version, the dashboard) and one middleware for the API key and for
+OpenAI-style error bodies; it works in-process for tests. `serve_http` listens, logs the
+URL once ready, and on SIGTERM/SIGINT stops accepting, lets in-flight requests finish for a
+grace period, cancels (and so aborts) the rest, and returns.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from jaxserve import __version__
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestAbortedError
+from jaxserve.entrypoints.openai import dashboard
 from jaxserve.entrypoints.openai.errors import APIError, from_http_exception
 from jaxserve.entrypoints.openai.metrics import ServerMetrics
 from jaxserve.entrypoints.openai.openapi import openapi_document
@@ -43,7 +44,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
               chat_template: str | None = None, trust_request_chat_template: bool = False,
               max_logprobs: int = 20, tool_call_parser: str | None = None,
               reasoning_parser: str | None = None,
-              max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+              max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              enable_dashboard: bool = True) -> web.Application:
     """The server app; sets the engine's observer to the app's metrics."""
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
@@ -80,6 +82,9 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
         return web.json_response(document)
 
     app.router.add_get("/openapi.json", openapi)
+    if enable_dashboard:  # GET /dashboard and its event stream; one more observer
+        engine.observer = dashboard.ObserverGroup(
+            metrics, dashboard.add_dashboard(app, engine).latencies)
     return app
 
 
@@ -89,8 +94,10 @@ def _error_middleware(api_key: str | None):
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
         try:
-            if expected is not None and request.path not in _OPEN_PATHS:
-                given = request.headers.get("Authorization", "").encode()
+            if expected is not None and not (request.path in _OPEN_PATHS
+                                             or dashboard.is_open_path(request.path)):
+                given = (request.headers.get("Authorization")
+                         or dashboard.query_authorization(request)).encode()
                 if not hmac.compare_digest(given, expected):
                     raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
                                    code="invalid_api_key")

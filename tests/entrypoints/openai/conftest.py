@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve.core.scheduler import WaitingQueueFullError
 from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.step_stats import StepStats
 from jaxserve.entrypoints.openai.api_server import build_app
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -215,6 +216,7 @@ class ScriptedEngine:
         self.max_waiting = max_waiting
         self.fail = threading.Event()
         self.paused = threading.Event()
+        self.step_stats = StepStats()  # the dashboard's: no step is recorded
 
     def position(self, chosen):
         decode = self.tokenizer.decode
@@ -268,6 +270,9 @@ class ScriptedEngine:
 
     def get_stats(self):
         return {"num_running": len(self.live)}
+
+    def block_states(self):  # a pool of 8 free blocks, for the dashboard
+        return bytearray(8)
 
     def compilation_stats(self):
         return {"num_programs_compiled": 0, "num_programs_pending": 0}
