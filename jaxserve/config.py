@@ -248,6 +248,9 @@ class SchedulerConfig:
 # "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp);
 # the one list of names: EngineConfig checks it and `jaxserve serve` offers it.
 ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
+# Where the weights come from: "auto" (the checkpoint's files) | "dummy" (random, generated
+# on the devices from config.json alone: benchmarks without weight files).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +263,7 @@ class EngineConfig:
     attention_backend: str = _rule(dataclasses.MISSING, f"one of {ATTENTION_BACKENDS}",
                                    ATTENTION_BACKENDS.__contains__)
     seed: int = _rule(0, "an integer", _is_int)  # of requests that bring none
+    load_format: str = _rule("auto", f"one of {LOAD_FORMATS}", LOAD_FORMATS.__contains__)
     # Devices the model is sharded over ("model" mesh axis).
     tensor_parallel_size: int = _rule(1, "an integer >= 1", _at_least(1))
     # MoE expert stacks shard on E over the "model" axis (vLLM's enable_expert_parallel)

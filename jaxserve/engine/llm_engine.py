@@ -81,7 +81,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_config, config.cache_config, config.scheduler_config,
                                   attention_backend=config.attention_backend, seed=config.seed,
                                   tensor_parallel_size=config.tensor_parallel_size,
-                                  track_compilation=self.compilations.track)
+                                  track_compilation=self.compilations.track,
+                                  load_format=config.load_format)
         if warm_up:  # the smallest buckets now; the rest now or in the background
             self.runner.compile_programs(
                 background=config.background_compilation and step_broadcaster is None,
