@@ -43,7 +43,7 @@ def _assert_same_layout(dummy, real) -> None:
 @pytest.mark.parametrize("family", ["qwen2", "mixtral", "deepseek_v2"])
 def test_dummy_params_match_a_real_load_from_a_config_only_directory(tiny_checkpoint,
                                                                      tmp_path, family):
-    checkpoint = tiny_checkpoint(family, dtype="bfloat16")
+    checkpoint = tiny_checkpoint(family)  # float32 on disk, cast to bfloat16 on loading
     real = load_model(checkpoint, ModelConfig.from_pretrained(checkpoint, dtype="bfloat16"))
     config_dir = _config_only(checkpoint, tmp_path)
     config = ModelConfig.from_pretrained(config_dir, dtype="bfloat16")
