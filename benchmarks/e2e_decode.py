@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
         case.update(weight_bytes=weights, kv_bytes=kv, roofline_ms=roofline_ms,
                     pct_of_roofline=100.0 * roofline_ms / case["step_ms_p50"])
         rows.append([name, case["batch"], round(case["mean_context"]), case["step_ms_p50"],
-                     weights / 1e9, kv / 1e9, roofline_ms, f"{case['pct_of_roofline']:.1f}%",
+                     weights / 1e9, kv / 1e9, roofline_ms, f"{case['pct_of_roofline']:.3g}%",
                      f"{case['host_parts'].get('host_overhead_pct', float('nan')):.1f}%",
                      case["compilations_while_timed"]])
         profile = case["profile"]

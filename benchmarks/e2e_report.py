@@ -44,7 +44,7 @@ def throughput_rows(results: dict[str, dict]) -> list[list]:
                      ours_tps, ours.get("tokens_per_second", NA), hf_tps,
                      ours_tps / hf_tps if hf_tps == hf_tps and hf_tps else NA,
                      stats.get("num_compilations_while_timed", NA), stats.get("startup_s", NA),
-                     stats.get("all_compiled_s", NA)])
+                     stats.get("all_compiled_s", NA), hf.get("num_requests", NA)])
     return rows
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     throughput = print_table(
         ["model", "workload", "requests", "jaxserve out tok/s", "jaxserve total tok/s",
          "HF out tok/s", "ratio", "compilations after warm-up", "start-up s",
-         "all compiled s"], throughput_rows(results), markdown=True)
+         "all compiled s", "HF requests"], throughput_rows(results), markdown=True)
     serving = print_table(
         ["model", "clients", "completed/failed", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
          "TPOT p99 ms", "out tok/s"], serving_rows(results), markdown=True)

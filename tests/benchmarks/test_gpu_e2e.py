@@ -133,6 +133,7 @@ def test_the_tiny_dry_run_writes_every_table(tmp_path):
     for row in throughput[1:]:  # every workload ran on both backends, no compilation after
         assert _number(row[3]) > 0 and _number(row[5]) > 0 and _number(row[6]) > 0, row
         assert row[7] == "0" and _number(row[8]) > 0 and _number(row[9]) >= _number(row[8])
+        assert row[10] == "4"  # HF: one static batch of 4
     [serving] = _tables(out / "serving.md")
     assert [(row[0], row[1], row[2]) for row in serving[1:]] == [
         (m, c, f"{4 * int(c)}/0") for m in sorted(MODELS) for c in ("2", "4")]
