@@ -110,7 +110,7 @@ def _number(cell: str) -> float:
     return float(cell.rstrip("%"))
 
 
-@pytest.mark.slow  # about 6 minutes on 2 busy cores: 13 Python processes, 10 engines
+@pytest.mark.slow  # about 20 Python processes, 8 of them engines that compile
 def test_the_tiny_dry_run_writes_every_table(tmp_path):
     _script(tmp_path, GPU_E2E_TINY="1", GPU_E2E_BUDGET="1400")
     out = tmp_path / "out"

@@ -70,7 +70,7 @@ def test_dummy_params_shard_like_a_real_load_under_tensor_parallelism(tiny_check
     assert q_proj.addressable_shards[0].data.shape == (64, 64 // 4)
 
 
-@pytest.mark.slow  # the engine's compilation: about 40 s here
+@pytest.mark.slow  # the engine compiles every bucket
 def test_an_engine_generates_finite_logprobs_from_dummy_weights(tiny_checkpoint, tmp_path,
                                                                engine_kwargs):
     config_dir = _config_only(tiny_checkpoint("qwen2"), tmp_path)
