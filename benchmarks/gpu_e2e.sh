@@ -35,6 +35,9 @@ else
   workloads="1024x128 128x1024" nprompts=256 nhf=64 clients="8 64" serve_in=1024
   serve_out=128 bw=$((2 << 30))
   t_cfg=90 t_decode=150 t_tput=120 t_hf=120 t_serve=150
+  # JAX takes 75% of the card by default and the engine sizes its KV pool from that: the 8B
+  # shape's B = 256 x 1k needs ~36 GB of pool beside its 16 GB of weights
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 fi
 engine="--max-num-seqs $seqs --max-num-batched-tokens $tokens --max-model-len $maxlen"
 
