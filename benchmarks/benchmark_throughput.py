@@ -40,7 +40,8 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
               enable_prefix_caching=args.enable_prefix_caching,
               kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               compilation_cache_dir=args.compilation_cache_dir,
-              attention_backend=args.attention_backend, progress=False)
+              attention_backend=args.attention_backend, load_format=args.load_format,
+              progress=False)
     startup = time.perf_counter() - start  # loading, and compiling the smallest buckets
     llm.wait_for_compilation()  # the rest compile in the background: not while timed
     compiled = time.perf_counter() - start
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         default="float32")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                        help="jaxserve, hf: dummy = random weights from config.json alone")
     parser.add_argument("--disable-detokenize", action="store_true",
                         help="skip turning output ids into text (all backends)")
     parser.add_argument("--output-json", help="write the results to this JSON file")

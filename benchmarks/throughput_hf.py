@@ -40,12 +40,22 @@ def hf_batches(requests: list[BenchRequest], max_batch_size: int) -> list[list[i
 
 
 def _load(args):
+    """The tokenizer and the model, on the GPU when torch sees one; with `--load-format
+    dummy` random weights initialised there from the config (SDPA attention)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "load_format", "auto") == "dummy":
+        config = AutoConfig.from_pretrained(args.model)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     return tokenizer, model.eval()
 
 
@@ -70,9 +80,12 @@ def run_hf(requests: list[BenchRequest], warm_up: list[BenchRequest],
             attention_mask[row, width - len(r.prompt_token_ids):] = 1
         new_tokens = max_tokens or max(r.output_len for r in batch)
         with torch.inference_mode():
+            input_ids = input_ids.to(model.device)
+            attention_mask = attention_mask.to(model.device)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                  do_sample=False, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, pad_token_id=pad, use_cache=True)
+                                 min_new_tokens=new_tokens, pad_token_id=pad,
+                                 use_cache=True).cpu()  # waits for a GPU to finish
         if out.shape[1] != width + new_tokens:
             raise RuntimeError(f"HF generated {out.shape[1] - width} tokens, not {new_tokens}")
         if not args.disable_detokenize:

@@ -249,6 +249,9 @@ class SchedulerConfig:
 # the one list of names: EngineConfig checks it and `jaxserve serve` offers it.
 ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # jaxserve/reasoning.py's, by name
+# Where the weights come from: "auto" (the checkpoint's files) | "dummy" (random, generated
+# on the devices from config.json alone: benchmarks without weight files).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +264,7 @@ class EngineConfig:
     attention_backend: str = _rule(dataclasses.MISSING, f"one of {ATTENTION_BACKENDS}",
                                    ATTENTION_BACKENDS.__contains__)
     seed: int = _rule(0, "an integer", _is_int)  # of requests that bring none
+    load_format: str = _rule("auto", f"one of {LOAD_FORMATS}", LOAD_FORMATS.__contains__)
     # Devices the model is sharded over ("model" mesh axis).
     tensor_parallel_size: int = _rule(1, "an integer >= 1", _at_least(1))
     # MoE expert stacks shard on E over the "model" axis (vLLM's enable_expert_parallel)

@@ -18,9 +18,9 @@ import re
 import typing
 from collections.abc import Callable
 
-from jaxserve.config import (ATTENTION_BACKENDS, REASONING_PARSERS, SCHEDULER_POLICIES,
-                             CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
-                             check_rule)
+from jaxserve.config import (ATTENTION_BACKENDS, LOAD_FORMATS, REASONING_PARSERS,
+                             SCHEDULER_POLICIES, CacheConfig, EngineConfig, ModelConfig,
+                             SchedulerConfig, check_rule)
 from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
 
 
@@ -92,6 +92,9 @@ class EngineArgs:
         expected=f"one of {tuple(DTYPES)}", choices=sorted(DTYPES),
         ok=lambda value: isinstance(value, str) and value in DTYPES)
     seed: int = _config_option(EngineConfig, "seed", "seed of requests that bring none")
+    load_format: str = _config_option(
+        EngineConfig, "load_format", "auto: the checkpoint's weights; dummy: random weights "
+        "made on the devices from config.json alone (benchmarks)", choices=LOAD_FORMATS)
     max_model_len: int | None = _config_option(
         SchedulerConfig, "max_model_len", derived=True, parse=parse_length,
         help="context length (prompt + output); default: the model's")

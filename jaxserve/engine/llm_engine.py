@@ -87,7 +87,8 @@ class LLMEngine:
                                   attention_backend=config.attention_backend, seed=config.seed,
                                   tensor_parallel_size=config.tensor_parallel_size,
                                   track_compilation=self.compilations.track,
-                                  executable_cache_dir=config.compilation_cache_dir)
+                                  executable_cache_dir=config.compilation_cache_dir,
+                                  load_format=config.load_format)
         if warm_up:  # the smallest buckets now; the rest now or in the background
             self.runner.compile_programs(
                 background=config.background_compilation and step_broadcaster is None,

@@ -73,7 +73,8 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
                  seed: int = 0, tensor_parallel_size: int = 1,
-                 track_compilation=None, executable_cache_dir: str | None = None):
+                 track_compilation=None, executable_cache_dir: str | None = None,
+                 load_format: str = "auto"):
         self.model_config = model_config
         tp = tensor_parallel_size
         self.mesh = make_mesh(tp) if tp > 1 else None
@@ -91,7 +92,7 @@ class ModelRunner:
             # the kernels are chosen here, once, for the model's lifetime
             self.ops = select_ops(attention_backend, tensor_parallel_size=tp)
             model = load_model(model_config.model_dir, model_config, mesh=self.mesh,
-                               ops=self.ops)
+                               ops=self.ops, load_format=load_format)
             if not early:
                 kv_caches = self._plan_and_allocate(pool, pool_config, cache_config, tp)
             self.graphdef, self.params = nnx.split(model)

@@ -15,6 +15,7 @@ from jaxserve.entrypoints import cli
 OTHER_VALUES = {
     "dtype": ("float16", ["--dtype", "half"]),
     "seed": (7, ["--seed", "7"]),
+    "load_format": ("dummy", ["--load-format", "dummy"]),
     "max_model_len": (32000, ["--max-model-len", "32k"]),
     "max_num_seqs": (8, ["--max-num-seqs", "8"]),
     "max_num_batched_tokens": (64, ["--max-num-batched-tokens", "64"]),
@@ -37,7 +38,7 @@ OTHER_VALUES = {
 }
 # For every option that has a rule (all but the cache directory): a value it refuses.
 BAD_VALUES = {
-    "dtype": "int8", "seed": 1.5, "max_model_len": 0, "max_num_seqs": 0,
+    "dtype": "int8", "seed": 1.5, "load_format": "pt", "max_model_len": 0, "max_num_seqs": 0,
     "max_num_batched_tokens": 0, "block_size": 12, "enable_prefix_caching": "yes",
     "num_gpu_blocks_override": 1, "kv_cache_memory_bytes": 0, "gpu_memory_utilization": 1.5,
     "tensor_parallel_size": 0, "enable_expert_parallel": 1, "attention_backend": "flash",

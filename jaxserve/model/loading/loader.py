@@ -22,8 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import LOAD_FORMATS, ModelConfig
 from jaxserve.model.forward import build_model
+from jaxserve.model.loading.dummy_weights import dummy_model
 from jaxserve.model.loading.gguf_reader import GGUFCheckpointReader, find_gguf_file
 from jaxserve.model.ops import Ops
 from jaxserve.model.loading.orbax_checkpoint import is_orbax_checkpoint, restore_model
@@ -38,15 +39,23 @@ _PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None,
                ops: Ops = Ops(),
-               rules: tuple[tuple[str, str | None], ...] | None = None) -> nnx.Module:
+               rules: tuple[tuple[str, str | None], ...] | None = None,
+               load_format: str = "auto") -> nnx.Module:
     """The model of `model_config.architecture`, running `ops`, with its weights from
     `model_dir`, and any extra layout its ops read (`prepare_for_ops`).
+
+    `load_format="dummy"`: random weights generated on the devices (`dummy_weights`); no
+    file but the config is read.
 
     `rules` None: the sharding rules `model_config.enable_expert_parallel` selects.
     Split it once (`graphdef, params = nnx.split(model)`); the runner's programs step it.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if rules is None:
         rules = sharding_rules(expert_parallel=model_config.enable_expert_parallel)
+    if load_format == "dummy":
+        return prepare_for_ops(dummy_model(model_config, mesh=mesh, ops=ops, rules=rules), ops)
     if is_orbax_checkpoint(model_dir):
         return prepare_for_ops(restore_model(model_dir, model_config, mesh=mesh, ops=ops,
                                              rules=rules), ops)
