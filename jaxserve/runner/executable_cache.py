@@ -10,7 +10,8 @@ config, attention backend, abstract params and pools with their shardings); each
 adds the program's kind and buckets. A hit is `jax.experimental.serialize_executable`'s
 executable, loaded as a `jax.stages.Compiled`; a miss, or an entry that fails to load,
 compiles as before and writes the entry (a temporary file renamed into place, so a
-reader never sees half of one). Entries are pickles of executables: like the compilation
+reader never sees half of one) if XLA compiled it, not when JAX's persistent cache had it:
+so the entries appear with a cold compilation cache (a first start, or new sources). Entries are pickles of executables: like the compilation
 cache's, the directory must be the user's own, never one others can write.
 """
 
@@ -21,6 +22,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import jax
 logger = logging.getLogger(__name__)
 
 SUBDIR = "jaxserve-executables"
+PERSISTENT_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # JAX's monitoring event
 # Sources whose change may change a program: the engine's and its kernels'.
 _SOURCE_SUFFIXES = (".py", ".cc", ".h")
 
@@ -67,6 +70,7 @@ class ExecutableCache:
             "\n".join((source_digest(), environment_description(), description)).encode()
         ).hexdigest()
         self.reading = True  # see use_for
+        self._tracking = threading.local()  # JAX cache hits of this thread's compilation
         self.hits = 0
         self.misses = 0
 
@@ -94,10 +98,24 @@ class ExecutableCache:
             self.hits += 1
             return loaded
         self.misses += 1
-        compiled = lower().compile()
-        if not path.exists():
+        self._tracking.hits = 0
+        self._tracking.on = True
+        jax.monitoring.register_event_listener(self._on_event)
+        try:
+            compiled = lower().compile()
+        finally:
+            self._tracking.on = False
+            jax.monitoring.unregister_event_listener(self._on_event)
+        # Only a fresh compilation is stored: on the CPU, an executable JAX read from its
+        # persistent cache serializes without some of its functions ("Function ... not
+        # found" when a restart runs it).
+        if not self._tracking.hits and not path.exists():
             self._store(path, compiled)
         return compiled
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        if event == PERSISTENT_CACHE_HIT and getattr(self._tracking, "on", False):
+            self._tracking.hits += 1
 
     @staticmethod
     def _load(path: Path) -> jax.stages.Compiled | None:

@@ -23,14 +23,16 @@ from jaxserve.testing import forbid_compilation
 from jaxserve.testing.hf_reference import random_prompts
 
 
-def _lowering(n):
-    fn = jax.jit(lambda x: jnp.cumsum(x * 2.0))
+def _lowering(n, scale):
+    """A program of its own per `scale`: entries are written only for what XLA compiles,
+    not for what JAX's persistent cache (the session's) already holds."""
+    fn = jax.jit(lambda x: jnp.cumsum(x * scale))
     return lambda: fn.lower(jax.ShapeDtypeStruct((n,), np.float32))
 
 
 def test_a_miss_compiles_and_stores_then_a_hit_loads_the_same_program(tmp_path):
     first = ExecutableCache(tmp_path, "desc")
-    compiled = first.get_or_compile("cumsum 8", _lowering(8))
+    compiled = first.get_or_compile("cumsum 8", _lowering(8, 2.0))
     assert (first.hits, first.misses) == (0, 1) and first.path("cumsum 8").exists()
     second = ExecutableCache(tmp_path, "desc")
     second.use_for(["cumsum 8"])
@@ -52,37 +54,41 @@ def test_entries_are_keyed_by_description_program_and_environment(tmp_path, monk
 
 def test_reading_is_all_or_nothing(tmp_path):
     cache = ExecutableCache(tmp_path, "desc")
-    cache.get_or_compile("cumsum 8", _lowering(8))
+    cache.get_or_compile("cumsum 8", _lowering(8, 4.0))
     partial = ExecutableCache(tmp_path, "desc")
     partial.use_for(["cumsum 8", "cumsum 16"])  # one entry missing: trace everything
     assert not partial.reading
-    partial.get_or_compile("cumsum 8", _lowering(8))
-    partial.get_or_compile("cumsum 16", _lowering(16))
+    partial.get_or_compile("cumsum 8", _lowering(8, 4.0))
+    partial.get_or_compile("cumsum 16", _lowering(16, 4.0))
     assert (partial.hits, partial.misses) == (0, 2) and partial.path("cumsum 16").exists()
     complete = ExecutableCache(tmp_path, "desc")
     complete.use_for(["cumsum 8", "cumsum 16"])
     assert complete.reading
 
 
-def test_a_damaged_entry_is_compiled_again_and_rewritten(tmp_path, caplog):
+def test_a_damaged_entry_is_dropped_and_the_program_compiled_again(tmp_path, caplog):
     cache = ExecutableCache(tmp_path, "desc")
-    cache.get_or_compile("cumsum 8", _lowering(8))
+    cache.get_or_compile("cumsum 8", _lowering(8, 5.5))
     cache.path("cumsum 8").write_bytes(b"not a pickle")
     again = ExecutableCache(tmp_path, "desc")
     again.use_for(["cumsum 8"])
     with caplog.at_level(logging.WARNING):
-        compiled = again.get_or_compile("cumsum 8", _lowering(8))
+        compiled = again.get_or_compile("cumsum 8", _lowering(8, 5.5))
     assert "does not load" in caplog.text and again.misses == 1
-    np.testing.assert_array_equal(compiled(np.ones(8, np.float32)), 2 * np.arange(1, 9))
-    fresh = ExecutableCache(tmp_path, "desc")
-    fresh.get_or_compile("cumsum 8", lambda: pytest.fail("the entry was not rewritten"))
+    np.testing.assert_allclose(compiled(np.ones(8, np.float32)), 5.5 * np.arange(1, 9))
+    # JAX's cache had it: an executable read from there is not written (module doc)
+    assert not again.path("cumsum 8").exists()
 
 
-def test_a_second_engine_loads_every_program_and_samples_the_same(
-        qwen2_llm, engine_checkpoint, engine_kwargs, tmp_path):
+def test_a_second_engine_loads_every_program_and_samples_the_same(engine_checkpoint,
+                                                                 tmp_path):
     from jaxserve import LLM
 
-    kwargs = dict(engine_kwargs, compilation_cache_dir=str(tmp_path))
+    # Budgets no other test uses (max_model_len sets the block tables' width): XLA compiles
+    # every program here, which is when entries are written (not from JAX's cache).
+    kwargs = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=208,
+                  progress=False, background_compilation=False,
+                  compilation_cache_dir=str(tmp_path))
     first = LLM(str(engine_checkpoint("qwen2")), **kwargs)
     programs = first.llm_engine.runner.compiled
     assert programs.cache.misses == programs.num_programs and programs.cache.hits == 0
