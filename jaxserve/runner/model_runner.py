@@ -68,8 +68,9 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
                  seed: int = 0, tensor_parallel_size: int = 1,
-                 track_compilation=None):
+                 track_compilation=None, faults=None):
         self.model_config = model_config
+        self.faults = faults  # core.faults.FaultInjector (tests only) or None
         tp = tensor_parallel_size
         self.mesh = make_mesh(tp) if tp > 1 else None
         # Replicated inputs on the mesh; None: the default device, as without TP.
@@ -196,10 +197,14 @@ class ModelRunner:
         prompt_result = None
         num_tokens = len(inputs.input_ids)  # the step's buckets
         with self._under_mesh():
+            if self.faults is not None:
+                self.faults.hit("forward")
             hidden_last, hidden_all, self.kv_caches = self.compiled.forward(
                 num_tokens, num_padded_seqs)(
                 self.param_leaves, self.kv_caches, input_ids, positions, md,
                 self._no_previous if previous_ids is None else previous_ids)
+            if self.faults is not None:
+                self.faults.hit("sampler")
             sampled, next_ids = self.compiled.sample(variant, num_padded_seqs)(
                 self.param_leaves, hidden_last, num_seqs, tensors)
             if prompt_req:
