@@ -125,7 +125,7 @@ async def _models(state: ServerState, request: web.Request) -> web.Response:
 async def _health(state: ServerState, request: web.Request) -> web.Response:
     if not state.engine.is_alive:
         return APIError(503, f"the engine is not running: {state.engine.dead_error}").response()
-    return web.Response(status=200)
+    return web.Response(status=200, text="")  # text/plain, as /openapi.json says
 
 
 async def _metrics(request: web.Request) -> web.Response:

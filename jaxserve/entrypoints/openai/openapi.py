@@ -131,5 +131,8 @@ def _responses(response: type[BaseModel] | None, streams: bool) -> dict:
     return {"200": ok,
             "400": {"description": "Invalid request (the OpenAI error body)", **error},
             "401": {"description": "Missing or wrong API key", **error},
+            "404": {"description": "No such model or route", **error},
+            "405": {"description": "Method not allowed", **error},
+            "413": {"description": "Request body too large", **error},
             "503": {"description": "Engine not running or queue full", **error},
             "500": {"description": "Internal error", **error}}
