@@ -15,13 +15,17 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from jaxserve.entrypoints.openai import request_fields
 from jaxserve.entrypoints.openai.request_fields import Refused
 from jaxserve.entrypoints.openai.structured_fields import StructuredOutputFields
 from jaxserve.entrypoints.openai.tools import DeltaToolCall, ToolCall, ToolFields, template_message
 from jaxserve.sampling_params import SamplingParams
+
+
+# Token ids as JSON integers only: lax ints would take `true` as token 1 and "5" as 5.
+TokenIds = list[StrictInt]
 
 
 class OpenAIModel(BaseModel):
@@ -69,7 +73,7 @@ class _SamplingRequest(OpenAIModel, StructuredOutputFields):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -115,7 +119,7 @@ class _SamplingRequest(OpenAIModel, StructuredOutputFields):
 
 class CompletionRequest(_SamplingRequest):
     refused_fields = request_fields.COMPLETION_REFUSED
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = None
     add_special_tokens: bool = True
@@ -196,7 +200,7 @@ class TokenizeRequest(OpenAIModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 # -- responses -------------------------------------------------------------------------

@@ -44,6 +44,8 @@ COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ({"stop_token_ids": [2**40], "min_tokens": 1}, "stop_token_ids"),
     ({"n": 129}, "n"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"a": 1}}, "logit_bias"),
     ({"prompt": [2**40], "echo": True}, "prompt"),
+    ({"prompt": [1, True]}, "prompt"), ({"stop_token_ids": [True]}, "stop_token_ids.0"),
+    ({"prompt": [[5, "6"]]}, "prompt"),
 ])
 def test_invalid_completion_is_400_naming_the_parameter(server, body, param):
     status, result = server.request("POST", "/v1/completions", {**COMPLETION, **body},
@@ -135,6 +137,12 @@ def test_openai_client_sees_401_without_the_key_and_404_for_another_model(server
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="Hi", max_tokens=1)
+
+
+def test_detokenize_takes_integers_only(server):
+    status, result = server.request("POST", "/detokenize", {"tokens": [True, False]},
+                                    {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and result["error"]["param"] == "tokens.0", result
 
 
 def assert_still_serving(server):

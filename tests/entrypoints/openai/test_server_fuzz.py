@@ -124,8 +124,8 @@ def assert_server_sound(server, report: FuzzReport) -> None:
 
 
 def test_fuzzed_requests_get_2xx_or_an_openai_4xx_and_leave_nothing_behind(api_server):
-    report = fuzz(api_server, examples_per_operation=6)
-    assert report.num_requests >= 60 and 200 in report.statuses and 400 in report.statuses
+    report = fuzz(api_server, examples_per_operation=4)
+    assert report.num_requests >= 30 and 200 in report.statuses and 400 in report.statuses
     assert_server_sound(api_server, report)
 
 
