@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxserve.entrypoints.openai import request_fields
 from jaxserve.entrypoints.openai.request_fields import Refused
@@ -24,12 +24,10 @@ from jaxserve.entrypoints.openai.tools import DeltaToolCall, ToolCall, ToolField
 from jaxserve.sampling_params import SamplingParams
 
 
-# Token ids as JSON integers only: lax ints would take `true` as token 1 and "5" as 5.
-TokenIds = list[StrictInt]
-
-
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict scalars, as the schema says and OpenAI does: lax ones would take `true` as
+    # token id 1, `"5"` as n = 5 and `0.0` as stream = false (ints still pass as floats).
+    model_config = ConfigDict(extra="ignore", strict=True)
     # What a model refuses and what it accepts unread (request_fields.py's tables), and
     # where it sits in a request ("stream_options."), for the param an error names.
     refused_fields: ClassVar[Mapping[str, Refused]] = MappingProxyType({})
@@ -73,7 +71,7 @@ class _SamplingRequest(OpenAIModel, StructuredOutputFields):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: TokenIds | None = None
+    stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -119,7 +117,7 @@ class _SamplingRequest(OpenAIModel, StructuredOutputFields):
 
 class CompletionRequest(_SamplingRequest):
     refused_fields = request_fields.COMPLETION_REFUSED
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     add_special_tokens: bool = True
@@ -200,7 +198,7 @@ class TokenizeRequest(OpenAIModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: TokenIds
+    tokens: list[int]
 
 
 # -- responses -------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def cap_costs(case) -> None:
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             body[name] = cap
+    if case.path == "/v1/completions" and "max_tokens" in body and body["max_tokens"] is None:
+        body["max_tokens"] = CAPS["max_tokens"]  # None: up to the context end
     if case.path == "/v1/chat/completions" and body.get("max_tokens") is None and body.get(
             "max_completion_tokens") is None:
         body["max_completion_tokens"] = CAPS["max_completion_tokens"]
@@ -124,8 +126,8 @@ def assert_server_sound(server, report: FuzzReport) -> None:
 
 
 def test_fuzzed_requests_get_2xx_or_an_openai_4xx_and_leave_nothing_behind(api_server):
-    report = fuzz(api_server, examples_per_operation=4)
-    assert report.num_requests >= 30 and 200 in report.statuses and 400 in report.statuses
+    report = fuzz(api_server, examples_per_operation=3)
+    assert report.num_requests >= 25 and 200 in report.statuses and 400 in report.statuses
     assert_server_sound(api_server, report)
 
 
