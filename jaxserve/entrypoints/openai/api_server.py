@@ -74,7 +74,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
     app.router.add_post("/tokenize", route(_tokenize))
     app.router.add_post("/detokenize", route(_detokenize))
     app.router.add_get("/version", _version)
-    document = openapi_document(__version__)  # built once: the models do not change
+    # built once: the models and limits do not change
+    document = openapi_document(__version__, max_n=state.max_n, max_logprobs=max_logprobs)
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
