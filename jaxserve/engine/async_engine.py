@@ -4,7 +4,10 @@ Requests and aborts go into a thread-safe inbox; the engine thread drains it, ru
 while there is work (JAX releases the GIL while it computes) and hands each request's
 outputs to that request's asyncio queue with `loop.call_soon_threadsafe`. It owns the
 per-request timestamps (TTFT, inter-token latency, end-to-end) and reports them to an
-optional observer. If the thread dies, every live request gets `EngineDeadError`.
+optional observer. A request the engine drops alone (its output failed) gets
+`RequestFailedError`; if the thread dies (a step raised, or hung past `step_timeout`), every
+live request gets `EngineFailedRequestError`, later ones `EngineDeadError`, and the
+`on_death` callbacks run (the server exits so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -15,20 +18,16 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from jaxserve.engine.errors import (EngineDeadError, EngineFailedRequestError,  # noqa: F401
+                                    RequestAbortedError, RequestFailedError)
+from jaxserve.engine.step_watchdog import StepWatchdog
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread is gone (crashed or shut down); no request can be served."""
-
-
-class RequestAbortedError(RuntimeError):
-    """The request was aborted while someone was still reading its outputs."""
 
 
 class EngineObserver(Protocol):
@@ -96,7 +95,9 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, engine, *, observer: EngineObserver | None = None):
+    def __init__(self, engine, *, observer: EngineObserver | None = None,
+                 step_timeout: float | None = None):
+        """`step_timeout`: seconds after which a running step counts as hung (None: never)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
@@ -107,7 +108,13 @@ class AsyncEngine:
         self._inbox: list[_Add | str] = []  # _Add, or a request id to abort
         self._in_hand: list[_Add | str] = []  # taken from the inbox, not yet handled
         self._stopping = False
-        self._live: dict[str, _Live] = {}  # engine thread only
+        # Engine thread, and the watchdog once it declares the engine dead.
+        self._live: dict[str, _Live] = {}
+        self._live_lock = threading.Lock()
+        # Called once, from the thread that found the engine dead, with its error.
+        self.on_death: list[Callable[[EngineDeadError], None]] = []
+        self._watchdog = None if step_timeout is None else StepWatchdog(step_timeout,
+                                                                        self._hung)
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -159,7 +166,10 @@ class AsyncEngine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self.dead_error is None or not self._thread.is_alive():
+            self._thread.join(timeout)  # (a thread the watchdog gave up on never ends)
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     def _post(self, item: _Add | str) -> None:
         with self._cond:
@@ -189,18 +199,41 @@ class AsyncEngine:
                 if stopping:
                     break
                 if self.engine.has_unfinished_requests():
-                    # the previous step's outputs reach clients while this one computes
-                    self._dispatch(self.engine.step(on_outputs=self._dispatch))
+                    self._step()
+                if self.dead_error is not None:  # the watchdog gave up on this thread
+                    return
                 self.stats = self.engine.get_stats()
             self._die(EngineDeadError("the engine was shut down"))
         except BaseException as error:  # noqa: BLE001 - every failure must reach the clients
             logger.exception("the engine thread died")
-            self._die(EngineDeadError(f"the engine thread died: {error!r}"))
+            self._die(EngineFailedRequestError(f"the engine thread died: {error!r}"))
+
+    def _step(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.started()
+        # the previous step's outputs reach clients while this one computes
+        self._dispatch(self.engine.step(on_outputs=self._dispatch))
+        if self._watchdog is not None:
+            self._watchdog.finished()
+        for request_id, error in self.engine.pop_failed_requests().items():
+            with self._live_lock:
+                live = self._live.pop(request_id, None)
+            if live is not None:
+                self._deliver(live, RequestFailedError(
+                    f"request {request_id} failed in the engine: {error!r}"))
+                self._report_done(live, ["error"] * live.num_samples)
+
+    def _hung(self, seconds: float) -> None:
+        """The watchdog's thread: the step in flight will not end; the engine is dead."""
+        logger.error("an engine step has run for %.0f s (step timeout %.0f s): the engine is "
+                     "considered dead", seconds, self._watchdog.timeout)
+        self._die(EngineFailedRequestError(f"an engine step hung for over {seconds:.0f} s"))
 
     def _handle(self, item: _Add | str) -> None:
         if isinstance(item, str):
             self.engine.abort_request(item)
-            live = self._live.pop(item, None)
+            with self._live_lock:
+                live = self._live.pop(item, None)
             if live is not None:
                 self._deliver(live, RequestAbortedError(f"request {item} was aborted"))
                 self._report_done(live, ["abort"] * live.num_samples)
@@ -210,10 +243,15 @@ class AsyncEngine:
         except Exception as error:  # ValueError, WaitingQueueFullError: the caller's to report
             _resolve(item.live.loop, item.accepted, error)
             return
-        self._live[item.request_id] = item.live
+        with self._live_lock:
+            self._live[item.request_id] = item.live
         _resolve(item.live.loop, item.accepted, None)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        with self._live_lock:
+            self._dispatch_locked(outputs)
+
+    def _dispatch_locked(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for output in outputs:
             live = self._live.get(output.request_id)
@@ -243,15 +281,23 @@ class AsyncEngine:
             pass
 
     def _die(self, error: EngineDeadError) -> None:
+        """Live requests get `error`; requests not yet accepted, and later ones, an
+        EngineDeadError (503: none of them reached the engine)."""
         with self._cond:
+            if self.dead_error is not None:  # the watchdog and the engine thread both
+                return
             self.dead_error = error
             pending, self._inbox = self._in_hand + self._inbox, []
+        refused = EngineDeadError(str(error))
         for item in pending:
             if isinstance(item, _Add):
-                _resolve(item.live.loop, item.accepted, error)
-        for live in self._live.values():
+                _resolve(item.live.loop, item.accepted, refused)
+        with self._live_lock:
+            lives, self._live = list(self._live.values()), {}
+        for live in lives:
             self._deliver(live, error)
-        self._live.clear()
+        for callback in self.on_death:
+            callback(error)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future,

@@ -31,6 +31,7 @@ import logging
 import time
 
 from jaxserve.config import EngineConfig
+from jaxserve.core.faults import FaultInjector
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.core.scheduler_output import ModelRunnerOutput, RequestUpdate
 from jaxserve.engine.output_processor import OutputProcessor
@@ -67,8 +68,10 @@ class CollectedStep:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, tokenizer=None, warm_up: bool = True,
-                 progress: bool = True, step_broadcaster=None):
+                 progress: bool = True, step_broadcaster=None,
+                 faults: FaultInjector | None = None):
         self.config = config
+        self.faults = faults  # test-only: makes a chosen runner/output site raise or hang
         # Multi-host serve: sends each step's SchedulerOutput to the other processes
         # (`parallel.step_broadcast`); None on one host.
         self.step_broadcaster = step_broadcaster
@@ -88,14 +91,16 @@ class LLMEngine:
                                   tensor_parallel_size=config.tensor_parallel_size,
                                   track_compilation=self.compilations.track,
                                   executable_cache_dir=config.compilation_cache_dir,
-                                  load_format=config.load_format)
+                                  load_format=config.load_format, faults=faults)
         if warm_up:  # the smallest buckets now; the rest now or in the background
             self.runner.compile_programs(
                 background=config.background_compilation and step_broadcaster is None,
                 progress=progress)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config,
                                    num_blocks=self.runner.num_blocks)
-        self.output_processor = OutputProcessor(tokenizer)
+        self.output_processor = OutputProcessor(tokenizer, faults=faults)
+        # Requests dropped alone because their output work raised, until popped.
+        self._failed: dict[str, Exception] = {}
         self.structured_outputs = StructuredOutputs(
             tokenizer, vocab_size=self.model_config.vocab_size,
             eos_token_ids=self.model_config.eos_token_ids,
@@ -186,6 +191,12 @@ class LLMEngine:
             self.output_processor.abort(request_id)
         if len(self.structured_outputs):
             self.structured_outputs.forget_finished()
+
+    def pop_failed_requests(self) -> dict[str, Exception]:
+        """Requests dropped since the last call (their output work raised), with the error:
+        they are aborted and get no more outputs."""
+        failed, self._failed = self._failed, {}
+        return failed
 
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs of the last step not yet returned."""
@@ -279,6 +290,10 @@ class LLMEngine:
         for child_id, stop in stopped:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED,
                                            stop_reason=stop)
+        for parent_id, failed in self.output_processor.pop_failed().items():
+            logger.error("request %s failed in output processing: %r", parent_id, failed.error)
+            self.scheduler.abort_requests(failed.child_ids)
+            self._failed[parent_id] = failed.error
         self.num_generation_tokens += sum(len(u.new_token_ids) for u in updates)
         return outputs
 

@@ -3,7 +3,9 @@
 The engine runs a request with `n` samples as `n` child requests; this module keeps one
 `RequestOutput` per parent and one detokenizer per child, turns the runner's
 `TokenLogprobs` records into `Logprob` dicts, and reports which children matched a stop
-string so the engine can finish them in the scheduler.
+string so the engine can finish them in the scheduler. A request whose output work
+raises (its detokenizer, say) is dropped alone: `pop_failed()` names it, and its children,
+for the engine to abort.
 """
 
 from __future__ import annotations
@@ -23,11 +25,23 @@ class _Child:
     wants_prompt_logprobs: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class FailedRequest:
+    child_ids: list[str]  # what the scheduler still holds of it
+    error: Exception
+
+
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, *, faults=None):
         self.tokenizer = tokenizer
+        self.faults = faults  # core.faults.FaultInjector (tests) or None
         self._children: dict[str, _Child] = {}
         self._child_ids: dict[str, list[str]] = {}  # parent id -> child ids
+        self._failed: dict[str, FailedRequest] = {}  # parent id -> why, until popped
+
+    def pop_failed(self) -> dict[str, FailedRequest]:
+        failed, self._failed = self._failed, {}
+        return failed
 
     def add(self, parent_id: str, prompt: str | None, prompt_token_ids: list[int],
             child_ids: list[str], params) -> None:
@@ -80,25 +94,20 @@ class OutputProcessor:
             child = self._children.get(update.req_id)
             if child is None:
                 continue
-            out = child.output
-            out.token_ids.extend(update.new_token_ids)
-            for record in (runner_out.logprobs or {}).get(update.req_id, ()):
-                out.logprobs.append(self._logprob_dict(record))
-                out.cumulative_logprob += record.logprob
-            finished = update.finished
-            if update.finished:
-                out.finish_reason, out.stop_reason = update.finish_reason, update.stop_reason
-            detok = child.detokenizer
-            if detok is not None:
-                out.text += detok.add_tokens(list(update.new_token_ids), finished=finished)
-                if detok.stop_string is not None:  # a stop string outranks length or EOS
-                    if not update.finished:
-                        stopped.append((update.req_id, detok.stop_string))
-                    finished = True
-                    out.finish_reason, out.stop_reason = "stop", detok.stop_string
-            if finished:
-                self._children.pop(update.req_id)
+            try:
+                stop = self._apply(child, update, runner_out)
+            except Exception as error:  # noqa: BLE001 - this request fails, the rest go on
+                parent_id = child.parent.request_id
+                self._failed[parent_id] = FailedRequest(self.child_ids(parent_id), error)
+                self.abort(parent_id)
+                touched.pop(parent_id, None)
+                continue
+            if stop is not None:
+                stopped.append((update.req_id, stop))
             touched[child.parent.request_id] = child.parent
+        if self._failed:  # the engine aborts those children; no stop for them
+            failed_ids = {c for failed in self._failed.values() for c in failed.child_ids}
+            stopped = [(child_id, s) for child_id, s in stopped if child_id not in failed_ids]
         results = []
         for parent_id, parent in touched.items():
             parent.finished = all(o.finish_reason is not None for o in parent.outputs)
@@ -106,3 +115,29 @@ class OutputProcessor:
                 self._child_ids.pop(parent_id, None)
             results.append(parent)
         return results, stopped
+
+    def _apply(self, child: _Child, update: RequestUpdate, runner_out: ModelRunnerOutput,
+               ) -> str | None:
+        """One child's new tokens into its output; the stop string that ends it now, if any."""
+        stop = None
+        out = child.output
+        out.token_ids.extend(update.new_token_ids)
+        for record in (runner_out.logprobs or {}).get(update.req_id, ()):
+            out.logprobs.append(self._logprob_dict(record))
+            out.cumulative_logprob += record.logprob
+        finished = update.finished
+        if update.finished:
+            out.finish_reason, out.stop_reason = update.finish_reason, update.stop_reason
+        detok = child.detokenizer
+        if detok is not None:
+            if self.faults is not None:
+                self.faults.hit("detokenize")
+            out.text += detok.add_tokens(list(update.new_token_ids), finished=finished)
+            if detok.stop_string is not None:  # a stop string outranks length or EOS
+                if not update.finished:
+                    stop = detok.stop_string
+                finished = True
+                out.finish_reason, out.stop_reason = "stop", detok.stop_string
+        if finished:
+            self._children.pop(update.req_id)
+        return stop

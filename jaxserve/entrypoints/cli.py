@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight requests get to finish on SIGTERM")
     serve.add_argument("--disable-dashboard", action="store_true",
                        help="no live dashboard page (GET /dashboard) and no event stream")
+    serve.add_argument("--step-timeout", type=float, default=300.0,
+                       help="seconds after which an engine step counts as hung: the engine "
+                       "is dead and the server exits with status 1")
     generate = commands.add_parser("generate", help="answer prompts offline and print the text")
     generate.add_argument("model", nargs="?", default=None, help="as for serve")
     generate.add_argument("--prompt", action="append", required=True,
@@ -131,6 +134,7 @@ def resolve_model(model: str | None) -> str:
 
 def build_engine(model_path: str, args: argparse.Namespace):
     """An LLMEngine from the engine flags: loads weights, then compiles (progress bars)."""
+    from jaxserve.core.faults import FaultInjector
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.parallel.distributed import initialize_distributed
 
@@ -143,7 +147,8 @@ def build_engine(model_path: str, args: argparse.Namespace):
     model_config = config.model_config
     max_len = model_config.max_model_len
     logger.info("loading %s (%s, max_model_len=%d)", model_path, model_config.dtype, max_len)
-    return LLMEngine(config, progress=True)
+    # test-only fault injection (core/faults.py), read once here
+    return LLMEngine(config, progress=True, faults=FaultInjector.from_env(os.environ))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -177,7 +182,7 @@ def serve(args: argparse.Namespace) -> int:
             follow(llm_engine.runner, broadcaster)
             return 0
         llm_engine.step_broadcaster = broadcaster
-    engine = AsyncEngine(llm_engine)
+    engine = AsyncEngine(llm_engine, step_timeout=args.step_timeout)
     try:
         app = build_app(engine, served_model_names=names, model_root=model_path,
                         api_key=args.api_key, chat_template=chat_template,
@@ -187,15 +192,15 @@ def serve(args: argparse.Namespace) -> int:
                         reasoning_parser=args.reasoning_parser,
                         max_request_body_bytes=args.max_request_body_bytes,
                         enable_dashboard=not args.disable_dashboard)
-        asyncio.run(serve_http(app, args.host, args.port,
-                               shutdown_timeout=args.shutdown_timeout))
+        status = asyncio.run(serve_http(app, args.host, args.port,
+                                        shutdown_timeout=args.shutdown_timeout))
     finally:
         # Multi-host: wait for a step in flight (its collectives), then let the others go.
         engine.shutdown(timeout=None if broadcaster else 10.0)
         if broadcaster is not None:
             broadcaster.stop()
-    logger.info("jaxserve stopped")
-    return 0
+    logger.info("jaxserve stopped" if status == 0 else "jaxserve stopped: the engine died")
+    return status
 
 
 def generate(args: argparse.Namespace) -> int:

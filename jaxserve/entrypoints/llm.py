@@ -82,6 +82,8 @@ class LLM:
             except BaseException:
                 engine.abort_request([r for r in request_ids if r not in finished])
                 raise
+        for request_id, error in engine.pop_failed_requests().items():  # dropped alone
+            raise RuntimeError(f"request {request_id} failed: {error!r}") from error
         return [finished[r] for r in request_ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -74,8 +74,9 @@ class ModelRunner:
                  scheduler_config: SchedulerConfig, *, attention_backend: str = "reference",
                  seed: int = 0, tensor_parallel_size: int = 1,
                  track_compilation=None, executable_cache_dir: str | None = None,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", faults=None):
         self.model_config = model_config
+        self.faults = faults  # core.faults.FaultInjector (tests only) or None
         tp = tensor_parallel_size
         self.mesh = make_mesh(tp) if tp > 1 else None
         # Replicated inputs on the mesh; None: the default device, as without TP.
@@ -203,6 +204,8 @@ class ModelRunner:
         prompt_req = self._prompt_logprob_requests(out, inputs)
         prompt_result = None
         num_tokens = len(inputs.input_ids)  # the step's buckets
+        if self.faults is not None:
+            self.faults.hit("forward")
         with self._under_mesh():
             hidden_last, hidden_all, self.kv_caches = self.compiled.forward(
                 num_tokens, len(inputs.seq_lens))(
@@ -243,6 +246,8 @@ class ModelRunner:
     def _launch_sampler(self, pending: PendingStep, out: SchedulerOutput, variant: str,
                         num_seqs: jax.Array, tensors) -> PendingStep:
         with self._under_mesh():
+            if self.faults is not None:
+                self.faults.hit("sampler")
             sampled, next_ids = self.compiled.sample(variant, len(pending.inputs.seq_lens))(
                 self.param_leaves, pending.hidden_last, num_seqs, tensors)
         return dataclasses.replace(pending, out=out, sampled=sampled, next_ids=next_ids,

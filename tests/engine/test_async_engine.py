@@ -12,7 +12,9 @@ import types
 import pytest
 
 from jaxserve.core.scheduler import WaitingQueueFullError
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestAbortedError
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.errors import (EngineDeadError, EngineFailedRequestError, RequestAbortedError,
+                                    RequestFailedError)
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -26,6 +28,10 @@ class ScriptedEngine:
         self.live: dict[str, tuple[RequestOutput, SamplingParams]] = {}
         self.aborted: list[str] = []
         self.fail_next_step = threading.Event()
+        self.hang_next_step = threading.Event()  # the step blocks until `unhang` is set
+        self.unhang = threading.Event()
+        self.fail_request_ids: set[str] = set()  # dropped at the next step, as failed
+        self.failed: dict[str, Exception] = {}
         self.max_waiting = max_waiting
         self.step_seconds = step_seconds
         self.thread_ids: set[int] = set()
@@ -55,7 +61,12 @@ class ScriptedEngine:
         self.thread_ids.add(threading.get_ident())
         if self.fail_next_step.is_set():
             raise RuntimeError("device fell over")
+        if self.hang_next_step.is_set():
+            self.unhang.wait()
         time.sleep(self.step_seconds)
+        for request_id in self.fail_request_ids & set(self.live):
+            del self.live[request_id]
+            self.failed[request_id] = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
         outputs = []
         for request_id, (output, params) in list(self.live.items()):
             sample = output.outputs[0]
@@ -69,6 +80,10 @@ class ScriptedEngine:
             on_outputs(outputs)
             return []
         return outputs
+
+    def pop_failed_requests(self):
+        failed, self.failed = self.failed, {}
+        return failed
 
     def get_stats(self):
         return {"num_running": len(self.live), "num_waiting": 0, "kv_cache_usage": 0.0}
@@ -220,6 +235,69 @@ def test_engine_death_fails_live_requests_and_refuses_new_ones():
 
     run(die_midway())
     assert not async_engine.is_alive
+
+
+def test_requests_live_when_the_engine_dies_fail_and_death_callbacks_run_once():
+    engine = ScriptedEngine(step_seconds=0.005)
+    async_engine = AsyncEngine(engine)
+    deaths = []
+    async_engine.on_death.append(deaths.append)
+
+    async def die_midway():
+        stream = await async_engine.add_request("r", [1], SamplingParams(max_tokens=10_000))
+        await anext(stream)
+        engine.fail_next_step.set()
+        with pytest.raises(EngineFailedRequestError):  # a 500 for it, 503s for later ones
+            async for _ in stream:
+                pass
+
+    run(die_midway())
+    assert len(deaths) == 1 and isinstance(deaths[0], EngineFailedRequestError)
+
+
+def test_a_hung_step_past_the_timeout_kills_the_engine():
+    engine = ScriptedEngine(step_seconds=0.005)
+    async_engine = AsyncEngine(engine, step_timeout=0.3)
+    deaths = []
+    async_engine.on_death.append(deaths.append)
+
+    async def hang_midway():
+        stream = await async_engine.add_request("r", [1], SamplingParams(max_tokens=10_000))
+        await anext(stream)
+        engine.hang_next_step.set()
+        started = time.monotonic()
+        with pytest.raises(EngineFailedRequestError, match="hung"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await async_engine.add_request("late", [1], SamplingParams())
+        return time.monotonic() - started
+
+    try:
+        assert run(hang_midway()) < 5
+        assert not async_engine.is_alive and len(deaths) == 1
+    finally:
+        engine.unhang.set()  # the engine thread then sees it is dead and ends
+    async_engine.shutdown()
+
+
+def test_a_request_failed_in_the_engine_errors_alone():
+    engine = ScriptedEngine(step_seconds=0.002)
+    async_engine = AsyncEngine(engine)
+
+    async def one_fails():
+        bad = await async_engine.add_request("bad", [1], SamplingParams(max_tokens=20))
+        good = await async_engine.add_request("good", [1], SamplingParams(max_tokens=20))
+        engine.fail_request_ids.add("bad")
+        with pytest.raises(RequestFailedError, match="bad byte") as error:
+            async for _ in bad:
+                pass
+        assert not isinstance(error.value, EngineDeadError)
+        return [o async for o in good][-1]
+
+    last = run(one_fails())
+    assert last.finished and len(last.outputs[0].token_ids) == 20 and async_engine.is_alive
+    async_engine.shutdown()
 
 
 def test_observer_sees_first_token_inter_token_and_end(scripted):

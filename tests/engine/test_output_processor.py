@@ -24,3 +24,23 @@ def test_logprob_records_become_position_dicts_and_the_cumulative_logprob():
     assert out.outputs[0].cumulative_logprob == -2.0
     assert out.prompt_logprobs == [None, {2: Logprob(-1.0, 1)},
                                    {3: Logprob(-4.0, 2), 7: Logprob(-0.2, 1)}]
+
+
+def test_a_request_whose_detokenizer_raises_fails_alone():
+    from jaxserve.core.faults import FaultInjector, FaultSpec, InjectedFault
+    from jaxserve.testing.tokenizer import build_tokenizer
+
+    processor = OutputProcessor(build_tokenizer(), faults=FaultInjector(
+        FaultSpec("detokenize", "raise", 3)))
+    params = SamplingParams(max_tokens=4, n=2)
+    processor.add("p", "hi", [1, 2], ["0_p", "1_p"], params)
+    processor.add("q", "hi", [1, 2], ["q"], SamplingParams(max_tokens=4, stop=["zz"]))
+    step = [RequestUpdate(i, (40,), False, None, None) for i in ("0_p", "1_p", "q")]
+    outputs, stopped = processor.process(step, ModelRunnerOutput({}))
+    assert [o.request_id for o in outputs] == ["p"] and stopped == []
+    failed = processor.pop_failed()
+    assert list(failed) == ["q"] and failed["q"].child_ids == ["q"]
+    assert isinstance(failed["q"].error, InjectedFault) and not processor.has("q")
+    outputs, _ = processor.process([RequestUpdate("0_p", (41,), False, None, None)],
+                                   ModelRunnerOutput({}))
+    assert len(outputs[0].outputs[0].token_ids) == 2 and processor.pop_failed() == {}

@@ -4,7 +4,10 @@
 tokenize, detokenize, version, the dashboard) and one middleware for the API key and for
 OpenAI-style error bodies; it works in-process for tests. `serve_http` listens, logs the
 URL once ready, and on SIGTERM/SIGINT stops accepting, lets in-flight requests finish for a
-grace period, cancels (and so aborts) the rest, and returns.
+grace period, cancels (and so aborts) the rest, and returns. If the engine dies (a step
+raised or hung), it gives error answers `death_grace` seconds to go out (/health says 503
+meanwhile), shuts down the same way and returns 1: the process exits non-zero for a
+supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jaxserve import __version__
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestAbortedError
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.errors import EngineDeadError, RequestAbortedError, RequestFailedError
 from jaxserve.entrypoints.openai import dashboard
 from jaxserve.entrypoints.openai.errors import APIError, from_http_exception
 from jaxserve.entrypoints.openai.metrics import ServerMetrics
 from jaxserve.entrypoints.openai.openapi import openapi_document
 from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from jaxserve.entrypoints.openai.serving_chat import create_chat_completion, render_chat
-from jaxserve.entrypoints.openai.serving_common import ServerState, parse_body
+from jaxserve.entrypoints.openai.serving_common import (ServerState, decode_ids, encode_text,
+                                                        parse_body)
 from jaxserve.entrypoints.openai.serving_completion import create_completion
 from jaxserve.reasoning import get_reasoning_parser
 
@@ -76,7 +81,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: list[str] | tuple[str,
     app.router.add_post("/tokenize", route(_tokenize))
     app.router.add_post("/detokenize", route(_detokenize))
     app.router.add_get("/version", _version)
-    document = openapi_document(__version__)  # built once: the models do not change
+    # built once: the models and limits do not change
+    document = openapi_document(__version__, max_n=state.max_n, max_logprobs=max_logprobs)
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
@@ -108,6 +114,8 @@ def _error_middleware(api_key: str | None):
             if error.status < 400:
                 raise
             return from_http_exception(error).response()
+        except RequestFailedError as error:  # lost in the engine (and maybe the engine too)
+            return APIError(500, str(error)).response()
         except (EngineDeadError, RequestAbortedError) as error:
             return APIError(503, str(error)).response()
         except ConnectionResetError:
@@ -130,7 +138,7 @@ async def _models(state: ServerState, request: web.Request) -> web.Response:
 async def _health(state: ServerState, request: web.Request) -> web.Response:
     if not state.engine.is_alive:
         return APIError(503, f"the engine is not running: {state.engine.dead_error}").response()
-    return web.Response(status=200)
+    return web.Response(status=200, text="")  # text/plain, as /openapi.json says
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -156,7 +164,8 @@ async def _tokenize(state: ServerState, request: web.Request) -> web.Response:
                              tools=[tool.model_dump(exclude_none=True) for tool in req.tools]
                              if req.tools else None)
     else:
-        ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = encode_text(state, req.prompt, add_special_tokens=req.add_special_tokens,
+                          param="prompt")
     return web.json_response({"count": len(ids), "max_model_len": state.max_model_len,
                               "tokens": ids})
 
@@ -170,7 +179,7 @@ async def _detokenize(state: ServerState, request: web.Request) -> web.Response:
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[0]}", param="tokens")
-    return web.json_response({"prompt": state.tokenizer.decode(req.tokens)})
+    return web.json_response({"prompt": decode_ids(state, req.tokens, param="tokens")})
 
 
 def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
@@ -181,12 +190,25 @@ def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunn
 
 
 async def serve_http(app: web.Application, host: str, port: int, *,
-                     shutdown_timeout: float = 10.0, stop: asyncio.Event | None = None) -> None:
-    """Serves until SIGTERM/SIGINT (or `stop` is set), then shuts down gracefully."""
+                     shutdown_timeout: float = 10.0, stop: asyncio.Event | None = None,
+                     death_grace: float = 2.0) -> int:
+    """Serves until SIGTERM/SIGINT (or `stop` is set), then shuts down gracefully: returns
+    0; or until the engine dies: returns 1."""
     runner = make_runner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    engine, died = app[STATE].engine, asyncio.Event()
+
+    def on_death(error: BaseException) -> None:  # any thread
+        try:
+            loop.call_soon_threadsafe(died.set)
+        except RuntimeError:  # the loop is closed: serving is over anyway
+            pass
+
+    engine.on_death.append(on_death)
+    if not engine.is_alive:
+        died.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -199,10 +221,20 @@ async def serve_http(app: web.Application, host: str, port: int, *,
                     "%d programs compiled, %d compiling in the background)",
                     state.served_model_names[0], host, bound_port, state.max_model_len,
                     programs["num_programs_compiled"], programs["num_programs_pending"])
-        await stop.wait()
-        logger.info("shutting down: no new requests; in-flight ones get %.0f s to finish",
-                    shutdown_timeout)
+        waits = [asyncio.ensure_future(event.wait()) for event in (stop, died)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waits:
+            waiter.cancel()
+        if died.is_set():
+            logger.error("the engine died (%s): the server exits with status 1 in %.0f s; a "
+                         "supervisor should restart it", engine.dead_error, death_grace)
+            await asyncio.sleep(death_grace)
+        else:
+            logger.info("shutting down: no new requests; in-flight ones get %.0f s to finish",
+                        shutdown_timeout)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+        engine.on_death.remove(on_death)
+    return 1 if died.is_set() else 0

@@ -78,13 +78,22 @@ ROUTES = (
 )
 
 
-def openapi_document(version: str) -> dict:
+def openapi_document(version: str, *, max_n: int | None = None,
+                     max_logprobs: int | None = None) -> dict:
+    """The document; `max_n` / `max_logprobs`: this server's limits (values past them are
+    400s), stated as the request fields' maximums so that clients and fuzzers see them."""
     models = {ErrorResponse, protocol.ChatCompletionChunk}
     for _, _, _, request, response, _ in ROUTES:
         models |= {m for m in (request, response) if m is not None}
     modes = [(m, "validation" if m in _requests() else "serialization")
              for m in sorted(models, key=lambda m: m.__name__)]
     _, schemas = models_json_schema(modes, ref_template=REF)
+    for request in ("CompletionRequest", "ChatCompletionRequest"):
+        fields = schemas["$defs"][request]["properties"]
+        _bound(fields["n"], 1, max_n)
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            if name in fields:
+                _bound(fields[name], 0, max_logprobs)
     paths: dict[str, dict] = {}
     for method, path, summary, request, response, streams in ROUTES:
         operation: dict[str, Any] = {"summary": summary, "operationId": _operation_id(path),
@@ -102,6 +111,15 @@ def openapi_document(version: str) -> dict:
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}, {}],  # the key only when the server has one
     }
+
+
+def _bound(field: dict, low: int, high: int | None) -> None:
+    """Sets the range of an integer field (the integer branch of an `int | None` one)."""
+    for schema in field.get("anyOf", [field]):
+        if schema.get("type") == "integer":
+            schema["minimum"] = low
+            if high is not None:
+                schema["maximum"] = high
 
 
 def _requests() -> set[type[BaseModel]]:
@@ -124,12 +142,19 @@ def _responses(response: type[BaseModel] | None, streams: bool) -> dict:
         ok["content"] = {"application/json": {"schema": _ref(response)}}
         if streams:
             chunk = protocol.ChatCompletionChunk if "Chat" in response.__name__ else response
+            # one server-sent event (OpenAPI 3.2's event shape, which fuzzers check each
+            # event against); its data is a chunk, an in-band error body or [DONE]
             ok["content"]["text/event-stream"] = {"schema": {
-                "type": "string", "description": f"`data: <{chunk.__name__}>` events, then "
-                                                 "`data: [DONE]` (with `stream: true`)"}}
+                "type": "object", "required": ["data"], "properties": {"data": {
+                    "type": "string", "description": f"a {chunk.__name__} as JSON, then "
+                    "[DONE] (with `stream: true`); an error after the start is an "
+                    "ErrorResponse before [DONE]"}}}}
     error = {"content": {"application/json": {"schema": _ref(ErrorResponse)}}}
     return {"200": ok,
             "400": {"description": "Invalid request (the OpenAI error body)", **error},
             "401": {"description": "Missing or wrong API key", **error},
+            "404": {"description": "No such model or route", **error},
+            "405": {"description": "Method not allowed", **error},
+            "413": {"description": "Request body too large", **error},
             "503": {"description": "Engine not running or queue full", **error},
             "500": {"description": "Internal error", **error}}

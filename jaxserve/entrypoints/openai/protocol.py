@@ -26,7 +26,9 @@ from jaxserve.sampling_params import SamplingParams
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict scalars, as the schema says and OpenAI does: lax ones would take `true` as
+    # token id 1, `"5"` as n = 5 and `0.0` as stream = false (ints still pass as floats).
+    model_config = ConfigDict(extra="ignore", strict=True)
     # What a model refuses and what it accepts unread (request_fields.py's tables), and
     # where it sits in a request ("stream_options."), for the param an error names.
     refused_fields: ClassVar[Mapping[str, Refused]] = MappingProxyType({})

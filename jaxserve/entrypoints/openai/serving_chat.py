@@ -60,7 +60,8 @@ def render_chat(state: common.ServerState, messages: list[ChatMessage], *,
     except Exception as error:  # jinja2 TemplateError and friends
         raise bad_request(f"the chat template failed: {type(error).__name__}: {error}",
                           param="messages") from None
-    return text, tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return text, common.encode_text(state, text, add_special_tokens=add_special_tokens,
+                                    param="messages")
 
 
 async def create_chat_completion(state: common.ServerState, request: web.Request,

@@ -22,8 +22,8 @@ import pydantic
 from aiohttp import web
 
 from jaxserve.core.scheduler import WaitingQueueFullError
-from jaxserve.engine.async_engine import (AsyncEngine, EngineDeadError, RequestAbortedError,
-                                          RequestStream)
+from jaxserve.engine.async_engine import AsyncEngine, RequestStream
+from jaxserve.engine.errors import EngineDeadError, RequestAbortedError, RequestFailedError
 from jaxserve.entrypoints.openai.errors import APIError, bad_request, from_value_error, sse_error
 from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                   OpenAIModel)
@@ -106,6 +106,26 @@ def _is_field(loc_part: str | int) -> bool:
         return True
     return not (loc_part in {"str", "int", "float", "bool", "dict", "list"} or "[" in loc_part
                 or "-" in loc_part or loc_part[:1].isupper())
+
+
+def encode_text(state: ServerState, text: str, *, add_special_tokens: bool,
+                param: str) -> list[int]:
+    """The token ids of `text`; 400 naming `param` for text the tokenizer cannot take (a
+    lone surrogate, which JSON can carry, is not a valid Python str for it)."""
+    try:
+        return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except Exception as error:  # noqa: BLE001 - the tokenizer's own error types vary
+        raise bad_request(f"{param}: the tokenizer cannot encode it: "
+                          f"{type(error).__name__}: {error}", param=param) from None
+
+
+def decode_ids(state: ServerState, token_ids: list[int], *, param: str) -> str:
+    """The text of `token_ids`; 400 naming `param` for ids the tokenizer cannot take."""
+    try:
+        return state.tokenizer.decode(token_ids)
+    except Exception as error:  # noqa: BLE001 - OverflowError, TypeError, ...
+        raise bad_request(f"{param}: the tokenizer cannot decode them: "
+                          f"{type(error).__name__}: {error}", param=param) from None
 
 
 def sampling_params(state: ServerState, req: CompletionRequest | ChatCompletionRequest,
@@ -240,6 +260,8 @@ async def stream_sse(request: web.Request, state: ServerState, streams: list[Req
         try:
             async for data in chunks:
                 await response.write(data)
+        except RequestFailedError as error:  # this request was lost in the engine
+            await response.write(sse_error(APIError(500, str(error))))
         except (EngineDeadError, RequestAbortedError) as error:
             await response.write(sse_error(APIError(503, str(error))))
         except ConnectionResetError:

@@ -65,10 +65,12 @@ def _prompt_inputs(state: common.ServerState, req: CompletionRequest,
         if isinstance(item, str):
             if tokenizer is None:
                 raise bad_request("text prompts need a tokenizer; send token ids", "prompt")
-            ids = tokenizer.encode(item, add_special_tokens=req.add_special_tokens) if item else []
+            ids = common.encode_text(state, item, add_special_tokens=req.add_special_tokens,
+                                     param="prompt") if item else []
             inputs.append((item, ids))
         else:
-            text = tokenizer.decode(item) if tokenizer is not None and req.echo else None
+            text = (common.decode_ids(state, item, param="prompt")
+                    if tokenizer is not None and req.echo else None)
             inputs.append((text, list(item)))
     return inputs
 

@@ -47,13 +47,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint, flags, *, log_path, cache_dir):
+    def __init__(self, checkpoint, flags, *, log_path, cache_dir, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # This process's XLA_FLAGS (8 host devices; the server uses one): with them the
         # session's compilation cache has the programs of qwen2_llm, which has these budgets.
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
         cmd = [sys.executable, "-m", "jaxserve.entrypoints.cli", "serve", str(checkpoint),
                "--port", str(self.port), "--compilation-cache-dir", str(cache_dir), *flags]
         self._log = open(log_path, "wb")
@@ -141,12 +141,12 @@ def compilation_cache_dir(shared_compilation_cache):
 
 @pytest.fixture(scope="session")
 def launch_server(engine_checkpoint, compilation_cache_dir, tmp_path_factory):
-    """`launch_server(*flags) -> ServerProcess` serving the tiny qwen2 checkpoint, started
-    (`wait_ready()` waits for it)."""
-    def launch(*flags: str) -> ServerProcess:
+    """`launch_server(*flags, env=None) -> ServerProcess` serving the tiny qwen2 checkpoint,
+    started (`wait_ready()` waits for it); `env` adds environment variables."""
+    def launch(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
         log_path = tmp_path_factory.mktemp("server-log") / "server.log"
         return ServerProcess(engine_checkpoint("qwen2"), [*SMALL_ENGINE, *flags],
-                             log_path=log_path, cache_dir=compilation_cache_dir)
+                             log_path=log_path, cache_dir=compilation_cache_dir, env=env)
 
     return launch
 
@@ -154,8 +154,8 @@ def launch_server(engine_checkpoint, compilation_cache_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def start_server(launch_server):
     """`start_server(*flags) -> ServerProcess` serving the tiny qwen2 checkpoint, ready."""
-    def start(*flags: str) -> ServerProcess:
-        server = launch_server(*flags)
+    def start(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = launch_server(*flags, env=env)
         server.wait_ready()
         return server
 
@@ -267,6 +267,9 @@ class ScriptedEngine:
                 del self.live[request_id]
             outputs.append(output)
         return outputs
+
+    def pop_failed_requests(self):
+        return {}
 
     def get_stats(self):
         return {"num_running": len(self.live)}

@@ -26,10 +26,17 @@ def _validate(document: dict, body: object, model: str) -> None:
 def test_the_document_is_valid_openapi_3_1_with_every_route(document):
     openapi_spec_validator.validate(document)
     assert document["openapi"] == "3.1.0" and document == json.loads(json.dumps(
-        openapi_document(document["info"]["version"])))
+        openapi_document(document["info"]["version"], max_n=128, max_logprobs=20)))
     assert set(document["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/models",
                                       "/tokenize", "/detokenize", "/health", "/metrics",
                                       "/version"}
+
+
+def test_the_document_states_the_servers_limits(document):
+    fields = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert fields["n"]["minimum"] == 1 and fields["n"]["maximum"] == 128
+    integer = next(s for s in fields["logprobs"]["anyOf"] if s.get("type") == "integer")
+    assert integer["minimum"] == 0 and integer["maximum"] == 20
 
 
 def test_live_answers_validate_against_the_document(api_server, document):

@@ -43,6 +43,9 @@ COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ({"stop_token_ids": [VOCAB]}, "stop_token_ids"),
     ({"stop_token_ids": [2**40], "min_tokens": 1}, "stop_token_ids"),
     ({"n": 129}, "n"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"a": 1}}, "logit_bias"),
+    ({"prompt": [2**40], "echo": True}, "prompt"),
+    ({"prompt": [1, True]}, "prompt"), ({"stop_token_ids": [True]}, "stop_token_ids.0"),
+    ({"prompt": [[5, "6"]]}, "prompt"),
 ])
 def test_invalid_completion_is_400_naming_the_parameter(server, body, param):
     status, result = server.request("POST", "/v1/completions", {**COMPLETION, **body},
@@ -88,6 +91,21 @@ def test_bad_requests_get_their_status_in_the_openai_body(server, data, headers,
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize("path,data,param", [
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 1}', "messages"),
+    ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": "caf\xe9 \xff\xfe", "max_tokens": 1}', None),
+])
+def test_text_the_tokenizer_cannot_take_is_400_for_that_request_only(server, path, data, param):
+    """A lone surrogate is valid JSON but no text the tokenizer can encode; a body that is
+    not UTF-8 is no JSON at all."""
+    status, result = server.request("POST", path, data, {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and result["error"]["param"] == param, result
+    assert_still_serving(server)
+
+
 @pytest.mark.parametrize("body,prompt_ids,param", [
     ({"prompt": [5] * MAX_MODEL_LEN}, [5] * MAX_MODEL_LEN, "prompt"),
     ({"prompt": [5] * (MAX_MODEL_LEN + 3)}, [5] * (MAX_MODEL_LEN + 3), "prompt"),
@@ -119,6 +137,12 @@ def test_openai_client_sees_401_without_the_key_and_404_for_another_model(server
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="Hi", max_tokens=1)
+
+
+def test_detokenize_takes_integers_only(server):
+    status, result = server.request("POST", "/detokenize", {"tokens": [True, False]},
+                                    {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and result["error"]["param"] == "tokens.0", result
 
 
 def assert_still_serving(server):
