@@ -17,9 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# --quantization values: None keeps a checkpoint as stored (a GGUF stays quantized),
-# "none" makes every weight float, "int8" / "int4" quantize float weights at load.
-QUANTIZATIONS = ("none", "int8", "int4")
 # int4's group along K: the larger where K allows it, else the smaller.
 INT4_GROUP_SIZES = (128, 32)
 
