@@ -43,6 +43,7 @@ def _engine(model: str, quantization: str | None, args):
     from jaxserve import LLM
 
     return LLM(model, quantization=quantization, dtype="float32", progress=False,
+               background_compilation=False,
                max_num_seqs=min(args.num_prompts, 64), skip_tokenizer_init=True,
                max_model_len=args.prompt_len + args.max_tokens + 16)
 
