@@ -99,6 +99,7 @@ def prepare_for_ops(model: nnx.Module, ops: Ops) -> nnx.Module:
 
 
 def _log_quantized(state, quantization: str | None) -> None:
+    """One line saying which weights loaded quantized, in which forms."""
     values = [v[...] for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
     kinds = sorted({f"int{v.bits} g{v.group_size}" for v in values
                     if isinstance(v, QuantizedWeight)})
