@@ -9,7 +9,9 @@ tokens through `LLM` in float32 (`quantization="none"`) and quantized. Greedy ag
 the share of output positions with the same token, and the mean share of each output
 before its first difference. Logit error: the float32 sequences (prompt + output) are
 scored by both models teacher-forced; max and mean |difference| of the logits over the
-largest float32 logit, and the share of positions with the same argmax. Prints one table.
+largest float32 logit, and the share of positions with the same argmax. Perplexity: of
+TEXT below under each model (teacher-forced; meaningful for a trained model only). Prints
+one table.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ import os
 import numpy as np
 
 from bench_common import print_table, write_json
+
+# A short plain-English text to score (written for this benchmark).
+TEXT = (
+    "The river runs past the old mill and under the stone bridge before it reaches the sea. "
+    "In the spring the water is high and fast, and the children of the village are told to "
+    "stay away from the bank. In the summer it slows down, and people walk along it in the "
+    "evening to watch the light change on the hills. The mill has not turned for many years, "
+    "but the town still keeps its wheel painted, because visitors like to take pictures of "
+    "it. Every autumn there is a market on the square, with bread, apples, honey and cheese "
+    "from the farms around, and music until late at night.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,13 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _engine(model: str, quantization: str | None, args):
+def _engine(model: str, quantization: str | None, args, max_model_len: int):
     from jaxserve import LLM
 
     return LLM(model, quantization=quantization, dtype="float32", progress=False,
-               background_compilation=False,
-               max_num_seqs=min(args.num_prompts, 64), skip_tokenizer_init=True,
-               max_model_len=args.prompt_len + args.max_tokens + 16)
+               background_compilation=False, max_num_seqs=min(args.num_prompts, 64),
+               skip_tokenizer_init=True, max_model_len=max_model_len)
 
 
 def _greedy(llm, prompts, max_tokens: int) -> list[list[int]]:
@@ -80,6 +91,13 @@ def _logits(llm, sequences) -> list[np.ndarray]:
     return out
 
 
+def _perplexity(logits: np.ndarray,  # [T, V]
+                ids: list[int]) -> float:
+    shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)  # [T - 1, V]
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(np.exp(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
 def _agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]:
     same = [np.mean(np.equal(r, g)) for r, g in zip(ref, got)]
     prefix = []
@@ -92,19 +110,24 @@ def _agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float
 def measure(name: str, model: str, kinds: list, args) -> list[list]:
     import gc
 
+    from jaxserve.tokenization.tokenizer_utils import load_tokenizer
+
     rng = np.random.default_rng(args.seed)
-    reference = _engine(model, "none", args)
+    text_ids = list(load_tokenizer(model).encode(TEXT))
+    max_len = max(args.prompt_len + args.max_tokens, len(text_ids)) + 16
+    reference = _engine(model, "none", args, max_len)
     vocab = reference.llm_engine.runner.model_config.vocab_size
     prompts = [rng.integers(0, vocab, args.prompt_len).tolist()
                for _ in range(args.num_prompts)]
     ref_out = _greedy(reference, prompts, args.max_tokens)
     sequences = [p + o for p, o in zip(prompts, ref_out)]
     ref_logits = _logits(reference, sequences)
+    ref_perplexity = _perplexity(_logits(reference, [text_ids])[0], text_ids)
     del reference
     gc.collect()
     rows = []
     for kind in kinds:
-        llm = _engine(model, kind, args)
+        llm = _engine(model, kind, args, max_len)
         same, prefix = _agreement(ref_out, _greedy(llm, prompts, args.max_tokens))
         errors, top1 = [], []
         for ref, got in zip(ref_logits, _logits(llm, sequences)):
@@ -112,9 +135,10 @@ def measure(name: str, model: str, kinds: list, args) -> list[list]:
             errors.append((np.abs(got - ref).max() / scale, np.abs(got - ref).mean() / scale))
             top1.append(np.mean(ref.argmax(-1) == got.argmax(-1)))
         errors = np.asarray(errors)
+        perplexity = _perplexity(_logits(llm, [text_ids])[0], text_ids)
         rows.append([name, kind or "as stored", f"{100 * same:.1f}%", f"{100 * prefix:.1f}%",
                      float(errors[:, 0].max()), float(errors[:, 1].mean()),
-                     f"{100 * np.mean(top1):.1f}%"])
+                     f"{100 * np.mean(top1):.1f}%", perplexity, ref_perplexity])
         del llm
         gc.collect()
     return rows
@@ -138,7 +162,8 @@ def main(argv=None) -> None:
     if gguf:
         rows += measure(os.path.basename(gguf), gguf, [None, *args.kinds], args)
     header = ["model", "weights", "greedy tokens equal", "greedy prefix equal",
-              "max |dlogit| / max|logit|", "mean |dlogit| / max|logit|", "top-1 equal"]
+              "max |dlogit| / max|logit|", "mean |dlogit| / max|logit|", "top-1 equal", "perplexity",
+              "float32 perplexity"]
     print(f"{args.num_prompts} prompts x {args.max_tokens} greedy tokens, against float32")
     print_table(header, rows)
     write_json(args.output_json, {"args": vars(args), "header": header, "rows": rows})
