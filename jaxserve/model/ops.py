@@ -103,8 +103,9 @@ class Ops:
                 and w.dtype == jnp.float32 and out_dtype in (None, jnp.float32)):
             from pallas_kernels.cpu import qmatmul
 
-            return qmatmul.qmatmul(x, w.packed, w.scales, w.mins, bits=w.bits,
-                                   group_size=w.group_size, rows=num_rows)
+            if qmatmul.available():  # built on first use: float models never build it
+                return qmatmul.qmatmul(x, w.packed, w.scales, w.mins, bits=w.bits,
+                                       group_size=w.group_size, rows=num_rows)
         return jnp.einsum("...k,kn->...n", x, w.dequantize(x.dtype),
                           preferred_element_type=out_dtype)
 
