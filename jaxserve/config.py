@@ -60,6 +60,10 @@ class ModelConfig:
     # axis instead of on their MLP width; the loader's rules and the MoE block read it.
     # The option is `EngineConfig.enable_expert_parallel`, which sets it.
     enable_expert_parallel: bool = False
+    # How Linear kernels load (model/quantization.py): None as stored (a GGUF stays
+    # quantized), "none" float, "int8" / "int4" quantized at load. The option is
+    # `EngineConfig.quantization`, which sets it.
+    quantization: str | None = None
     # The transformers config, kept for model-specific fields; not part of equality.
     hf_config: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
@@ -84,6 +88,8 @@ class ModelConfig:
         _model_check(len(self.layer_sliding_windows) == self.num_layers, "layer_sliding_windows",
                      f"one entry per layer ({self.num_layers})", self.layer_sliding_windows)
         _model_check_rope_scaling(self.rope_scaling)
+        _model_check(self.quantization in (None, *QUANTIZATIONS), "quantization",
+                     f"None or one of {QUANTIZATIONS}", self.quantization)
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype: str = "auto", max_model_len: int | None = None,
@@ -245,6 +251,11 @@ class SchedulerConfig:
 
 # --- EngineConfig ------------------------------------------------------------------------
 
+# --quantization values (vLLM's flag): "none" makes every weight float, "int8" (per channel)
+# and "int4" (grouped) quantize float Linear weights at load; None (the default) keeps a
+# checkpoint as stored, a GGUF quantized.
+QUANTIZATIONS = ("none", "int8", "int4")
+
 # "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp);
 # the one list of names: EngineConfig checks it and `jaxserve serve` offers it.
 ATTENTION_BACKENDS = ("reference", "pallas", "cpu")
@@ -270,6 +281,10 @@ class EngineConfig:
     # MoE expert stacks shard on E over the "model" axis (vLLM's enable_expert_parallel)
     # instead of on their MLP width; the model config is built with this layout.
     enable_expert_parallel: bool = _rule(False, "True or False", _is_bool)
+    # Linear weights: None as the checkpoint stores them (a GGUF stays quantized), "none"
+    # all float, "int8" (per channel) / "int4" (grouped) quantized at load (vLLM's name).
+    quantization: str | None = _rule(None, f"None or one of {QUANTIZATIONS}",
+                                     lambda v: v is None or v in QUANTIZATIONS)
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache; None = off
     # Prompts are token ids and outputs carry no text.
     skip_tokenizer_init: bool = _rule(False, "True or False", _is_bool)
@@ -289,3 +304,6 @@ class EngineConfig:
         if self.model_config.enable_expert_parallel != self.enable_expert_parallel:
             object.__setattr__(self, "model_config", dataclasses.replace(
                 self.model_config, enable_expert_parallel=self.enable_expert_parallel))
+        if self.model_config.quantization != self.quantization:
+            object.__setattr__(self, "model_config", dataclasses.replace(
+                self.model_config, quantization=self.quantization))

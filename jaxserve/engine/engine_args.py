@@ -18,9 +18,9 @@ import re
 import typing
 from collections.abc import Callable
 
-from jaxserve.config import (ATTENTION_BACKENDS, LOAD_FORMATS, REASONING_PARSERS,
-                             SCHEDULER_POLICIES, CacheConfig, EngineConfig, ModelConfig,
-                             SchedulerConfig, check_rule)
+from jaxserve.config import (ATTENTION_BACKENDS, LOAD_FORMATS, QUANTIZATIONS,
+                             REASONING_PARSERS, SCHEDULER_POLICIES, CacheConfig, EngineConfig,
+                             ModelConfig, SchedulerConfig, check_rule)
 from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
 
 
@@ -121,6 +121,10 @@ class EngineArgs:
     enable_expert_parallel: bool = _config_option(
         EngineConfig, "enable_expert_parallel", "MoE models: split the experts over the "
         "tensor-parallel devices instead of each expert's MLP width")
+    quantization: str | None = _config_option(
+        EngineConfig, "quantization", "Linear weights: default as stored (a GGUF stays "
+        "quantized); none = float; int8 (per channel) or int4 (groups of 128 or 32) "
+        "quantizes them at load", flags=("-q",), choices=QUANTIZATIONS)
     attention_backend: str | None = _config_option(
         EngineConfig, "attention_backend", derived=True, choices=ATTENTION_BACKENDS,
         help="default: cpu (the native kernel) on CPU, pallas on GPU/TPU; reference is pure jnp")

@@ -8,6 +8,7 @@ tokenizer and the marker that names the layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -27,7 +28,9 @@ def convert_checkpoint(model_path: str, out_dir: str, *, tensor_parallel_size: i
     from jaxserve.model.loading.loader import load_model
     from jaxserve.tokenization.tokenizer_utils import load_tokenizer
 
-    config = ModelConfig.from_pretrained(model_path, dtype=dtype)
+    # float weights: an Orbax checkpoint keeps no quantized form yet (a GGUF dequantizes)
+    config = dataclasses.replace(ModelConfig.from_pretrained(model_path, dtype=dtype),
+                                 quantization="none")
     tp = tensor_parallel_size
     mesh = make_mesh(tp) if tp > 1 else None
     model = load_model(config.model_dir, config, mesh=mesh)

@@ -80,6 +80,8 @@ class DeepseekV2Attention(nnx.Module):
         self.kv_b_proj = Linear(self.rank, heads * (self.nope_dim + self.v_dim),
                                 hf_name=f"{prefix}.kv_b_proj", axes=(None, "q_heads"),
                                 use_bias=False, **common)
+        # read as a [C, N, nope + v] tensor (the absorbed form), not through Ops.dense
+        self.kv_b_proj.kernel.set_metadata(quantizable=False)
         self.o_proj = Linear(heads * self.v_dim, dim, hf_name=f"{prefix}.o_proj",
                              axes=("q_heads", "embed"), use_bias=config.o_proj_bias, **common)
         scaling = config.rope_scaling

@@ -7,6 +7,9 @@ the graph definition, so a jitted step is traced for exactly one choice). The op
 
 - `dense(x, w, num_rows)`: x @ w, XLA's dot or the native CPU GEMM;
 - `gated_mlp(x, w_gate, w_up, num_rows)`: silu(x @ w_gate) * (x @ w_up), one native call;
+  `w` of both may be a `QuantizedWeight` (quantization.py): the native quantized GEMM
+  (float32 activations, dequantized in its micro-kernel), else XLA's dot over the weight
+  dequantized inside the step (the device keeps the packed form);
 - `rope(x, cos, sin)`: the rotate-half rotation, native on CPU;
 - `lm_head_argmax(hidden, embedding, num_rows, head_kn)`: greedy tokens of a tied head
   without writing the logits (native CPU only; None elsewhere);
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 from jaxserve.config import ATTENTION_BACKENDS
 from jaxserve.model import attention as attention_impl
 from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.model.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ class Ops:
               num_rows,  # [] int32: the real rows of the flattened x; None: all
               *, w_layout: str = "kn", out_dtype=None) -> jax.Array:  # [..., N]
         """x @ w (x @ w.T for "nk"), accumulated in float32, in x's dtype or `out_dtype`."""
+        if isinstance(w, QuantizedWeight):
+            return self._quantized_dense(x, w, num_rows, w_layout, out_dtype)
         if self._native(x, w, out_dtype):
             from pallas_kernels.cpu import matmul
 
@@ -76,7 +82,8 @@ class Ops:
                   num_rows,  # [] int32 real rows of x
                   b_gate=None, b_up=None,  # [F] each, or None
                   ) -> jax.Array:  # [T, F] silu(x @ w_gate + b_gate) * (x @ w_up + b_up)
-        if b_gate is None and b_up is None and self._native(x, w_gate, None):
+        if (b_gate is None and b_up is None and not isinstance(w_gate, QuantizedWeight)
+                and self._native(x, w_gate, None)):
             from pallas_kernels.cpu import matmul
 
             # one call, float32 epilogue: the [T, F] gate and up products are never written
@@ -86,6 +93,21 @@ class Ops:
         if b_gate is not None:
             gate, up = gate + b_gate, up + b_up
         return jax.nn.silu(gate) * up
+
+    def _quantized_dense(self, x,  # [..., K]
+                         w: QuantizedWeight,  # [K, N]
+                         num_rows, w_layout: str, out_dtype) -> jax.Array:  # [..., N]
+        if w_layout != "kn":
+            raise ValueError("a QuantizedWeight is a [K, N] kernel (w_layout 'kn')")
+        if (self.native_dense and jnp.dtype(x.dtype) == jnp.float32
+                and w.dtype == jnp.float32 and out_dtype in (None, jnp.float32)):
+            from pallas_kernels.cpu import qmatmul
+
+            if qmatmul.available():  # built on first use: float models never build it
+                return qmatmul.qmatmul(x, w.packed, w.scales, w.mins, bits=w.bits,
+                                       group_size=w.group_size, rows=num_rows)
+        return jnp.einsum("...k,kn->...n", x, w.dequantize(x.dtype),
+                          preferred_element_type=out_dtype)
 
     def lm_head_argmax(self, hidden,  # [B, D] final hidden states
                        embedding,  # [V, D] the tied embedding

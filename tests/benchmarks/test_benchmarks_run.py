@@ -20,11 +20,12 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, check: bool = True,
+         timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it
     return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=check)
+                          capture_output=True, text=True, timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,15 @@ def test_vllm_backend_without_its_venv_says_how_to_make_it(tiny_model_dir, tmp_p
                 "--vllm-venv", str(tmp_path / "no-such-venv"), check=False)
     assert done.returncode == 2
     assert "setup_vllm_cpu.sh" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_quantization_benchmark_reports_each_kind_against_float32(tiny_model_dir, tmp_path):
+    out = tmp_path / "quantization.json"
+    _run("benchmark_quantization.py", "--model", str(tiny_model_dir), "--num-prompts", "3",
+         "--prompt-len", "8", "--max-tokens", "4", "--output-json", str(out),
+         timeout=600)  # three engines compile
+    rows = json.loads(out.read_text())["rows"]
+    assert [row[1] for row in rows] == ["int8", "int4"]
+    for row in rows:
+        assert 0 <= float(row[2].rstrip("%")) <= 100 and 0 < row[4] < 1  # logits differ

@@ -16,6 +16,8 @@ import gguf
 import numpy as np
 
 from jaxserve.model.loading.gguf_file import GGUFFile
+from jaxserve.model.loading.gguf_quant import repack
+from jaxserve.model.quantization import QuantizedWeight
 
 # llama.cpp permutes the rows of Q and K (per head: interleaved rotary pairs instead of
 # halves) when it converts these architectures; Qwen2/Qwen3 files keep HF's order.
@@ -168,6 +170,32 @@ class GGUFCheckpointReader:
             elif ".attn_k." in gguf_name:
                 values = _unpermute_rows(values, self.num_kv_heads)
         return values
+
+    def get_quantized(self, name: str, dtype_name: str = "float32") -> QuantizedWeight | None:
+        """The 2-D tensor of HF name `name` ([N, K]) as a [K, N] `QuantizedWeight`
+        repacked from its stored blocks (gguf_quant.py), or None where it is stored in a
+        type that is not repacked (F32, F16, the other quantizations)."""
+        gguf_name = self._gguf_name(name)
+        if gguf_name is None:
+            raise KeyError(f"tensor {name!r} is not in the GGUF checkpoint {self.model_dir}")
+        tensor = self.tensors[gguf_name]
+        if len(tensor.shape) != 2:
+            return None
+        row_length, num_rows = (int(n) for n in tensor.shape)  # ggml: innermost first
+        weight = repack(tensor.data, tensor.tensor_type, num_rows, row_length,
+                        dtype_name=dtype_name)
+        if weight is None or self.architecture not in _PERMUTED_ARCHITECTURES:
+            return weight
+        heads = (self.num_heads if ".attn_q." in gguf_name
+                 else self.num_kv_heads if ".attn_k." in gguf_name else None)
+        if heads is None:
+            return weight
+        order = _unpermute_rows(np.arange(num_rows), heads)  # [N]: HF row <- stored row
+        return weight.map(lambda a: np.ascontiguousarray(a[:, order]))
+
+    def tensor_type_name(self, name: str) -> str:
+        """How the GGUF stores HF tensor `name` (F32, Q4_1, ...)."""
+        return self.tensors[self._gguf_name(name)].tensor_type.name
 
     def _gguf_name(self, name: str) -> str | None:
         """The GGUF tensor holding HF tensor `name`, None when the file has none."""

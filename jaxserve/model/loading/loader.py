@@ -9,9 +9,12 @@ Under a mesh whose "model" axis exceeds the KV heads, K/V tensors are replicated
 A parameter with `hf_stack=E` (MoE experts) stacks E tensors named by its `{expert}` template.
 `hf_rows=(start, stop, total)`: the parameter is rows [start, stop) of a fused tensor (Baichuan's
 W_pack); `hf_normalize_axis=a`: its vectors along model axis `a` are L2-normalised (NormHead).
+Linear kernels load as `QuantizedWeight`s where `model_config.quantization` says so (a GGUF's
+stored blocks by default; see quantized_loading.py).
 A directory `jaxserve convert` wrote is restored by Orbax instead (`orbax_checkpoint`).
 """
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,10 +31,15 @@ from jaxserve.model.loading.dummy_weights import dummy_model
 from jaxserve.model.loading.gguf_reader import GGUFCheckpointReader, find_gguf_file
 from jaxserve.model.ops import Ops
 from jaxserve.model.loading.orbax_checkpoint import is_orbax_checkpoint, restore_model
+from jaxserve.model.loading.quantized_loading import (place_quantized, quantizable,
+                                                      read_quantized)
 from jaxserve.model.loading.safetensors_reader import SafetensorsReader
+from jaxserve.model.quantization import QuantizedWeight
 from jaxserve.parallel.expert_parallel import sharding_rules
 from jaxserve.parallel.sharding import logical_sharding
 from jaxserve.parallel.tensor_parallel import MODEL_AXIS, replicate_kv_heads, tp_model_config
+
+logger = logging.getLogger(__name__)
 
 # Checkpoints smaller than this load without a progress bar.
 _PROGRESS_MIN_BYTES = 256 * 1024 * 1024
@@ -74,7 +82,8 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
 
         def load(variable: nnx.Variable) -> nnx.Variable:
             value = _load_tensor(reader, variable, dtype, mesh, rules,
-                                 kv_factor=kv_factor, head_dim=model_config.head_dim)
+                                 kv_factor=kv_factor, head_dim=model_config.head_dim,
+                                 quantization=model_config.quantization)
             bar.update()
             return variable.replace(value)
 
@@ -85,6 +94,7 @@ def load_model(model_dir, model_config: ModelConfig, *, mesh: Mesh | None = None
         workers = (os.cpu_count() or 1) if jax.process_count() == 1 else 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
             state = jax.tree.unflatten(treedef, list(pool.map(load, variables)))
+    _log_quantized(state, model_config.quantization)
     return prepare_for_ops(nnx.merge(graphdef, state), ops)
 
 
@@ -97,9 +107,21 @@ def prepare_for_ops(model: nnx.Module, ops: Ops) -> nnx.Module:
     return model
 
 
+def _log_quantized(state, quantization: str | None) -> None:
+    """One line saying which weights loaded quantized, in which forms."""
+    values = [v[...] for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    kinds = sorted({f"int{v.bits} g{v.group_size}" for v in values
+                    if isinstance(v, QuantizedWeight)})
+    count = sum(isinstance(v, QuantizedWeight) for v in values)
+    if count or quantization not in (None, "none"):
+        logger.info("quantization %s: %d weights quantized (%s), the rest float",
+                    quantization or "as stored", count, ", ".join(kinds) or "none")
+
+
 def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx.Variable,
                  dtype: np.dtype, mesh: Mesh | None, rules, *, kv_factor: int = 1,
-                 head_dim: int = 0) -> jax.Array:
+                 head_dim: int = 0, quantization: str | None = None
+                 ) -> jax.Array | QuantizedWeight:
     """One parameter: read, check the shape, transpose, cast, replicate KV heads, place."""
     meta = variable.get_metadata()
     name, transpose, axes = meta.get("hf_name"), meta.get("hf_transpose", False), meta.get("axes")
@@ -113,6 +135,11 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     if kv_axis is not None:
         model_shape[kv_axis] //= kv_factor  # the checkpoint holds K heads, the model K' slots
     expected = tuple(reversed(model_shape)) if transpose else tuple(model_shape)
+    if quantizable(meta):
+        weight = read_quantized(reader, name, expected, quantization, np.dtype(dtype).name)
+        if weight is not None:
+            return place_quantized(weight, axes, mesh, rules, head_dim=head_dim,
+                                   kv_factor=kv_factor if kv_axis is not None else 1)
     if meta.get("hf_rows") is None:
         tensor = _read_checked(reader, name, expected)
     else:  # rows [start, stop) of a fused [total, ...] checkpoint tensor

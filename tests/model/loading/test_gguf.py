@@ -326,3 +326,23 @@ def test_tokenizer_equals_the_one_autotokenizer_builds_from_the_file(tiny_gguf, 
         assert ours.decode(ours(text).input_ids) == auto.decode(auto(text).input_ids)
     assert (ours.bos_token, ours.eos_token, len(ours)) == (auto.bos_token, auto.eos_token,
                                                            len(auto))
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_0,
+                                   gguf.GGMLQuantizationType.Q4_1, Q8_0], ids=lambda t: t.name)
+def test_a_quantized_gguf_stays_quantized_and_none_dequantizes_it(tiny_gguf, qtype):
+    from jaxserve.model.quantization import QuantizedWeight
+
+    path = tiny_gguf("llama", qtype)  # llama: Q/K rows permuted in the file
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    kept = load_model(path, config)
+    dense = load_model(path, dataclasses.replace(config, quantization="none"))
+    attn, dense_attn = kept.layers[0].self_attn, dense.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        weight = getattr(attn, name).kernel[...]
+        assert isinstance(weight, QuantizedWeight)
+        assert weight.bits == (8 if qtype == Q8_0 else 4) and weight.group_size == 32
+        np.testing.assert_array_equal(weight.dequantize(), getattr(dense_attn, name).kernel[...])
+    assert isinstance(kept.layers[1].mlp.down_proj.kernel[...], QuantizedWeight)
+    assert not isinstance(dense.layers[1].mlp.down_proj.kernel[...], QuantizedWeight)
+    assert isinstance(kept.embed_tokens.embedding[...], jax.Array)  # embeddings stay float

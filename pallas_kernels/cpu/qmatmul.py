@@ -1,0 +1,61 @@
+"""A native CPU GEMM over quantized weights (qmatmul.cc): y = x @ W, W dequantized in the
+micro-kernel, so the weights stream from memory as 8 or 4 bits.
+
+W [K, N] is q (int8 [K, N], or int4 packed two rows to a byte, uint8 [K/2, N]: row 2i in
+the low nibble) with per-group float32 `scales` [G, N] and optional `mins` [G, N], g = K / G
+rows of K per group: w = q * scale + min, or (q - zero) * scale, zero 0 (int8) or 8
+(int4). x is float32 and so is y. `rows`: only the first `rows` rows of the flattened x
+are computed, the rest of y is zeros (None: all). `available()` says whether it builds.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.cpu import build
+
+_TARGETS = ("qmatmul_i8", "qmatmul_i8_min", "qmatmul_i4", "qmatmul_i4_min")
+
+
+def available(march: str | None = None) -> bool:
+    """Whether qmatmul.cc builds and registers with XLA here for `march` (see
+    `build.resolve_march`)."""
+    return build.available("qmatmul", _TARGETS, march)
+
+
+def qmatmul(x: jax.Array,  # [..., K] float32
+            q: jax.Array,  # int8 [K, N] (bits 8) or uint8 [K/2, N] (bits 4)
+            scales: jax.Array,  # [G, N] float32
+            mins: jax.Array | None = None,  # [G, N] float32, or None (symmetric)
+            *, bits: int, group_size: int, rows=None,
+            march: str | None = None) -> jax.Array:  # [..., N] float32
+    """x @ dequantize(q, scales, mins), accumulated in float32 per group."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if jnp.dtype(x.dtype) != jnp.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    want = jnp.dtype(jnp.int8 if bits == 8 else jnp.uint8)
+    if q.ndim != 2 or jnp.dtype(q.dtype) != want:
+        raise ValueError(f"q must be 2-D {want} for bits={bits}, got {q.dtype} {q.shape}")
+    k = x.shape[-1]
+    n = q.shape[1]
+    if q.shape[0] * (8 // bits) != k:
+        raise ValueError(f"q of shape {q.shape} (bits={bits}) does not match K={k}")
+    if k % group_size or (bits == 4 and group_size % 2):
+        raise ValueError(f"group_size {group_size} does not divide K={k} into even groups")
+    groups = (k // group_size, n)
+    for name, t in (("scales", scales), ("mins", mins)):
+        if t is not None and (t.shape != groups or jnp.dtype(t.dtype) != jnp.float32):
+            raise ValueError(f"{name} must be float32 {groups}, got {t.dtype} {t.shape}")
+    batch = x.shape[:-1]
+    m = 1
+    for d in batch:
+        m *= d
+    symbol = f"qmatmul_i{bits}" + ("" if mins is None else "_min")
+    operands = [x.reshape(m, k), q, scales] + ([] if mins is None else [mins])
+    if rows is None:
+        rows = jnp.full((1,), m, jnp.int32)
+    else:
+        rows = jnp.asarray(rows).reshape(1).astype(jnp.int32)
+    y = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
+                         jax.ShapeDtypeStruct((m, n), jnp.float32))(*operands, rows)
+    return y.reshape(*batch, n)
