@@ -94,6 +94,17 @@ class Ops:
             gate, up = gate + b_gate, up + b_up
         return jax.nn.silu(gate) * up
 
+    def register_kernels(self, params) -> None:
+        """Builds and registers now every native kernel `params` will call (the
+        quantized GEMM where a weight is quantized): executables loaded from the executable
+        cache call their handlers without a trace that would register them."""
+        is_quantized = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+        if self.native_dense and any(map(is_quantized, jax.tree.leaves(
+                params, is_leaf=is_quantized))):
+            from pallas_kernels.cpu import qmatmul
+
+            qmatmul.available()
+
     def _quantized_dense(self, x,  # [..., K]
                          w: QuantizedWeight,  # [K, N]
                          num_rows, w_layout: str, out_dtype) -> jax.Array:  # [..., N]

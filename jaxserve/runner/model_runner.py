@@ -97,6 +97,7 @@ class ModelRunner:
             if not early:
                 kv_caches = self._plan_and_allocate(pool, pool_config, cache_config, tp)
             self.graphdef, self.params = nnx.split(model)
+            self.ops.register_kernels(self.params)
             self.kv_caches = kv_caches.result()
         self.token_buckets = token_buckets(scheduler_config.max_num_batched_tokens)
         self.seq_buckets = seq_buckets(scheduler_config.max_num_seqs)

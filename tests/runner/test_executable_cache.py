@@ -113,7 +113,8 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     from jaxserve import LLM, SamplingParams
     llm = LLM(sys.argv[1], compilation_cache_dir=sys.argv[2], max_num_seqs=8,
-              max_num_batched_tokens=32, progress=False, tensor_parallel_size=int(sys.argv[3]))
+              max_num_batched_tokens=32, progress=False, tensor_parallel_size=int(sys.argv[3]),
+              quantization=sys.argv[4] if len(sys.argv) > 4 else None)
     llm.wait_for_compilation()  # the larger buckets compile in the background
     out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}],
                        SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
@@ -124,21 +125,23 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _start(model_dir, cache_dir, tp=1):
+def _start(model_dir, cache_dir, tp=1, quantization=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run([sys.executable, "-c", _SCRIPT, str(model_dir), str(cache_dir),
-                          str(tp)], capture_output=True, text=True, env=env)
+                          str(tp), *[quantization] * bool(quantization)],
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
-def test_a_restart_compiles_nothing(tiny_checkpoint, tmp_path, tp):
+@pytest.mark.parametrize("tp, quantization", [(1, None), (2, None), (1, "int8")])
+def test_a_restart_compiles_nothing(tiny_checkpoint, tmp_path, tp, quantization):
+    # int8: the native quantized GEMM's handlers are registered without a trace
     model_dir = tiny_checkpoint("llama", with_tokenizer=True)
-    first = _start(model_dir, tmp_path / "cache", tp)
+    first = _start(model_dir, tmp_path / "cache", tp, quantization)
     assert first["hits"] == 0 and first["compilations"] >= first["programs"] > 0
-    second = _start(model_dir, tmp_path / "cache", tp)
+    second = _start(model_dir, tmp_path / "cache", tp, quantization)
     assert second["programs"] == first["programs"] and second["hits"] == second["programs"]
     assert second["compilations"] == 0 and second["tokens"] == first["tokens"]
