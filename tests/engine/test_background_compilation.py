@@ -89,7 +89,7 @@ def test_requests_run_while_the_rest_compiles_in_the_background(engine_checkpoin
     assert engine.runner.capacity == (128, 16)
 
 
-
+@pytest.mark.slow  # a fresh interpreter that compiles: 10 s of the default run
 def test_a_process_that_exits_while_compiling_joins_the_compile_thread(engine_checkpoint,
                                                                        tmp_path):
     """A daemon compile thread still inside XLA when the interpreter finalizes can abort the

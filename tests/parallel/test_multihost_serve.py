@@ -14,6 +14,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from jaxserve import SamplingParams
 
 
@@ -48,6 +50,7 @@ def _complete(url: str) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.slow  # two server processes start: 14 s of the default run's 5 minutes
 def test_two_processes_serve_like_one_process(engine_checkpoint, qwen2_llm, start_jaxserve,
                                               free_port):
     model = str(engine_checkpoint("qwen2"))
