@@ -130,6 +130,10 @@ class AsyncEngine:
         """Queues a request once the engine accepted it: raises what `LLMEngine.add_request`
         raises (ValueError, WaitingQueueFullError) or EngineDeadError."""
         loop = asyncio.get_running_loop()
+        grammars = getattr(self.engine, "structured_outputs", None)
+        if params.structured_outputs is not None and grammars is not None:
+            # compiled off the step loop (a worker thread): the engine's add finds it cached
+            await loop.run_in_executor(None, grammars.compile, params.structured_outputs)
         stream = RequestStream(request_id)
         item = _Add(request_id, (list(prompt_token_ids), params),
                     dict(prompt=prompt, arrival_time=arrival_time, priority=priority,
@@ -288,6 +292,8 @@ class AsyncEngine:
                 return
             self.dead_error = error
             pending, self._inbox = self._in_hand + self._inbox, []
+        for callback in self.on_death:  # first: whoever sees an error, sees a dead engine
+            callback(error)
         refused = EngineDeadError(str(error))
         for item in pending:
             if isinstance(item, _Add):
@@ -296,8 +302,6 @@ class AsyncEngine:
             lives, self._live = list(self._live.values()), {}
         for live in lives:
             self._deliver(live, error)
-        for callback in self.on_death:
-            callback(error)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future,

@@ -1,7 +1,8 @@
 """Structured outputs: grammars compiled once, one matcher per request, mask rows per step.
 
 `StructuredOutputs` (one per engine) compiles a request's `StructuredOutputsParams` with
-llguidance when the request is added (a bad spec is the ValueError `add_request` raises),
+llguidance when the request is added (a bad spec is the ValueError `add_request` raises;
+the async engine compiles it in a worker thread first, so the engine thread finds it),
 caching the grammar by (kind, spec), and gives each child request its own `LLMatcher`.
 Each step it fills the packed mask rows of the constrained requests that sample
 (`prepare_step`, into the `SchedulerOutput` the runner gets) and advances each matcher
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -56,6 +58,9 @@ class StructuredOutputs:
         self._grammars: collections.OrderedDict[tuple, str] = collections.OrderedDict()
         self._matchers: dict[str, _RequestMatcher] = {}  # live constrained requests
         self._executor = None  # llguidance.LLExecutor, made at the first mask
+        # `compile` also runs in the async engine's worker threads: the grammar cache and
+        # the tokenizer's first build are shared with the engine thread
+        self._lock = threading.Lock()
 
     # -- requests ------------------------------------------------------------------------
     def compile(self, spec: StructuredOutputsParams) -> str:
@@ -65,11 +70,12 @@ class StructuredOutputs:
 
         kind, text = spec.grammar_spec()
         key = (kind, text, spec.disable_any_whitespace)
-        grammar = self._grammars.get(key)
-        if grammar is not None:
-            self._grammars.move_to_end(key)
-            return grammar
-        tokenizer = self._tokenizer()
+        with self._lock:
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                self._grammars.move_to_end(key)
+                return grammar
+            tokenizer = self._tokenizer()
         try:
             if kind == "json":
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
@@ -82,9 +88,10 @@ class StructuredOutputs:
             grammar, tokenizer)
         if is_error:
             raise ValueError(f"structured_outputs: invalid {kind}: {messages[0]}")
-        self._grammars[key] = grammar
-        if len(self._grammars) > MAX_CACHED_GRAMMARS:
-            self._grammars.popitem(last=False)
+        with self._lock:
+            self._grammars[key] = grammar
+            if len(self._grammars) > MAX_CACHED_GRAMMARS:
+                self._grammars.popitem(last=False)
         return grammar
 
     def add(self, request: Request, grammar: str) -> None:

@@ -322,3 +322,26 @@ def test_shutdown_ends_live_requests_with_an_error():
                 pass
 
     run(shut_down_midway())
+
+
+def test_a_grammar_compiles_off_the_engine_thread_and_a_bad_one_is_never_queued(scripted):
+    from jaxserve.sampling_params import StructuredOutputsParams
+
+    engine, async_engine = scripted
+    compiled_on = []
+
+    def compile_grammar(spec):  # the engine's StructuredOutputs.compile
+        compiled_on.append(threading.current_thread().name)
+        if spec.regex == "(":
+            raise ValueError("structured_outputs: invalid regex: unclosed group")
+        return "grammar"
+
+    engine.structured_outputs = types.SimpleNamespace(compile=compile_grammar)
+    good = SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+"))
+    outputs = run(async_engine.generate("g", [1, 2], good).__anext__())
+    assert outputs.request_id == "g" and compiled_on[0] not in ("jaxserve-engine",
+                                                                 threading.main_thread().name)
+    bad = SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(regex="("))
+    with pytest.raises(ValueError, match="unclosed group"):
+        run(async_engine.add_request("b", [1, 2], bad))
+    assert "b" not in engine.live and "b" not in engine.aborted
