@@ -80,10 +80,14 @@ async def parse_body(request: web.Request, model: type[_M]) -> _M:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:  # the decoder's own bound on nesting
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         message = first["msg"].removeprefix("Value error, ")

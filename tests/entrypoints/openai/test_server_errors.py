@@ -82,6 +82,8 @@ def test_invalid_chat_is_400(server, body, param):
     (b'{"prompt": "Hi"}', {"Authorization": "Bearer wrong"}, 401),
     (b'{"prompt": "Hi"}', {"Authorization": ""}, 401),
     (b'{"prompt": "' + b"a" * (2 * 2**20) + b'"}', {}, 413),
+    # nested past the JSON decoder's recursion bound (it was a 500: RecursionError)
+    (b'{"prompt": "Hi", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400),
 ])
 def test_bad_requests_get_their_status_in_the_openai_body(server, data, headers, status):
     got, result = server.request("POST", "/v1/completions", data,
