@@ -80,6 +80,7 @@ def test_a_damaged_entry_is_dropped_and_the_program_compiled_again(tmp_path, cap
     assert not again.path("cumsum 8").exists()
 
 
+@pytest.mark.slow  # XLA compiles every program (6 s); the restarts below cover it too
 def test_a_second_engine_loads_every_program_and_samples_the_same(engine_checkpoint,
                                                                  tmp_path):
     from jaxserve import LLM
