@@ -221,6 +221,8 @@ class LLMEngine:
         if self._may_schedule_ahead(pending.out):  # plan and launch the next one meanwhile
             ahead = self._schedule(ahead=True)  # the ahead plan
             deferred = self._samples_from_history(ahead)
+            if not deferred:  # its grammar masks are known now (else: after collection)
+                ahead = self.structured_outputs.prepare_step(ahead)
             with self.step_compilations.track():
                 self._in_flight = self.runner.dispatch(ahead, pending,
                                                        defer_sampling=deferred)
@@ -252,7 +254,7 @@ class LLMEngine:
             raise RuntimeError("no step program is compiled yet: an LLMEngine built with "
                                "warm_up=False needs runner.compile_programs() first")
         scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
-        if not ahead or not self._samples_from_history(scheduled):  # else: after collection
+        if not ahead:  # an ahead plan gets its masks in `step`
             scheduled = self.structured_outputs.prepare_step(scheduled)
         self._planned_tokens.append(count_token_kinds(scheduled, self.scheduler.requests))
         if self.step_broadcaster is not None:
