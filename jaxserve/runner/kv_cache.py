@@ -2,10 +2,12 @@
 
 On GPU/TPU the budget is the device's free memory times `gpu_memory_utilization`; on CPU
 it is `kv_cache_memory_bytes` (default `CPU_DEFAULT_KV_BYTES`). `num_gpu_blocks_override`
-fixes the block count exactly. The layout of each pool comes from the kernels
-(`kv_pool_shape`, or `latent_pool_shape` for MLA models); block 0 is the null block that padding reads and writes. Under tensor
-parallelism each device holds 1/TP of every block (its KV head slots), so one device's
-budget buys TP times the blocks; an MLA latent pool is replicated, so it buys the same.
+fixes the block count exactly. A pool that cannot hold one max_model_len request is
+refused at start-up (such a request could never run). The layout of each pool comes from
+the kernels (`kv_pool_shape`, or `latent_pool_shape` for MLA models); block 0 is the null
+block that padding reads and writes. Under tensor parallelism each device holds 1/TP of
+every block (its KV head slots), so one device's budget buys TP times the blocks; an MLA
+latent pool is replicated, so it buys the same.
 """
 
 from __future__ import annotations
@@ -90,10 +92,15 @@ def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
         if not explicit:
             num_blocks = min(num_blocks, MAX_DEFAULT_BLOCKS)
     blocks_per_seq = math.ceil(model_config.max_model_len / block_size)
-    if num_blocks < 2:
-        raise ValueError(f"the KV cache budget holds {num_blocks} blocks of {per_block} bytes; "
-                         "at least 2 are needed (raise kv_cache_memory_bytes or "
-                         "gpu_memory_utilization)")
+    if num_blocks < 1 + blocks_per_seq:
+        # Refused now, before any compilation: a request the whole pool cannot hold would
+        # wait forever, so the pool must hold one max_model_len request beside the null block.
+        raise ValueError(
+            f"the KV cache holds {num_blocks} blocks of {block_size} tokens ({per_block} "
+            f"bytes each, the null block included); one max_model_len="
+            f"{model_config.max_model_len} request needs {1 + blocks_per_seq}: raise "
+            "kv_cache_memory_bytes, gpu_memory_utilization or num_gpu_blocks_override, or "
+            "lower max_model_len")
     spec = KVCacheSpec(num_blocks, block_size, per_block, (num_blocks - 1) / blocks_per_seq)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max concurrency %.1fx at %d tokens",
                 num_blocks, block_size, num_blocks * per_block / 2**20,
