@@ -7,9 +7,15 @@ hang up after a few chunks, `--bad` of the requests are invalid (they must get a
 OpenAI error body). Prints per-minute TTFT/TPOT p50/p99 (streams) and the server's RSS, then
 a summary: requests by outcome, errors by kind, KV cache usage and running requests once
 idle, RSS growth after `--warmup`. `--launch CMD` starts the server and stops it afterwards.
+`--overload`, against a server with a small KV pool and `--max-num-waiting` (and long
+`--prompt-words`), counts a 503 with an OpenAI error body as shed load, not an error; the
+summary's preemptions show the pool overflowed.
 
     python benchmarks/soak.py --launch "jaxserve serve /tmp/bt/q40 --port 0" \\
         --model /tmp/bt/q40 --clients 200 --duration 600
+    python benchmarks/soak.py --launch "jaxserve serve /tmp/bt/q40 --port 0 \\
+        --num-gpu-blocks-override 600 --max-num-waiting 64" --model /tmp/bt/q40 \\
+        --overload --prompt-words 200 400 --duration 120
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import urllib.parse
 
 from bench_common import percentiles, print_table, write_json
 from benchmark_serving import LOCAL_HOSTS, Server, wait_healthy
-from soak_requests import RequestPlan, check_response, plan_request
+from soak_requests import RequestPlan, check_response, is_error_body, plan_request
 
 CONTENT = re.compile(r'"(?:text|content)": ?"[^"]')  # a chunk that carries output text
 
@@ -41,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens is 1..this")
     p.add_argument("--disconnect", type=float, default=0.2, help="share of streams cut short")
     p.add_argument("--bad", type=float, default=0.05, help="share of invalid requests")
+    p.add_argument("--prompt-words", type=int, nargs=2, default=(3, 40), metavar=("MIN", "MAX"),
+                   help="words per prompt")
+    p.add_argument("--overload", action="store_true",
+                   help="a 503 with an OpenAI error body is shed load (the queue is full)")
     p.add_argument("--warmup", type=float, default=60.0, help="seconds before the RSS baseline")
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--server-pid", type=int, default=None, help="for RSS (with --launch: its)")
@@ -53,12 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--base-url must point at 127.0.0.1 or localhost")
     if args.clients < 1 or args.duration <= 0 or args.max_requests < 1:
         p.error("--clients, --duration and --max-requests must be positive")
+    if not 1 <= args.prompt_words[0] <= args.prompt_words[1]:
+        p.error("--prompt-words must be 1 <= MIN <= MAX")
     return args
 
 
 @dataclasses.dataclass
 class Outcome:
-    kind: str  # "ok", "disconnected", "rejected" (a bad request's 4xx), or an error kind
+    kind: str  # "ok", "disconnected", "rejected" (a bad request's 4xx), "shed" (--overload's
+    #            503), or an error kind
     end: float  # seconds since the start
     detail: str = ""
     ttft: float | None = None  # streams: seconds to the first content chunk
@@ -104,6 +117,8 @@ async def run_one(session, base: str, plan: RequestPlan, args, start: float) -> 
                         if ttft is not None and num_tokens > 1 else None)
                 return Outcome(kind, time.perf_counter() - start, detail, ttft, tpot)
             body = await response.read()
+            if args.overload and response.status == 503 and is_error_body(body):
+                return Outcome("shed", time.perf_counter() - start)
             kind, detail, _ = check_response(plan, response.status, body)
             return Outcome(kind, time.perf_counter() - start, detail)
     except asyncio.TimeoutError:
@@ -112,18 +127,28 @@ async def run_one(session, base: str, plan: RequestPlan, args, start: float) -> 
         return Outcome("connection", time.perf_counter() - start, repr(error)[:200])
 
 
+IDLE_METRICS = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+
+
+async def read_metrics(session, base: str) -> collections.defaultdict[str, float]:
+    """Each `jaxserve:` sample of /metrics by name without the prefix, labels summed."""
+    async with session.get(base + "/metrics") as response:
+        text = await response.text()
+    values: collections.defaultdict[str, float] = collections.defaultdict(float)
+    for line in text.splitlines():
+        if line.startswith("jaxserve:"):
+            name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("jaxserve:")
+            values[name] += float(line.rsplit(" ", 1)[1])
+    return values
+
+
 async def server_state(session, base: str, timeout: float = 60.0) -> dict[str, float]:
-    """running, waiting and kv_cache_usage_perc from /metrics once idle (or at `timeout`)."""
+    """The metrics once no request runs or waits and no KV block is held (or at `timeout`)."""
     deadline = time.monotonic() + timeout
     while True:
-        async with session.get(base + "/metrics") as response:
-            text = await response.text()
-        state = {name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                           if line.startswith(f"jaxserve:{name}"))
-                 for name in ("num_requests_running", "num_requests_waiting",
-                              "kv_cache_usage_perc")}
-        if not any(state.values()) or time.monotonic() > deadline:
-            return state
+        metrics = await read_metrics(session, base)
+        if not any(metrics[name] for name in IDLE_METRICS) or time.monotonic() > deadline:
+            return metrics
         await asyncio.sleep(0.2)
 
 
@@ -138,6 +163,7 @@ async def soak(args) -> dict:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             base = await wait_healthy(session, args, server)
+            before = await read_metrics(session, base)
             start, rng = time.perf_counter(), random.Random(args.seed)
             counter = iter(range(args.max_requests))
 
@@ -166,12 +192,14 @@ async def soak(args) -> dict:
     finally:
         if server is not None:
             server.stop()
-    return summarize(outcomes, rss, final, elapsed, args)
+    return summarize(outcomes, rss, before, final, elapsed, args)
 
 
-def summarize(outcomes: list[Outcome], rss, final: dict, elapsed: float, args) -> dict:
+def summarize(outcomes: list[Outcome], rss, before: dict, final: dict, elapsed: float,
+              args) -> dict:
     kinds = collections.Counter(o.kind for o in outcomes)
-    errors = {k: v for k, v in kinds.items() if k not in ("ok", "disconnected", "rejected")}
+    errors = {k: v for k, v in kinds.items()
+              if k not in ("ok", "disconnected", "rejected", "shed")}
     rows = []
     for minute in range(int(elapsed // 60) + 1):
         done = [o for o in outcomes if minute * 60 <= o.end < (minute + 1) * 60]
@@ -192,6 +220,7 @@ def summarize(outcomes: list[Outcome], rss, final: dict, elapsed: float, args) -
         "final_running": final["num_requests_running"],
         "final_waiting": final["num_requests_waiting"],
         "final_kv_cache_usage": final["kv_cache_usage_perc"],
+        "preemptions": final["num_preemptions_total"] - before["num_preemptions_total"],
         "rss_mib_after_warmup": warm[0] / 2**20 if warm else None,
         "rss_mib_end": rss[-1][1] / 2**20 if rss else None, "rss_growth": growth,
         "per_minute": rows,

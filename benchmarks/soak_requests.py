@@ -1,7 +1,8 @@
 """The soak's requests: what one client sends next, and whether the answer is well formed.
 
 `plan_request(rng, args)` draws a request (completions or chat, stream or not, n 1-4,
-logprobs, stop strings, max_tokens 1..args.max_tokens; a share cut short or invalid).
+logprobs, stop strings, max_tokens 1..args.max_tokens, args.prompt_words words; a share
+cut short or invalid).
 `check_response(plan, status, body)` returns (outcome kind, detail, output tokens per
 choice): "ok", "rejected" (an invalid request's 4xx), or the error kind.
 """
@@ -53,7 +54,7 @@ def plan_request(rng, args) -> RequestPlan:
     n, max_tokens = rng.randint(1, 4), rng.randint(1, args.max_tokens)
     stops = tuple(rng.sample(STOPS, rng.randint(1, 2))) if rng.random() < 0.3 else ()
     logprobs = rng.randint(0, 5) if rng.random() < 0.3 else None
-    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*args.prompt_words)))
     body = {"model": args.model, "n": n, "max_tokens": max_tokens, "stream": stream,
             "temperature": rng.choice((0.0, 0.7, 1.0)), "ignore_eos": rng.random() < 0.5}
     if stops:
@@ -80,7 +81,7 @@ def check_response(plan: RequestPlan, status: int, body) -> tuple[str, str, int]
     if status >= 500:
         return f"http_{status}", _text(body), 0
     if status != 200:
-        if not _is_error_body(body):
+        if not is_error_body(body):
             return "malformed", f"{status} {_text(body)}", 0
         return ("rejected", "", 0) if plan.bad else (f"http_{status}", _text(body), 0)
     if plan.bad:
@@ -138,7 +139,7 @@ def _check_choice_end(plan: RequestPlan, text: str, finish_reason: str | None) -
         assert stop not in text, f"stop string {stop!r} in the output"
 
 
-def _is_error_body(body) -> bool:
+def is_error_body(body) -> bool:
     try:
         error = json.loads(body)["error"]
         return set(error) == {"message", "type", "param", "code"}
