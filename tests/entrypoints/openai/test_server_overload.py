@@ -156,12 +156,15 @@ def test_a_flood_past_the_pool_preempts_completes_exactly_and_leaves_nothing_hel
             assert usage.prompt_tokens == tokens["count"] > 150, (i, usage)
         else:
             assert usage.prompt_tokens == len(prompt(i)), (i, usage)
-    assert sum(r != "left" for r in results) >= NUM_FLOOD - 12  # the leavers at most
+    assert results.count("left") > NUM_FLOOD // 8  # a client gave up while it waited
     assert alone == [results[0], results[4], results[8]]  # preemption changed no answer
     metrics = assert_idle(flood_server)
     preemptions = (metrics["jaxserve:num_preemptions_total"]
                    - before["jaxserve:num_preemptions_total"])
     assert preemptions > 0
+    aborted = (metrics["jaxserve:request_success_total{abort}"]
+               - before["jaxserve:request_success_total{abort}"])
+    assert aborted > 0  # the clients that left: their requests ended, their blocks freed
     assert flood_server.request("GET", "/health")[0] == 200
 
 
