@@ -184,6 +184,10 @@ class LLMEngine:
                              "are supported together with min_tokens")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+        max_waiting = self.config.scheduler_config.max_num_waiting
+        if max_waiting is not None and params.n > max_waiting:  # else a 503 no retry clears
+            raise ValueError(f"n is {params.n}, above max_num_waiting={max_waiting}: its "
+                             "samples could never wait together")
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:

@@ -1,5 +1,5 @@
-"""The server under pressure and at the end of its life: a full waiting queue is a 503 that
-leaves it serving (slow); SIGTERM lets an in-flight stream finish and exits 0.
+"""The server under pressure and at the end of its life: more samples than may wait is a
+400 that leaves it serving (slow); SIGTERM lets an in-flight stream finish and exits 0.
 """
 
 import json
@@ -18,15 +18,16 @@ def small_queue_server(start_server):
 
 # Slow (a server start of its own): the default run has the scheduler's refusal beyond
 # max_num_waiting (tests/core/test_scheduler.py) and the app's 503 for it, the queued requests
-# still finishing (tests/entrypoints/openai/test_app.py).
+# still finishing (tests/entrypoints/openai/test_app.py); a flood past it against a real
+# server is in test_server_overload.py.
 @pytest.mark.slow
-def test_full_waiting_queue_is_503_and_the_server_keeps_serving(small_queue_server):
-    body = {"prompt": "Hello", "max_tokens": 4, "n": 24}  # 24 samples, 20 may wait
+def test_more_samples_than_may_wait_is_400_and_the_server_keeps_serving(small_queue_server):
+    body = {"prompt": "Hello", "max_tokens": 4, "n": 24}  # 24 samples, 20 may wait: never
     status, result = small_queue_server.request("POST", "/v1/completions", body)
-    assert status == 503, result
+    assert status == 400 and result["error"]["param"] == "n", result
     assert "max_num_waiting=20" in result["error"]["message"]
-    status, result = small_queue_server.request("POST", "/v1/completions", {**body, "n": 4})
-    assert status == 200 and len(result["choices"]) == 4
+    status, result = small_queue_server.request("POST", "/v1/completions", {**body, "n": 20})
+    assert status == 200 and len(result["choices"]) == 20
     assert small_queue_server.wait_idle()["jaxserve:kv_cache_usage_perc"] == 0
 
 

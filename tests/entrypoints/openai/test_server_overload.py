@@ -5,8 +5,8 @@ before its output), so no more than two requests fit at once: a flood of 48 (pla
 streamed, completions and chat, n = 1 or 3, some clients hanging up) queues, preempts and
 completes, each answer exact, and leaves nothing running, waiting or held. With
 --max-num-waiting the surplus of a flood is a 503 in the OpenAI format and the rest
-completes. A pool that could not hold one max_model_len request is refused at start-up,
-before any compilation.
+completes (an n above it, which could never wait, is a 400). A pool that could not hold
+one max_model_len request is refused at start-up, before any compilation.
 """
 
 import asyncio
@@ -181,10 +181,13 @@ def test_past_max_num_waiting_a_flood_gets_503s_and_the_admitted_complete(capped
         results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(40))), 300)
         after = await client.completions.create(model="m", prompt="Hello", max_tokens=4,
                                                 **GREEDY)
+        with pytest.raises(openai.BadRequestError) as never:  # could never wait together
+            await client.completions.create(model="m", prompt="Hello", max_tokens=4, n=9)
         await client.close()
-        return results, after
+        return results, after, never.value
 
-    results, after = asyncio.run(flood())
+    results, after, never = asyncio.run(flood())
+    assert never.body["param"] == "n" and "max_num_waiting=8" in never.body["message"]
     refused = [r for r in results if isinstance(r, openai.InternalServerError)]
     served = [r for r in results if not isinstance(r, Exception)]
     assert len(refused) + len(served) == 40 and len(refused) > 0 and len(served) >= 8
