@@ -1,7 +1,7 @@
 """The server past its KV pool, driven by the openai client (slow: servers of their own).
 
 The pool holds 32 blocks of 16 tokens and each prompt takes 150-200 tokens (10-13 blocks
-before its output), so no more than two requests fit at once: a flood of 48 (plain and
+before its output), so no more than three requests fit at once: a flood of 48 (plain and
 streamed, completions and chat, n = 1 or 3, some clients hanging up) queues, preempts and
 completes, each answer exact, and leaves nothing running, waiting or held. With
 --max-num-waiting the surplus of a flood is a 503 in the OpenAI format and the rest
