@@ -104,13 +104,16 @@ def _kernel(q_ref,       # [T, N, H]
         page = plgpu.load(pages_ref.at[real_seq, lax.div(kv_pos, page_size)], mask=kv_ok,
                           other=0)
         at = (kv_head, page[:, None], lax.rem(kv_pos, page_size)[:, None], dims[None, :])
-        k = plgpu.load(k_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
-        v = plgpu.load(v_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
         if quantized:  # 8-bit rows widen exactly; their scales multiply scores and probs
+            # (Triton takes no 8-bit `other`: masked lanes are zeroed after widening)
+            k, v = (jnp.where(kv_ok[:, None], plgpu.load(ref.at[at], mask=kv_ok[:, None])
+                              .astype(q.dtype), 0) for ref in (k_ref, v_ref))  # [BN, H]
             row = (kv_head, page, lax.rem(kv_pos, page_size))
             k_scale = plgpu.load(ks_ref.at[row], mask=kv_ok, other=0)  # [BN] f32
             v_scale = plgpu.load(vs_ref.at[row], mask=kv_ok, other=0)  # [BN] f32
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        else:
+            k = plgpu.load(k_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
+            v = plgpu.load(v_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)  # [BM, BN]
         if quantized:

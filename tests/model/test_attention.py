@@ -7,7 +7,7 @@ import pytest
 
 from jaxserve.model.attention import paged_attention, write_kv
 from jaxserve.model.attention_metadata import AttentionMetadata
-from pallas_kernels.ragged_paged_attention import kv_pool_shape
+from pallas_kernels.ragged_paged_attention import kv_pool_shape, kv_quant
 
 K, L, S, H = 2, 4, 4, 8
 
@@ -76,3 +76,24 @@ def test_pallas_backend_calls_the_public_kernel_entry_interpreted_on_cpu(monkeyp
     on_cpu = dict(backend="gpu", interpret=True) if jax.default_backend() == "cpu" else {}
     assert kwargs == dict(sm_scale=0.5, sliding_window=3, alibi_slopes=None, k_scales=None,
                           v_scales=None, **on_cpu)
+
+
+@pytest.mark.parametrize("kv_dtype", [pytest.param(jnp.float8_e4m3fn, marks=pytest.mark.slow),
+                                      jnp.int8])
+def test_write_kv_stores_8_bit_rows_with_their_scales_at_each_slot(kv_dtype):
+    pools = (jnp.zeros(kv_pool_shape(K, L, S, H), kv_dtype),) * 2 + (
+        jnp.zeros(kv_quant.scale_pool_shape(K, L, S)),) * 2
+    rng = np.random.default_rng(0)
+    new_k = jnp.asarray(rng.standard_normal((3, K, H)), jnp.float32)  # [T, K, H]
+    slots = jnp.array([1 * S + 3, 3 * S + 0, 0], jnp.int32)
+    k_pool, v_pool, k_scale, v_scale = write_kv(pools, new_k, 2 * new_k, slots)
+    assert k_pool.dtype == kv_dtype and k_scale.dtype == jnp.float32
+    for t, (block, offset) in enumerate([(1, 3), (3, 0)]):
+        stored, scale = kv_quant.quantize(new_k[t], kv_dtype)  # the row format, per head
+        np.testing.assert_array_equal(k_pool[:, block, offset], stored)
+        np.testing.assert_array_equal(k_scale[:, block, offset], scale)
+        np.testing.assert_allclose(v_scale[:, block, offset], 2 * scale, rtol=1e-6)
+        back = kv_quant.dequantize(v_pool[:, block, offset], v_scale[:, block, offset])
+        # within 1/16 of the row's absmax (e4m3's 3 mantissa bits; int8 is finer)
+        np.testing.assert_allclose(back, 2 * new_k[t], atol=float(jnp.abs(2 * new_k[t]).max()) / 16)
+    assert int(jnp.count_nonzero(k_scale[:, 2])) == 0  # untouched block stays zero
