@@ -4,8 +4,8 @@
 through `slot_mapping` (padding tokens land in the null block 0); a quantized layer (an
 8-bit KV cache) has four pools, its rows written quantized with their scales beside them.
 `paged_attention` calls the chosen backend: the pure-jnp reference, the Pallas kernels
-(GPU/TPU) or the native C++ CPU kernel. Models reach these through `ops.Ops`, which picks the backend and whether
-the native row writer runs (`native=`). Host code says *block*,
+(GPU/TPU) or the native C++ CPU kernel. Models reach these through `ops.Ops`, which picks
+the backend and whether the native row writer runs (`native=`). Host code says *block*,
 kernels say *page*: this module is the only place that translates between the two. Under
 tensor parallelism (a mesh with a "model" axis > 1) both run under `shard_map` over KV heads.
 """
@@ -55,15 +55,21 @@ def set_slots(pool,   # [..., L, S, W] a paged pool (L blocks of S slots)
               ) -> jax.Array:  # [..., L, S, W] with rows[t, ..., :] at slot slots[t]
     """A scatter of rows into a pool, in place when the pool is donated.
 
-    With `native` (CPU only), 16-bit float pools go through the native row writer
-    (pallas_kernels/cpu/set_rows): XLA:CPU has no bfloat16 scatter and converts the whole
-    pool to float32 and back around one.
+    With `native` (CPU only), 16- and 8-bit pools go through the native row writer
+    (pallas_kernels/cpu/set_rows): XLA:CPU has no bfloat16 or float8 scatter and converts
+    the whole pool to float32 (float16) and back around one. Elsewhere a float8 pool
+    scatters its bytes (as uint8), never through a wider float.
     """
     rows = rows.astype(pool.dtype)
-    if native and pool.dtype.itemsize == 2:
+    if native and pool.dtype.itemsize < 4:
         from pallas_kernels.cpu import set_rows
 
         return set_rows.set_rows(pool, slots, rows)
+    if pool.dtype.itemsize == 1 and jnp.issubdtype(pool.dtype, jnp.floating):
+        # XLA:CPU scatters float8 as a float16 round trip of the whole pool: move bytes
+        as_bytes = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8)  # noqa: E731
+        return jax.lax.bitcast_convert_type(set_slots(as_bytes(pool), slots, as_bytes(rows)),
+                                            pool.dtype)
     *outer, num_blocks, block_size, width = pool.shape
     flat = pool.reshape(*outer, num_blocks * block_size, width)  # [..., L*S, W]
     rows = jnp.moveaxis(rows, 0, -2)  # [..., T, W]

@@ -46,8 +46,8 @@ class Ops:
     # Dense products, the gated MLP, RoPE and the greedy tied head on the native CPU kernels
     # (pallas_kernels/cpu); they have no sharding rule, so only without tensor parallelism.
     native_dense: bool = False
-    # 16-bit KV pools written by the native CPU row writer: XLA:CPU has no bfloat16 scatter
-    # and converts the whole pool to float32 and back around one.
+    # 16- and 8-bit KV pools written by the native CPU row writer: XLA:CPU has no bfloat16
+    # (or float8) scatter and converts the whole pool to float32 (float16) and back.
     native_kv_write: bool = False
 
     def __post_init__(self) -> None:

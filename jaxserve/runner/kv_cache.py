@@ -6,8 +6,9 @@ fixes the block count exactly. The layout of each pool comes from the kernels
 (`kv_pool_shape`, or `latent_pool_shape` for MLA models); `kv_cache_dtype` "fp8" / "int8"
 stores K/V 8-bit with float32 scale pools beside them (`kv_quant`), and the block cost counts
 both, so the same budget buys more blocks. Block 0 is the null block that padding reads and
-writes. Under tensor parallelism each device holds 1/TP of every block (its KV head slots), so one device's
-budget buys TP times the blocks; an MLA latent pool is replicated, so it buys the same.
+writes. Under tensor parallelism each device holds 1/TP of every block (its KV head
+slots), so one device's budget buys TP times the blocks; an MLA latent pool is replicated,
+so it buys the same.
 """
 
 from __future__ import annotations

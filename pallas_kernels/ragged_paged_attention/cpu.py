@@ -1,9 +1,10 @@
 """Ragged paged attention on CPU: the C++ XLA FFI kernel (pallas_kernels/cpu/*.cc).
 
 Pallas has no CPU lowering, so this is a native handler with the reference's exact
-contract: it reads each sequence's pages in place (no gather copies), streams them through
-an online softmax (8-bit pools widened with their row scales), and runs (sequence, KV head, query block) work items on XLA's intra-op
-thread pool. `available()` says whether it builds here (a C++ compiler is needed).
+contract: it reads each sequence's pages in place (no gather copies; 8-bit pools widened
+page by page with their row scales), streams them through an online softmax, and runs
+(sequence, KV head, query block) work items on XLA's intra-op thread pool. `available()`
+says whether it builds here (a C++ compiler is needed).
 """
 
 import jax

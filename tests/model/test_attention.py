@@ -97,3 +97,12 @@ def test_write_kv_stores_8_bit_rows_with_their_scales_at_each_slot(kv_dtype):
         # within 1/16 of the row's absmax (e4m3's 3 mantissa bits; int8 is finer)
         np.testing.assert_allclose(back, 2 * new_k[t], atol=float(jnp.abs(2 * new_k[t]).max()) / 16)
     assert int(jnp.count_nonzero(k_scale[:, 2])) == 0  # untouched block stays zero
+
+
+def test_a_float8_pool_is_scattered_as_bytes_not_through_a_wider_float():
+    pool = jnp.zeros(kv_pool_shape(K, L, S, H), jnp.float8_e4m3fn)
+    rows = jnp.full((1, K, H), 1.5)
+    write = jax.jit(lambda p: write_kv((p, p), rows, rows, jnp.array([S], jnp.int32))[0])
+    hlo = write.lower(pool).compile().as_text()
+    assert "f16[" not in hlo and "f32[2,16,8]" not in hlo  # no whole-pool float copy
+    assert float(write(pool)[1, 1, 0, 3]) == 1.5
