@@ -176,7 +176,8 @@ def main(argv=None) -> None:
               "max |dlogit| / max|logit|", "mean |dlogit| / max|logit|", "top-1 equal", "perplexity",
               "float32 perplexity"]
     print(f"{args.num_prompts} prompts x {args.max_tokens} greedy tokens, against float32")
-    print_table(header, rows)
+    if rows:
+        print_table(header, rows)
     kv_rows, block_rows = [], []
     if args.model and args.kv_dtypes:
         name = os.path.basename(os.path.normpath(args.model))
