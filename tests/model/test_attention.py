@@ -86,7 +86,7 @@ def test_write_kv_stores_8_bit_rows_with_their_scales_at_each_slot(kv_dtype):
     rng = np.random.default_rng(0)
     new_k = jnp.asarray(rng.standard_normal((3, K, H)), jnp.float32)  # [T, K, H]
     slots = jnp.array([1 * S + 3, 3 * S + 0, 0], jnp.int32)
-    k_pool, v_pool, k_scale, v_scale = write_kv(pools, new_k, 2 * new_k, slots)
+    k_pool, v_pool, k_scale, v_scale = jax.jit(write_kv)(pools, new_k, 2 * new_k, slots)
     assert k_pool.dtype == kv_dtype and k_scale.dtype == jnp.float32
     for t, (block, offset) in enumerate([(1, 3), (3, 0)]):
         stored, scale = kv_quant.quantize(new_k[t], kv_dtype)  # the row format, per head

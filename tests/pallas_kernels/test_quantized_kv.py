@@ -102,6 +102,7 @@ def test_pallas_kernels_read_a_quantized_pool_interpreted(backend, name, make_ba
     _check(out, rpa.reference_attention(*dequantized, sm_scale=0.125), batch, SAME_MATH)
 
 
+@pytest.mark.slow  # the reference path of the entry point; the CPU kernel's is the default
 def test_the_entry_point_passes_the_scales_to_the_named_kernel(make_batch):
     batch, quantized, scales, dequantized = _quantized_batch(make_batch, jnp.int8)
     out = rpa.ragged_paged_attention(*quantized, sm_scale=0.125, backend="reference", **scales)
