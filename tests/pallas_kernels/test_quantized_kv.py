@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 import pallas_kernels.ragged_paged_attention as rpa
 from jaxserve.testing.native_kernels import needs_compiler
+from pallas_kernels.cpu import build
 from pallas_kernels.ragged_paged_attention import cpu, gpu, kv_quant, tpu
 
 KV_DTYPES = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
@@ -80,6 +81,17 @@ def test_cpu_kernel_reads_a_quantized_pool(name, make_batch, march):
     _check(out, rpa.reference_attention(*dequantized, sm_scale=0.125), batch, SAME_MATH)
     _check(out, rpa.reference_attention(*batch, sm_scale=0.125), batch,
            FLOAT_POOL_TOLERANCE[name])
+
+
+@pytest.mark.slow  # one more build of the kernel
+@needs_compiler
+@pytest.mark.parametrize("name", list(KV_DTYPES))
+def test_cpu_kernel_reads_a_quantized_pool_built_for_avx2(name, make_batch):
+    if not build.can_execute("x86-64-v3"):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    batch, quantized, scales, dequantized = _quantized_batch(make_batch, KV_DTYPES[name])
+    out = cpu.ragged_paged_attention(*quantized, sm_scale=0.125, march="x86-64-v3", **scales)
+    _check(out, rpa.reference_attention(*dequantized, sm_scale=0.125), batch, SAME_MATH)
 
 
 @pytest.mark.slow
