@@ -203,6 +203,10 @@ def _is_fraction(value: object) -> bool:
 # --- CacheConfig and SchedulerConfig -----------------------------------------------------
 
 SCHEDULER_POLICIES = ("fcfs", "priority")
+# --kv-cache-dtype values (vLLM's flag): "auto" stores K/V in the model dtype; "fp8" (=
+# "fp8_e4m3", float8_e4m3fn) and "int8" store them 8-bit with a float32 scale per token
+# and KV head (runner/kv_cache.py resolves the name to the pools' dtype).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +224,10 @@ class CacheConfig:
     # Explicit KV budget in bytes (CPU); None = derive.
     kv_cache_memory_bytes: int | None = _rule(None, "None or a positive integer",
                                               _none_or(_at_least(1)))
+    # What the pools store: the model dtype ("auto") or 8-bit rows with scales (more blocks
+    # in the same memory, at a small cost in accuracy).
+    kv_cache_dtype: str = _rule("auto", f"one of {KV_CACHE_DTYPES}",
+                                lambda value: value in KV_CACHE_DTYPES)
 
     def __post_init__(self) -> None:
         _check_rules(self)
@@ -301,6 +309,11 @@ class EngineConfig:
         if sched_len != model_len:
             raise ValueError(f"EngineConfig.scheduler_config.max_model_len must be equal to "
                              f"model_config.max_model_len={model_len}, got {sched_len}")
+        if (self.model_config.kv_latent_dim is not None
+                and self.cache_config.kv_cache_dtype != "auto"):
+            raise ValueError(f"EngineConfig.cache_config.kv_cache_dtype must be 'auto' for an "
+                             f"MLA model ({self.model_config.architecture}: its latent pool "
+                             f"is not quantized), got {self.cache_config.kv_cache_dtype!r}")
         if self.model_config.enable_expert_parallel != self.enable_expert_parallel:
             object.__setattr__(self, "model_config", dataclasses.replace(
                 self.model_config, enable_expert_parallel=self.enable_expert_parallel))

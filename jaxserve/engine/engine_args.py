@@ -18,7 +18,7 @@ import re
 import typing
 from collections.abc import Callable
 
-from jaxserve.config import (ATTENTION_BACKENDS, LOAD_FORMATS, QUANTIZATIONS,
+from jaxserve.config import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS,
                              REASONING_PARSERS, SCHEDULER_POLICIES, CacheConfig, EngineConfig,
                              ModelConfig, SchedulerConfig, check_rule)
 from jaxserve.runner.cpu_flags import apply_preferred_cpu_flags
@@ -113,6 +113,11 @@ class EngineArgs:
         CacheConfig, "kv_cache_memory_bytes", "KV cache size, e.g. 4GiB (CPU default: a "
         "fixed budget; overrides --gpu-memory-utilization)", flags=("--kv-cache-memory",),
         parse=parse_size)
+    kv_cache_dtype: str = _config_option(
+        CacheConfig, "kv_cache_dtype", "KV cache storage: auto = the model dtype; fp8 "
+        "(= fp8_e4m3) or int8 store 8-bit keys and values with a scale per token and head "
+        "(about 2x / 4x the blocks of bfloat16 / float32; not for MLA models)",
+        choices=KV_CACHE_DTYPES)
     gpu_memory_utilization: float = _config_option(
         CacheConfig, "gpu_memory_utilization",
         "share of device memory for weights and KV cache (GPU/TPU)")

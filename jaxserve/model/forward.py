@@ -14,7 +14,9 @@ from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.ops import Ops
 from jaxserve.model.registry import model_class
 
-KVCaches = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: ([K, L, S, H], [K, L, S, H])
+# per layer: ([K, L, S, H], [K, L, S, H]), 8-bit pools followed by two [K, L, S, 1] scale
+# pools, or MLA's one latent pool (runner/kv_cache.py's layer_pool_shapes)
+KVCaches = tuple[tuple[jax.Array, ...], ...]
 
 
 def build_model(model_config: ModelConfig, *, ops: Ops = Ops(),

@@ -16,7 +16,9 @@ from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary
 from jaxserve.model.ops import Ops
 from jaxserve.model.sampling.sampler import argmax
 
-KVCache = tuple[jax.Array, jax.Array]  # ([K, L, S, H] key pool, [K, L, S, H] value pool)
+# ([K, L, S, H] key pool, [K, L, S, H] value pool), and with an 8-bit KV cache their
+# [K, L, S, 1] float32 scale pools after them (pallas_kernels' kv_quant.py)
+KVCache = tuple[jax.Array, ...]
 
 
 class LlamaAttention(nnx.Module):
@@ -64,12 +66,12 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:  # None: positions come from ALiBi instead
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-        k_pool, v_pool = self.ops.write_kv(*kv_cache, k, v, metadata)
+        kv_cache = self.ops.write_kv(kv_cache, k, v, metadata)
         slopes = None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)  # [N]
-        out = self.ops.attention(q, k_pool, v_pool, metadata, sm_scale=self.head_dim ** -0.5,
+        out = self.ops.attention(q, kv_cache, metadata, sm_scale=self.head_dim ** -0.5,
                                  sliding_window=self.sliding_window,
                                  alibi_slopes=slopes)  # [T, N, H]
-        return self.o_proj(out.reshape(num_tokens, -1), metadata), (k_pool, v_pool)
+        return self.o_proj(out.reshape(num_tokens, -1), metadata), kv_cache
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -132,7 +134,7 @@ class LlamaForCausalLM(nnx.Module):
             config.hidden_size, config.vocab_size, hf_name="lm_head", axes=("embed", "vocab"),
             use_bias=False, dtype=dtype, ops=ops, rngs=rngs)
 
-    def __call__(self, kv_caches: tuple[KVCache, ...],  # one (key, value) pool pair per layer
+    def __call__(self, kv_caches: tuple[KVCache, ...],  # each layer's pools (see KVCache)
                  input_ids,  # [T] int32
                  positions,  # [T] int32
                  metadata: AttentionMetadata,

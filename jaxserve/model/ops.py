@@ -13,8 +13,9 @@ the graph definition, so a jitted step is traced for exactly one choice). The op
 - `rope(x, cos, sin)`: the rotate-half rotation, native on CPU;
 - `lm_head_argmax(hidden, embedding, num_rows, head_kn)`: greedy tokens of a tied head
   without writing the logits (native CPU only; None elsewhere);
-- `write_rows(pool, slots, rows)` / `write_kv(...)`: the KV scatter;
-- `attention(q, k_pool, v_pool, metadata, ...)`: paged attention by the attention backend.
+- `write_rows(pool, slots, rows)` / `write_kv(pools, ...)`: the KV scatter (an 8-bit
+  pool's rows quantized on the way in);
+- `attention(q, pools, metadata, ...)`: paged attention by the attention backend.
 
 `num_rows` is the step's real-token count (`AttentionMetadata.num_tokens()`; the sequence
 count at the LM head): the native GEMM computes only those rows and leaves zeros below; XLA
@@ -45,8 +46,8 @@ class Ops:
     # Dense products, the gated MLP, RoPE and the greedy tied head on the native CPU kernels
     # (pallas_kernels/cpu); they have no sharding rule, so only without tensor parallelism.
     native_dense: bool = False
-    # 16-bit KV pools written by the native CPU row writer: XLA:CPU has no bfloat16 scatter
-    # and converts the whole pool to float32 and back around one.
+    # 16- and 8-bit KV pools written by the native CPU row writer: XLA:CPU has no bfloat16
+    # (or float8) scatter and converts the whole pool to float32 (float16) and back.
     native_kv_write: bool = False
 
     def __post_init__(self) -> None:
@@ -157,20 +158,20 @@ class Ops:
         return attention_impl.set_slots(pool, slots, rows,
                                         native=self.native_kv_write)
 
-    def write_kv(self, k_pool, v_pool,  # [K, L, S, H] each: one layer's pools
+    def write_kv(self, pools,  # one layer's pools: (k, v) or, 8-bit, (k, v, k_scale, v_scale)
                  new_k, new_v,  # [T, K, H] each: this step's keys and values
-                 metadata: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
-        return attention_impl.write_kv(k_pool, v_pool, new_k, new_v, metadata.slot_mapping,
+                 metadata: AttentionMetadata) -> tuple[jax.Array, ...]:  # the pools, updated
+        return attention_impl.write_kv(pools, new_k, new_v, metadata.slot_mapping,
                                        native=self.native_kv_write)
 
     def attention(self, q,  # [T, N, H] queries (RoPE applied)
-                  k_pool, v_pool,  # [K, L, S, H] each, this step's K/V written
+                  pools,  # one layer's pools (`write_kv`), this step's K/V written
                   metadata: AttentionMetadata, *, sm_scale: float,
                   sliding_window: int | None = None,
                   alibi_slopes=None,  # [N] float32, or None
                   ) -> jax.Array:  # [T, N, H]; zero rows for padding tokens
         return attention_impl.paged_attention(
-            q, k_pool, v_pool, metadata, backend=self.attention_backend, sm_scale=sm_scale,
+            q, pools, metadata, backend=self.attention_backend, sm_scale=sm_scale,
             sliding_window=sliding_window, alibi_slopes=alibi_slopes)
 
 

@@ -4,10 +4,12 @@ On GPU/TPU the budget is the device's free memory times `gpu_memory_utilization`
 it is `kv_cache_memory_bytes` (default `CPU_DEFAULT_KV_BYTES`). `num_gpu_blocks_override`
 fixes the block count exactly. A pool that cannot hold one max_model_len request is
 refused at start-up (such a request could never run). The layout of each pool comes from
-the kernels (`kv_pool_shape`, or `latent_pool_shape` for MLA models); block 0 is the null
-block that padding reads and writes. Under tensor parallelism each device holds 1/TP of
-every block (its KV head slots), so one device's budget buys TP times the blocks; an MLA
-latent pool is replicated, so it buys the same.
+the kernels (`kv_pool_shape`, or `latent_pool_shape` for MLA models); `kv_cache_dtype` "fp8" / "int8"
+stores K/V 8-bit with float32 scale pools beside them (`kv_quant`), and the block cost counts
+both, so the same budget buys more blocks. Block 0 is the null block that padding reads and
+writes. Under tensor parallelism each device holds 1/TP of every block (its KV head
+slots), so one device's budget buys TP times the blocks; an MLA latent pool is replicated,
+so it buys the same.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from jaxserve.config import CacheConfig, ModelConfig
 from jaxserve.parallel.sharding import kv_pool_sharding, no_sharding
 from pallas_kernels.mla_paged_attention import latent_pool_shape
-from pallas_kernels.ragged_paged_attention import kv_pool_shape
+from pallas_kernels.ragged_paged_attention import kv_pool_shape, kv_quant
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,15 @@ CPU_DEFAULT_KV_BYTES = 2 * 1024**3
 # Without an explicit budget or override, never more blocks than this (a tiny model on a
 # big budget would otherwise get millions of blocks that only slow the block pool down).
 MAX_DEFAULT_BLOCKS = 65536
+
+
+# --kv-cache-dtype names of the 8-bit storage types (CacheConfig.kv_cache_dtype).
+_QUANTIZED_KV_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "int8": "int8"}
+
+
+def kv_storage_dtype(model_config: ModelConfig, kv_cache_dtype: str = "auto") -> str:
+    """The dtype the K/V pools store: the model dtype for "auto", else the 8-bit type."""
+    return _QUANTIZED_KV_DTYPES.get(kv_cache_dtype, model_config.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,25 +52,44 @@ class KVCacheSpec:
     block_size: int  # S tokens per block
     bytes_per_block: int  # on one device: all layers, all pools, its KV head slots
     max_num_seqs_at_full_length: float  # (L - 1) blocks / blocks per max_model_len sequence
+    # What the K/V pools store (`kv_storage_dtype`): the model dtype, or float8_e4m3fn /
+    # int8, whose layers then carry two float32 scale pools as well.
+    kv_dtype: str = "float32"
 
 
-def layer_pool_shapes(model_config: ModelConfig, num_blocks: int,
-                      block_size: int) -> tuple[tuple[int, ...], ...]:
-    """The pools of one layer: a key pool and a value pool `[K, L, S, H]` each, or for MLA
-    (`kv_latent_dim` set) one latent pool `[L, S, C + Hr]` (`latent_pool_shape`)."""
+def layer_pools(model_config: ModelConfig, num_blocks: int, block_size: int,
+                kv_dtype: str | None = None) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """(shape, dtype) of each pool of one layer: a key and a value pool `[K, L, S, H]` of
+    `kv_dtype` (default: the model's); for an 8-bit `kv_dtype` then a key-scale and a
+    value-scale pool `[K, L, S, 1]` float32; for MLA (`kv_latent_dim` set) one latent pool
+    `[L, S, C + Hr]` (`latent_pool_shape`) of the model dtype."""
+    kv_dtype = kv_dtype or model_config.dtype
     if model_config.kv_latent_dim is not None:
-        return (latent_pool_shape(num_blocks, block_size, model_config.kv_latent_dim),)
+        return ((latent_pool_shape(num_blocks, block_size, model_config.kv_latent_dim),
+                 model_config.dtype),)
     shape = kv_pool_shape(model_config.num_kv_heads, num_blocks, block_size,
                           model_config.head_dim)
-    return (shape, shape)
+    pools = ((shape, kv_dtype), (shape, kv_dtype))
+    if kv_quant.is_quantized(kv_dtype):
+        scales = kv_quant.scale_pool_shape(model_config.num_kv_heads, num_blocks, block_size)
+        pools += ((scales, "float32"), (scales, "float32"))
+    return pools
 
 
-def bytes_per_block(model_config: ModelConfig, block_size: int, *, num_shards: int = 1) -> int:
-    """Bytes one block costs on one device, all layers: K/V pools split over `num_shards`
-    devices by KV head slots; an MLA latent pool is replicated on every device."""
-    itemsize = jnp.dtype(model_config.dtype).itemsize
-    per_layer = sum(math.prod(shape) for shape in
-                    layer_pool_shapes(model_config, 1, block_size)) * itemsize
+def layer_pool_shapes(model_config: ModelConfig, num_blocks: int, block_size: int,
+                      kv_dtype: str | None = None) -> tuple[tuple[int, ...], ...]:
+    """The shapes of `layer_pools`."""
+    return tuple(shape for shape, _ in layer_pools(model_config, num_blocks, block_size,
+                                                   kv_dtype))
+
+
+def bytes_per_block(model_config: ModelConfig, block_size: int, *, num_shards: int = 1,
+                    kv_dtype: str | None = None) -> int:
+    """Bytes one block costs on one device, all layers, scales included: K/V pools split
+    over `num_shards` devices by KV head slots; an MLA latent pool is replicated on every
+    device."""
+    per_layer = sum(math.prod(shape) * jnp.dtype(dtype).itemsize for shape, dtype in
+                    layer_pools(model_config, 1, block_size, kv_dtype))
     if model_config.kv_latent_dim is None:
         per_layer //= num_shards
     return model_config.num_layers * per_layer
@@ -83,7 +113,9 @@ def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
     `num_shards` devices split every block (the KV head slots of `model_config`)."""
     device = device or jax.devices()[0]
     block_size = cache_config.block_size
-    per_block = bytes_per_block(model_config, block_size, num_shards=num_shards)
+    kv_dtype = kv_storage_dtype(model_config, cache_config.kv_cache_dtype)
+    per_block = bytes_per_block(model_config, block_size, num_shards=num_shards,
+                                kv_dtype=kv_dtype)
     if cache_config.num_gpu_blocks_override is not None:
         num_blocks = cache_config.num_gpu_blocks_override
     else:
@@ -101,9 +133,10 @@ def plan_kv_cache(model_config: ModelConfig, cache_config: CacheConfig,
             f"{model_config.max_model_len} request needs {1 + blocks_per_seq}: raise "
             "kv_cache_memory_bytes, gpu_memory_utilization or num_gpu_blocks_override, or "
             "lower max_model_len")
-    spec = KVCacheSpec(num_blocks, block_size, per_block, (num_blocks - 1) / blocks_per_seq)
-    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max concurrency %.1fx at %d tokens",
-                num_blocks, block_size, num_blocks * per_block / 2**20,
+    spec = KVCacheSpec(num_blocks, block_size, per_block, (num_blocks - 1) / blocks_per_seq,
+                       kv_dtype)
+    logger.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB); max concurrency %.1fx at "
+                "%d tokens", num_blocks, block_size, kv_dtype, num_blocks * per_block / 2**20,
                 spec.max_num_seqs_at_full_length, model_config.max_model_len)
     return spec
 
@@ -116,13 +149,14 @@ def _replicated(mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
 
 def allocate_kv_caches(model_config: ModelConfig, spec: KVCacheSpec, *,
                        mesh: jax.sharding.Mesh | None = None):
-    """One tuple of zeroed pools per layer (`layer_pool_shapes`: key and value, or MLA's
-    latent pool), placed (committed) with the pool sharding, exactly as every step returns
-    them: K/V pools shard over KV heads, a latent pool is replicated."""
-    dtype = jnp.dtype(model_config.dtype)
-    shapes = layer_pool_shapes(model_config, spec.num_blocks, spec.block_size)
-    makers = {shape: jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=(
-        kv_pool_sharding(shape, mesh) if len(shape) == 4 else _replicated(mesh)))
-        for shape in set(shapes)}  # one program per distinct pool shape
-    return tuple(tuple(makers[shape]() for shape in shapes)
+    """One tuple of zeroed pools per layer (`layer_pools`: key and value, their scales when
+    8-bit, or MLA's latent pool), placed (committed) with the pool sharding, exactly as every
+    step returns them: K/V pools and their scales shard over KV heads, a latent pool is
+    replicated."""
+    pools = layer_pools(model_config, spec.num_blocks, spec.block_size, spec.kv_dtype)
+    makers = {(shape, dtype): jax.jit(functools.partial(jnp.zeros, shape, dtype),
+                                      out_shardings=(kv_pool_sharding(shape, mesh)
+                                                     if len(shape) == 4 else _replicated(mesh)))
+              for shape, dtype in set(pools)}  # one program per distinct pool
+    return tuple(tuple(makers[pool]() for pool in pools)
                  for _ in range(model_config.num_layers))

@@ -123,7 +123,8 @@ class ModelRunner:
         cache = None
         if executable_cache_dir is not None and jax.process_count() == 1:
             cache = ExecutableCache(executable_cache_dir, repr((
-                model_config, attention_backend, tp, self.seq_buckets[-1], signature)))
+                model_config, attention_backend, tp, self.seq_buckets[-1],
+                f"kv_dtype={self.kv_spec.kv_dtype}", signature)))
         self.compiled = CompiledPrograms(self.programs, signature, self.token_buckets,
                                          self.seq_buckets, mesh=self.mesh,
                                          track=track_compilation, cache=cache)

@@ -8,6 +8,8 @@
 // Inside an item the context streams page by page with an online softmax; a page's keys
 // and values stay in L1 while every query row of the item (tokens x grouped heads) uses
 // them. Slots after a sequence's length are never read, so NaN in unused pages is harmless.
+// 8-bit pools (float8_e4m3fn or int8 with [K, P, S] float32 row scales) are widened page
+// by page into float rows (attention_quant.h), like bfloat16 pools.
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +21,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "attention_avx2.h"
+#include "attention_quant.h"
 #include "common.h"
 
 namespace ffi = xla::ffi;
@@ -26,6 +29,7 @@ using jaxserve_cpu::Bf16ToF32;
 using jaxserve_cpu::F32ToBf16;
 using jaxserve_cpu::NumWorkers;
 using jaxserve_cpu::ParallelFor;
+using jaxserve_cpu::attention_quant::KvKind;
 #ifdef __AVX512F__
 using jaxserve_cpu::Exp512;
 #endif
@@ -37,10 +41,14 @@ constexpr int kMaxRows = 64;  // query rows (tokens x grouped heads) of one work
 struct Problem {
   int num_tokens, num_heads, head_dim, num_kv_heads, num_pages, page_size;
   int num_seqs, pages_per_seq;
-  bool bf16;
+  bool bf16;       // q and the output (and float pools) are bfloat16, else float32
+  KvKind kv_kind;  // kFloat: the pools have q's dtype; else 8-bit rows with scales
+  int kv_itemsize;  // bytes per pool element
   const void* q;  // [T, N, H]
   const void* k;  // [K, P, S, H]
   const void* v;  // [K, P, S, H]
+  const float* k_scale;  // [K, P, S] (8-bit pools) or nullptr
+  const float* v_scale;  // [K, P, S] (8-bit pools) or nullptr
   const int32_t* page_indices;     // [B, pages_per_seq]
   const int32_t* seq_lens;         // [B]
   const int32_t* query_start_loc;  // [B + 1]
@@ -54,9 +62,16 @@ struct Item {
   int seq, kv_head, first_token, num_tokens;
 };
 
-// Reads `count` rows of `head_dim` values starting at `src` (float or bf16) as float.
-inline const float* AsFloat(const Problem& p, const void* src, int64_t offset, int count,
-                            float* scratch) {
+// Reads `count` rows of `head_dim` values starting at `src` (float, bf16 or 8-bit with
+// `scales`, indexed by row) as float.
+inline const float* AsFloat(const Problem& p, const void* src, const float* scales,
+                            int64_t offset, int count, float* scratch) {
+  if (p.kv_kind != KvKind::kFloat) {
+    jaxserve_cpu::attention_quant::Dequantize(p.kv_kind, static_cast<const uint8_t*>(src) + offset,
+                                              scales + offset / p.head_dim, count, p.head_dim,
+                                              scratch);
+    return scratch;
+  }
   if (!p.bf16) return static_cast<const float*>(src) + offset;
   const uint16_t* in = static_cast<const uint16_t*>(src) + offset;
   const int64_t n = static_cast<int64_t>(count) * p.head_dim;
@@ -143,7 +158,8 @@ inline void Scores16Bf16(const uint16_t* q, const uint16_t* keys, int a, int b, 
 
 // Whether Scores16Bf16 serves this problem (bf16 pools, head_dim 64, 128 or 256).
 inline bool DirectBf16Scores(const Problem& p) {
-  return p.bf16 && (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256);
+  return p.bf16 && p.kv_kind == KvKind::kFloat &&
+         (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256);
 }
 
 inline void ScoresBf16(const uint16_t* q, const uint16_t* keys, int head_dim, int a, int b,
@@ -248,7 +264,8 @@ inline void Accumulate(float* acc, float alpha, const float* p, const float* val
 struct Scratch {
   explicit Scratch(const Problem& p)
       : q(kMaxRows * p.head_dim), acc(kMaxRows * p.head_dim),
-        k(p.bf16 ? p.page_size * p.head_dim : 0), v(p.bf16 ? p.page_size * p.head_dim : 0),
+        k(p.kv_itemsize < 4 ? p.page_size * p.head_dim : 0),
+        v(p.kv_itemsize < 4 ? p.page_size * p.head_dim : 0),
         s(kMaxRows * p.page_size), prob(kMaxRows * p.page_size) {}
   std::vector<float> q, acc, k, v, s, prob;
   float m[kMaxRows], l[kMaxRows];
@@ -296,10 +313,10 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
       const int next = pages[page_no + 1];
       if (next >= 0 && next < p.num_pages) {
         const int64_t at = (static_cast<int64_t>(item.kv_head) * p.num_pages + next) * S * hd;
-        const int64_t bytes = static_cast<int64_t>(S) * hd * (p.bf16 ? 2 : 4);
+        const int64_t bytes = static_cast<int64_t>(S) * hd * p.kv_itemsize;
         for (int64_t line = 0; line < bytes; line += 64) {
-          jaxserve_cpu::PrefetchL1(static_cast<const char*>(p.k) + at * (p.bf16 ? 2 : 4) + line);
-          jaxserve_cpu::PrefetchL1(static_cast<const char*>(p.v) + at * (p.bf16 ? 2 : 4) + line);
+          jaxserve_cpu::PrefetchL1(static_cast<const char*>(p.k) + at * p.kv_itemsize + line);
+          jaxserve_cpu::PrefetchL1(static_cast<const char*>(p.v) + at * p.kv_itemsize + line);
         }
       }
     }
@@ -310,10 +327,12 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
     // keys/values point at row 0 of the page (rows before j0 are never touched).
     const bool direct = DirectBf16Scores(p);  // bf16 keys are read as they are
     const float* keys = direct ? nullptr
-        : AsFloat(p, p.k, offset, j1 - j0, w.k.data()) - static_cast<int64_t>(j0) * hd;
+        : AsFloat(p, p.k, p.k_scale, offset, j1 - j0, w.k.data()) -
+          static_cast<int64_t>(j0) * hd;
     const uint16_t* raw_keys = static_cast<const uint16_t*>(p.k) + offset -
                                static_cast<int64_t>(j0) * hd;  // used when `direct`
-    const float* values = AsFloat(p, p.v, offset, j1 - j0, w.v.data()) - static_cast<int64_t>(j0) * hd;
+    const float* values =
+        AsFloat(p, p.v, p.v_scale, offset, j1 - j0, w.v.data()) - static_cast<int64_t>(j0) * hd;
     // Three passes over the rows (scores, softmax, values): each pass's rows are
     // independent, so the CPU overlaps their dependency chains.
     int ra[kMaxRows], rb[kMaxRows];
@@ -412,7 +431,8 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
                      ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> page_indices,
                      ffi::Buffer<ffi::S32> seq_lens, ffi::Buffer<ffi::S32> query_start_loc,
-                     ffi::Buffer<ffi::F32> alibi_slopes, float sm_scale, int32_t sliding_window,
+                     ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::F32> k_scales,
+                     ffi::Buffer<ffi::F32> v_scales, float sm_scale, int32_t sliding_window,
                      float soft_cap, ffi::Result<ffi::AnyBuffer> out) {
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
@@ -429,8 +449,22 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pa
   p.bf16 = q.element_type() == ffi::BF16;
   if (!p.bf16 && q.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("q must be float32 or bfloat16");
-  if (k_pages.element_type() != q.element_type() || v_pages.element_type() != q.element_type())
-    return ffi::Error::InvalidArgument("pools must have q's dtype");
+  const auto pool_type = k_pages.element_type();
+  p.kv_kind = pool_type == ffi::F8E4M3FN ? KvKind::kF8E4M3
+              : pool_type == ffi::S8     ? KvKind::kInt8
+                                         : KvKind::kFloat;
+  if (v_pages.element_type() != pool_type ||
+      (p.kv_kind == KvKind::kFloat && pool_type != q.element_type()))
+    return ffi::Error::InvalidArgument("pools must have q's dtype, or both be float8_e4m3fn "
+                                       "or int8");
+  p.kv_itemsize = p.kv_kind != KvKind::kFloat ? 1 : (p.bf16 ? 2 : 4);
+  const int64_t num_rows = static_cast<int64_t>(p.num_kv_heads) * p.num_pages * p.page_size;
+  const bool scaled = p.kv_kind != KvKind::kFloat;
+  if (static_cast<int64_t>(k_scales.element_count()) != (scaled ? num_rows : 0) ||
+      static_cast<int64_t>(v_scales.element_count()) != (scaled ? num_rows : 0))
+    return ffi::Error::InvalidArgument("8-bit pools need [K, P, S] scales (and only they)");
+  p.k_scale = scaled ? k_scales.typed_data() : nullptr;
+  p.v_scale = scaled ? v_scales.typed_data() : nullptr;
   const int group = p.num_heads / std::max(p.num_kv_heads, 1);
   if (p.num_kv_heads < 1 || p.num_heads % p.num_kv_heads || group > kMaxRows)
     return ffi::Error::InvalidArgument("q heads must be a multiple (<= 64x) of KV heads");
@@ -494,6 +528,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ragged_paged_attention_cpu, Attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<int32_t>("sliding_window")

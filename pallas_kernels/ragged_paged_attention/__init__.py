@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention import cpu, gpu, tpu
+from pallas_kernels.ragged_paged_attention.kv_quant import check_scales
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
 
 BACKENDS = ("gpu", "tpu", "cpu", "reference")
@@ -43,7 +44,7 @@ def default_backend(x: jax.Array | None = None) -> str:
 
 
 def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *,
-                 backend: str, alibi_slopes=None) -> None:
+                 backend: str, alibi_slopes=None, k_scales=None, v_scales=None) -> None:
     """Raises ValueError naming the first static mismatch between the arguments."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
@@ -70,9 +71,9 @@ def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *
             raise ValueError(f"{name} dtype {x.dtype} != int32")
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"q dtype {q.dtype} is not float32 or bfloat16")
-    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {x.dtype} != q dtype {q.dtype}")
+    check_scales(k_pages, v_pages, k_scales, v_scales)
+    if k_scales is None and k_pages.dtype != q.dtype:
+        raise ValueError(f"k_pages dtype {k_pages.dtype} != q dtype {q.dtype}")
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
         raise ValueError(f"alibi_slopes shape {tuple(alibi_slopes.shape)} != ({num_heads},) "
                          f"(one slope per q head)")
@@ -80,10 +81,12 @@ def check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, *
         return
     if head_dim not in _HEAD_DIMS:
         raise ValueError(f"q head_dim {head_dim} not in {_HEAD_DIMS} ({backend} kernel)")
-    sublanes = 8 * (4 // q.dtype.itemsize)
+    narrowest = min(q.dtype.itemsize, k_pages.dtype.itemsize)
+    sublanes = 8 * (4 // narrowest)
     if backend == "tpu" and page_size % sublanes:
         raise ValueError(f"k_pages page_size {page_size} is not a multiple of {sublanes} "
-                         f"({q.dtype} sublane tile of the tpu kernel)")
+                         f"({k_pages.dtype} pages / {q.dtype} queries: the sublane tile of "
+                         "the tpu kernel)")
 
 
 def ragged_paged_attention(
@@ -98,6 +101,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
+    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float32, or None
     interpret: bool = False,
     backend: str | None = None,
     block_q: int | None = None,
@@ -113,6 +118,8 @@ def ragged_paged_attention(
 
     Semantics are the reference's (`reference_attention`), ALiBi included: with
     `alibi_slopes`, head `n` adds `alibi_slopes[n] * (key_pos - query_pos)` to its scores.
+    float8_e4m3fn or int8 pools come with their per-row scales (`k_scales`, `v_scales`;
+    the format is kv_quant.py's) and every backend reads them dequantized.
     `backend` is "gpu" (Pallas
     Triton), "tpu" (Pallas Mosaic), "cpu" (the native C++ kernel) or "reference" (pure
     jnp); None picks by the platform of `q` or of JAX's default backend (`default_backend`).
@@ -137,10 +144,10 @@ def ragged_paged_attention(
     if soft_cap is not None and soft_cap <= 0:
         raise ValueError(f"soft_cap {soft_cap} must be positive")
     check_shapes(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, backend=backend,
-                 alibi_slopes=alibi_slopes)
+                 alibi_slopes=alibi_slopes, k_scales=k_scales, v_scales=v_scales)
     args = (q, k_pages, v_pages, page_indices, seq_lens, query_start_loc)
     kwargs = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
-                  alibi_slopes=alibi_slopes)
+                  alibi_slopes=alibi_slopes, k_scales=k_scales, v_scales=v_scales)
     if backend == "reference":
         return reference_attention(*args, **kwargs, **knobs)
     if backend == "cpu":

@@ -2,7 +2,9 @@
 
 A program owns `BQ` tokens of one sequence times the query heads of one KV head, streams the
 sequence's context in `BN`-token tiles (each token's page looked up in the block table) with
-an online softmax, and writes its rows; decode and prefill share one launch. Small batches
+an online softmax, and writes its rows; decode and prefill share one launch. 8-bit pools
+widen to the query dtype in registers, their per-row scales applied to the scores (keys)
+and to the probabilities (values). Small batches
 split long contexts over `NS` programs whose partial results a jnp epilogue merges.
 """
 
@@ -46,10 +48,13 @@ def _kernel(q_ref,       # [T, N, H]
             pages_ref,   # [B, pages_per_seq] int32
             lens_ref,    # [B] int32
             qsl_ref,     # [B+1] int32
-            *refs,       # alibi [N] f32 if `alibi`; then o [T, N, H], or o [NS, T, N, H] f32
-                         # and lse [NS, T, N] f32
+            *refs,       # k and v scales [K, P, S] f32 if `quantized`; alibi [N] f32 if
+                         # `alibi`; then o [T, N, H], or o [NS, T, N, H] f32 and
+                         # lse [NS, T, N] f32
             sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-            alibi: bool, block_q: int, group_pad: int, block_n: int, num_splits: int):
+            alibi: bool, quantized: bool, block_q: int, group_pad: int, block_n: int,
+            num_splits: int):
+    ks_ref, vs_ref, refs = (*refs[:2], refs[2:]) if quantized else (None, None, refs)
     alibi_ref, out_refs = (refs[0], refs[1:]) if alibi else (None, refs)
     num_tokens, num_heads, head_dim = q_ref.shape
     num_kv_heads, _, page_size, _ = k_ref.shape
@@ -99,10 +104,20 @@ def _kernel(q_ref,       # [T, N, H]
         page = plgpu.load(pages_ref.at[real_seq, lax.div(kv_pos, page_size)], mask=kv_ok,
                           other=0)
         at = (kv_head, page[:, None], lax.rem(kv_pos, page_size)[:, None], dims[None, :])
-        k = plgpu.load(k_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
-        v = plgpu.load(v_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
+        if quantized:  # 8-bit rows widen exactly; their scales multiply scores and probs
+            # (Triton takes no 8-bit `other`: masked lanes are zeroed after widening)
+            k, v = (jnp.where(kv_ok[:, None], plgpu.load(ref.at[at], mask=kv_ok[:, None])
+                              .astype(q.dtype), 0) for ref in (k_ref, v_ref))  # [BN, H]
+            row = (kv_head, page, lax.rem(kv_pos, page_size))
+            k_scale = plgpu.load(ks_ref.at[row], mask=kv_ok, other=0)  # [BN] f32
+            v_scale = plgpu.load(vs_ref.at[row], mask=kv_ok, other=0)  # [BN] f32
+        else:
+            k = plgpu.load(k_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
+            v = plgpu.load(v_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)  # [BM, BN]
+        if quantized:
+            s = s * k_scale[None, :]
         if soft_cap is None:
             s = s * (sm_scale * _LOG2E)
         else:
@@ -116,7 +131,8 @@ def _kernel(q_ref,       # [T, N, H]
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
         alpha = jnp.exp2(m - m_new)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+        pv_weights = p * v_scale[None, :] if quantized else p
+        pv = lax.dot_general(pv_weights.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
         return m_new, alpha * l + p.sum(axis=1), alpha[:, None] * acc + pv
 
@@ -186,6 +202,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
+    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float32, or None
     block_q: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
@@ -217,8 +235,8 @@ def ragged_paged_attention(
     num_blocks = num_tokens // block_q + num_seqs + 1  # + 1: the padding tokens' run
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        alibi=alibi_slopes is not None, block_q=block_q, group_pad=group_pad,
-        block_n=cfg["block_n"], num_splits=num_splits)
+        alibi=alibi_slopes is not None, quantized=k_scales is not None, block_q=block_q,
+        group_pad=group_pad, block_n=cfg["block_n"], num_splits=num_splits)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
@@ -233,6 +251,7 @@ def ragged_paged_attention(
         interpret=interpret,
         name="ragged_paged_attention_gpu",
     )(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc,
+      *(() if k_scales is None else (k_scales[..., 0], v_scales[..., 0])),
       *(() if alibi_slopes is None else (alibi_slopes.astype(jnp.float32),)))
     if num_splits == 1:
         return out

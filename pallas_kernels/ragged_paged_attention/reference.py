@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.ragged_paged_attention.kv_quant import dequantize
+
 # A finite stand-in for -inf: masked scores never turn a running max into NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Per-block formulation when T >= this many times B (measured crossover on CPU: a decode
@@ -78,7 +80,16 @@ def _finish(carry):
     return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
-def _per_token(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, **opts):
+def _read(pool, scales, ids, shape):
+    """The pages `ids` of a pool as `shape`; a quantized pool's rows times their scales."""
+    rows = pool[:, ids].reshape(shape)
+    if scales is None:
+        return rows
+    return dequantize(rows, scales[:, ids].reshape(*shape[:-1], 1))
+
+
+def _per_token(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, k_scales, v_scales,
+               **opts):
     num_tokens, num_kv_heads, group, head_dim = qg.shape
     chunk_tokens = chunk * k_pages.shape[2]
     seq_id, valid = token_sequence_ids(qsl, num_tokens)  # [T], [T]
@@ -87,8 +98,9 @@ def _per_token(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, **opts):
 
     def body(i, carry):
         tok_pages = jax.lax.dynamic_slice_in_dim(pages, i * chunk, chunk, axis=1)[seq_id]
-        k = k_pages[:, tok_pages].reshape(num_kv_heads, num_tokens, chunk_tokens, head_dim)
-        v = v_pages[:, tok_pages].reshape(num_kv_heads, num_tokens, chunk_tokens, head_dim)
+        shape = (num_kv_heads, num_tokens, chunk_tokens, head_dim)
+        k = _read(k_pages, k_scales, tok_pages, shape)
+        v = _read(v_pages, v_scales, tok_pages, shape)
         kv_pos = i * chunk_tokens + jnp.arange(chunk_tokens)
         return _softmax_step(carry, qg, k, v, kv_pos, q_pos, **opts)
 
@@ -98,7 +110,8 @@ def _per_token(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, **opts):
     return _finish(jax.lax.fori_loop(0, num_chunks, body, init))
 
 
-def _per_block(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, block_q, **opts):
+def _per_block(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, block_q, k_scales,
+               v_scales, **opts):
     num_tokens, num_kv_heads, group, head_dim = qg.shape
     chunk_tokens = chunk * k_pages.shape[2]
     blocks = (qsl[1:] - qsl[:-1] + block_q - 1) // block_q  # [B] work items per sequence
@@ -116,8 +129,9 @@ def _per_block(qg, k_pages, v_pages, pages, seq_lens, qsl, *, chunk, block_q, **
 
         def body(c, carry):
             ids = jax.lax.dynamic_slice_in_dim(pages[b], c * chunk, chunk)  # [C]
-            k = k_pages[:, ids].reshape(num_kv_heads, chunk_tokens, head_dim)
-            v = v_pages[:, ids].reshape(num_kv_heads, chunk_tokens, head_dim)
+            shape = (num_kv_heads, chunk_tokens, head_dim)
+            k = _read(k_pages, k_scales, ids, shape)
+            v = _read(v_pages, v_scales, ids, shape)
             kv_pos = c * chunk_tokens + jnp.arange(chunk_tokens)
             return _softmax_step(carry, q_block, k, v, kv_pos, q_pos, **opts)
 
@@ -152,6 +166,8 @@ def ragged_paged_attention(
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
     pages_per_chunk: int = 8,
     block_q: int | None = None,
+    k_scales=None,    # [K, P, S, 1] float32 when the pools are 8-bit (kv_quant.py), or None
+    v_scales=None,    # [K, P, S, 1] float32, or None
 ) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
     """Causal attention of each sequence's new tokens over its paged context.
 
@@ -161,7 +177,7 @@ def ragged_paged_attention(
     become `soft_cap * tanh(score / soft_cap)` before the softmax. With `alibi_slopes`, head
     `n` then adds `alibi_slopes[n] * (key_pos - query_pos)` (ALiBi: BLOOM, Baichuan-13B).
     `block_q` picks the formulation: 0 per token, > 0 per query block of that size, None by
-    the shapes.
+    the shapes. 8-bit pools come with `k_scales` / `v_scales` and are read dequantized.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
@@ -174,7 +190,8 @@ def ragged_paged_attention(
         block_q = _BLOCK_Q if num_tokens >= _BLOCKED_MIN_TOKENS_PER_SEQ * num_seqs else 0
     alibi = (None if alibi_slopes is None else
              alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, num_heads // num_kv_heads))
-    opts = dict(chunk=chunk, sliding_window=sliding_window, soft_cap=soft_cap, alibi=alibi)
+    opts = dict(chunk=chunk, sliding_window=sliding_window, soft_cap=soft_cap, alibi=alibi,
+                k_scales=k_scales, v_scales=v_scales)
     args = (qg, k_pages, v_pages, pages, seq_lens, query_start_loc)
     out = _per_block(*args, block_q=block_q, **opts) if block_q else _per_token(*args, **opts)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -3,7 +3,9 @@
 The wrapper cuts each sequence's queries into blocks of `BQ` tokens, each laid out per KV
 head as one `[G * BQ, H]` tile (head-major rows), so a grid step `(kv_head, q_block)` is one
 MXU-shaped problem. It streams its context `PP` pages at a time by async copy from the HBM
-pools into a VMEM double buffer, with an online softmax; the tables live in SMEM.
+pools into a VMEM double buffer, with an online softmax; the tables live in SMEM. 8-bit
+pools bring their `[S, 1]` scale columns along in the same copies and are dequantized to the
+query dtype in VMEM before the two matmuls.
 """
 
 import functools
@@ -27,9 +29,12 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
             q_ref,            # [M, H] (VMEM) rows g * BQ + t
             k_hbm,            # [K, P, S, H] (HBM)
             v_hbm,            # [K, P, S, H] (HBM)
-            *refs,            # [alibi_ref] if `alibi`, o_ref, k_buf, v_buf, sems, m, l, acc
+            *refs,            # [ks_hbm, vs_hbm] [K, P, S, 1] f32 (HBM) if `quantized`,
+                              # [alibi_ref] if `alibi`, o_ref, k_buf, v_buf, sems, m, l, acc,
+                              # [ks_buf, vs_buf] [2, PP, S, 1] f32 if `quantized`
             sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-            alibi: bool, group: int):
+            alibi: bool, quantized: bool, group: int):
+    ks_hbm, vs_hbm, refs = (*refs[:2], refs[2:]) if quantized else (None, None, refs)
     # alibi_ref [M, BKV] f32 (VMEM): the slope of each row's head, equal along BKV
     alibi_ref, refs = (refs[0], refs[1:]) if alibi else (None, refs)
     (o_ref,    # [M, H] (VMEM)
@@ -39,6 +44,7 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
      m_ref,    # [M, H] f32 running max, equal along H
      l_ref,    # [M, H] f32 running sum, equal along H
      acc_ref,  # [M, H] f32
+     *scale_bufs,  # [ks_buf, vs_buf] if `quantized`
      ) = refs
     kv_head, block = pl.program_id(0), pl.program_id(1)
     num_rows, head_dim = q_ref.shape
@@ -68,6 +74,11 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
                                              sems.at[0, slot]))
             out.append(pltpu.make_async_copy(v_hbm.at[kv_head, page], v_buf.at[slot, p],
                                              sems.at[1, slot]))
+            if quantized:  # the scales ride on the same semaphores as their rows
+                out.append(pltpu.make_async_copy(ks_hbm.at[kv_head, page],
+                                                 scale_bufs[0].at[slot, p], sems.at[0, slot]))
+                out.append(pltpu.make_async_copy(vs_hbm.at[kv_head, page],
+                                                 scale_bufs[1].at[slot, p], sems.at[1, slot]))
         return out
 
     m_ref[...] = jnp.full(m_ref.shape, _MASK_VALUE, jnp.float32)
@@ -93,6 +104,11 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
             c.wait()
         k = k_buf[slot].reshape(block_kv, head_dim)  # [BKV, H]
         v = v_buf[slot].reshape(block_kv, head_dim)  # [BKV, H]
+        if quantized:  # 8-bit rows times their scales (a column broadcast along H)
+            k_scale = scale_bufs[0][slot].reshape(block_kv, 1)  # [BKV, 1] f32
+            v_scale = scale_bufs[1][slot].reshape(block_kv, 1)
+            k = (k.astype(jnp.float32) * k_scale).astype(q_ref.dtype)
+            v = (v.astype(jnp.float32) * v_scale).astype(q_ref.dtype)
         kv_row = i * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0)
         v = jnp.where(kv_row < kv_hi, v.astype(jnp.float32), 0.0).astype(v.dtype)  # NaN-safe
         s = lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())), precision=precision,
@@ -166,6 +182,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
+    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float32, or None
     block_q: int | None = None,
     pages_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
@@ -202,8 +220,13 @@ def ragged_paged_attention(
     f32_tile = pltpu.VMEM((num_rows, head_dim), jnp.float32)
     kernel = functools.partial(_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, alibi=alibi_slopes is not None,
-                               group=group)
+                               quantized=k_scales is not None, group=group)
     in_specs, inputs = [tile, pool, pool], [q_blocks, k_pages, v_pages]
+    scale_bufs = []
+    if k_scales is not None:
+        in_specs += [pool, pool]
+        inputs += [k_scales, v_scales]
+        scale_bufs = [pltpu.VMEM((2, pages_per_block, page_size, 1), jnp.float32)] * 2
     if alibi_slopes is not None:  # row g * BQ + t of KV head k: head k * G + g's slope
         block_kv = pages_per_block * page_size
         row_slopes = jnp.repeat(alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, group),
@@ -220,7 +243,7 @@ def ragged_paged_attention(
             in_specs=in_specs,
             out_specs=tile,
             scratch_shapes=[kv_buf, kv_buf, pltpu.SemaphoreType.DMA((2, 2)),
-                            f32_tile, f32_tile, f32_tile]),
+                            f32_tile, f32_tile, f32_tile, *scale_bufs]),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=vmem_limit_bytes),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,

@@ -159,9 +159,13 @@ def test_vllm_backend_without_its_venv_says_how_to_make_it(tiny_model_dir, tmp_p
 def test_quantization_benchmark_reports_each_kind_against_float32(tiny_model_dir, tmp_path):
     out = tmp_path / "quantization.json"
     _run("benchmark_quantization.py", "--model", str(tiny_model_dir), "--num-prompts", "3",
-         "--prompt-len", "8", "--max-tokens", "4", "--output-json", str(out),
-         timeout=600)  # three engines compile
-    rows = json.loads(out.read_text())["rows"]
+         "--prompt-len", "8", "--max-tokens", "4", "--kv-dtypes", "int8",
+         "--output-json", str(out), timeout=900)  # five engines compile
+    result = json.loads(out.read_text())
+    rows, kv_rows = result["rows"], result["kv_rows"]
     assert [row[1] for row in rows] == ["int8", "int4"]
-    for row in rows:
+    assert [row[1] for row in kv_rows] == ["KV int8"]
+    for row in rows + kv_rows:
         assert 0 <= float(row[2].rstrip("%")) <= 100 and 0 < row[4] < 1  # logits differ
+    ((_, kv, float32_ratio, bfloat16_ratio),) = result["kv_block_ratios"]
+    assert kv == "int8" and float32_ratio > bfloat16_ratio > 1

@@ -11,7 +11,7 @@ greedy tokens. The pool holds C + Hr values per token per layer, not K/V heads.
 import numpy as np
 import pytest
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from jaxserve.runner.kv_cache import bytes_per_block, layer_pool_shapes
 
 BLOCK_SIZE = 16
@@ -37,6 +37,14 @@ def test_the_pool_stores_one_latent_row_per_token(tiny_checkpoint):
     # 3 layers x 16 tokens x 40 values x 2 bytes, the same on every device under TP
     assert bytes_per_block(config, BLOCK_SIZE) == 3 * 16 * 40 * 2
     assert bytes_per_block(config, BLOCK_SIZE, num_shards=4) == 3 * 16 * 40 * 2
+
+
+def test_an_mla_model_refuses_an_8_bit_kv_cache(tiny_checkpoint):
+    config = ModelConfig.from_pretrained(tiny_checkpoint("deepseek_v2"), dtype="float32")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' for an MLA model"):
+        EngineConfig(config, CacheConfig(kv_cache_dtype="fp8"),
+                     SchedulerConfig(max_model_len=config.max_model_len),
+                     attention_backend="reference")
 
 
 # V2 (q LoRA, YaRN, group-limited routing) through the engine; V2-Lite's engine run is slow

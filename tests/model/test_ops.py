@@ -132,8 +132,9 @@ def test_rotary_runs_the_native_kernel_with_xlas_numbers():
 
 
 @needs_compiler
-def test_16_bit_pools_are_written_by_the_native_row_writer_where_chosen():
-    pool = jnp.zeros((2, 4, 16, 8), jnp.bfloat16)  # [K, L, S, H]
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_narrow_pools_are_written_by_the_native_row_writer_where_chosen(dtype):
+    pool = jnp.zeros((2, 4, 16, 8), dtype)  # [K, L, S, H]
     rows = jnp.ones((3, 2, 8), jnp.float32)  # [T, K, H]
     slots = jnp.asarray([17, 18, 40], jnp.int32)
     native = lambda p, r: Ops(native_kv_write=True).write_rows(p, slots, r)  # noqa: E731

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from pallas_kernels.ragged_paged_attention import gpu, kv_pool_shape, tpu
+from pallas_kernels.ragged_paged_attention import gpu, kv_pool_shape, kv_quant, tpu
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # name: (q heads, kv heads, head dim)
@@ -91,3 +91,18 @@ def test_gpu_kernel_float32_dots_are_ieee_not_tf32(monkeypatch):
     _export(gpu.ragged_paged_attention, "cuda", args)
     dots = [line for module in modules for line in module.splitlines() if "tt.dot" in line]
     assert len(dots) == 2 and not any("tf32" in line for line in dots), dots
+
+
+@pytest.mark.parametrize("kv_dtype", [
+    jnp.float8_e4m3fn, pytest.param(jnp.int8, marks=pytest.mark.slow)])
+def test_kernels_with_8_bit_pools_lower_for_cuda_and_tpu(kv_dtype):
+    q, pool, _, *tables = _abstract_args("qwen2.5-1.5b", "mixed", page_size=32)
+    pool = jax.ShapeDtypeStruct(pool.shape, kv_dtype)
+    scales = jax.ShapeDtypeStruct(kv_quant.scale_pool_shape(*pool.shape[:3]), jnp.float32)
+    args = (q, pool, pool, *tables, scales, scales)
+
+    def with_scales(kernel):
+        return lambda *a, **kw: kernel(*a[:-2], k_scales=a[-2], v_scales=a[-1], **kw)
+
+    assert TRITON_CALL in _export(with_scales(gpu.ragged_paged_attention), "cuda", args)
+    assert "tpu_custom_call" in _export(with_scales(tpu.ragged_paged_attention), "tpu", args)
