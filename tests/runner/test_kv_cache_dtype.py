@@ -39,11 +39,13 @@ def test_an_8_bit_kv_cache_buys_more_blocks_with_the_same_budget(config, model_d
 
 
 def test_a_quantized_layer_holds_8_bit_pools_and_their_scale_pools(config):
-    spec = plan_kv_cache(config, CacheConfig(num_gpu_blocks_override=5, kv_cache_dtype="fp8"))
+    num_blocks = 1 + -(-config.max_model_len // 16)  # the least the planner accepts
+    spec = plan_kv_cache(config, CacheConfig(num_gpu_blocks_override=num_blocks,
+                                             kv_cache_dtype="fp8"))
     pools = allocate_kv_caches(config, spec)
     assert len(pools) == config.num_layers
     k, v, k_scale, v_scale = pools[0]
-    shape = (config.num_kv_heads, 5, 16, config.head_dim)
+    shape = (config.num_kv_heads, num_blocks, 16, config.head_dim)
     assert k.shape == v.shape == shape and k.dtype == v.dtype == jnp.float8_e4m3fn
     assert k_scale.shape == v_scale.shape == (*shape[:3], 1)
     assert k_scale.dtype == v_scale.dtype == jnp.float32
