@@ -11,7 +11,9 @@ Records live under `<cache_dir>/jaxserve-resolved/<key>.<kind>.json`. The key ha
 transformers version and the checkpoint's own files (config, generation config, tokenizer
 files; for a GGUF file, which may be gigabytes, its path, size and modification time), so an
 edited checkpoint or another transformers version resolves afresh. A record that cannot be
-read is ignored and written again.
+read is ignored and written again. A GGUF file's tokenizer, which transformers builds from
+the file's metadata, is kept whole: saved as an HF tokenizer directory beside the records
+(`<key>.tokenizer/`) and loaded from there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 _SUBDIR = "jaxserve-resolved"
@@ -77,6 +80,29 @@ def resolved_tokenizer(path: str, cache_dir: str | None):
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if getattr(transformers, type(tokenizer).__name__, None) is type(tokenizer):
         _write(record_path, {"class": type(tokenizer).__name__})  # not remote or local code
+    return tokenizer
+
+
+def resolved_gguf_tokenizer(gguf_file: str, cache_dir: str | None, build: Callable[[], object]):
+    """`build()` (a GGUF file's tokenizer, which transformers' converter assembles token by
+    token from the file's metadata: seconds), or the HF tokenizer directory an earlier start
+    saved from it, loaded as `resolved_tokenizer` loads one."""
+    record_path = _record_path(cache_dir, gguf_file, "tokenizer")
+    if record_path is None:
+        return build()
+    folder = record_path.removesuffix(".json")  # a directory: tokenizer.json, its config
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        with contextlib.suppress(OSError, ValueError):
+            return resolved_tokenizer(folder, cache_dir)
+    tokenizer = build()
+    temporary = f"{folder}.{os.getpid()}.tmp"
+    try:  # renamed into place whole: another start sees all of it or none
+        tokenizer.save_pretrained(temporary)
+        if os.path.isdir(folder):  # unreadable above: replaced
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+    except (OSError, TypeError, ValueError):
+        shutil.rmtree(temporary, ignore_errors=True)
     return tokenizer
 
 

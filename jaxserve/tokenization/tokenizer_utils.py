@@ -4,7 +4,9 @@ HF directories go through `AutoTokenizer` (on a start with a cache directory tha
 checkpoint, straight through the class it chose: `resolution_cache`), except Baichuan's, whose tokenizer class is
 remote code: `baichuan_tokenizer.py` implements it. A GGUF file carries its vocabulary, merges,
 special tokens and chat template as metadata (read by `gguf_file`), which transformers' GGUF
-converter turns into a fast tokenizer without torch; the chat template is set from `tokenizer.chat_template` if transformers left it out. Any
+converter turns into a fast tokenizer without torch; the chat template is set from
+`tokenizer.chat_template` if transformers left it out. With a cache directory the result is
+saved there and later starts load it as an HF tokenizer directory (`resolution_cache`). Any
 failure is a ValueError that points at `skip_tokenizer_init`.
 """
 
@@ -28,10 +30,15 @@ def load_tokenizer(model_path, *, cache_dir: str | None = None):
             from jaxserve.resolution_cache import resolved_tokenizer
 
             return resolved_tokenizer(path, cache_dir)
-        tokenizer = _gguf_tokenizer(gguf_file)
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = gguf_chat_template(gguf_file)
-        return tokenizer
+        from jaxserve.resolution_cache import resolved_gguf_tokenizer
+
+        def build():
+            tokenizer = _gguf_tokenizer(gguf_file)
+            if tokenizer.chat_template is None:
+                tokenizer.chat_template = gguf_chat_template(gguf_file)
+            return tokenizer
+
+        return resolved_gguf_tokenizer(gguf_file, cache_dir, build)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"no tokenizer could be loaded from {path} ({error!r}); pass "
                          "skip_tokenizer_init=True to serve token ids only") from error

@@ -293,6 +293,33 @@ def test_tokenizer_chat_template_and_eos_come_from_the_gguf_metadata(tiny_gguf, 
     assert config.eos_token_ids == (hf_tokenizer.eos_token_id,) == (tokenizer.eos_token_id,)
 
 
+def test_a_gguf_tokenizer_is_saved_once_and_loads_back_equal(tiny_gguf, tmp_path, monkeypatch):
+    """With a cache directory the built tokenizer is kept as an HF tokenizer directory; the
+    next start loads that instead of converting the metadata again."""
+    from jaxserve.tokenization import tokenizer_utils
+
+    path, cache = tiny_gguf("qwen2", with_tokenizer=True), str(tmp_path / "cache")
+    built = load_tokenizer(path, cache_dir=cache)
+    folders = [n for n in os.listdir(os.path.join(cache, "jaxserve-resolved"))
+               if n.endswith(".tokenizer")]
+    assert len(folders) == 1
+    monkeypatch.setattr(tokenizer_utils, "_gguf_tokenizer", lambda f: 1 / 0)  # not rebuilt
+    loaded = load_tokenizer(path, cache_dir=cache)
+    chat = dict(conversation=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert loaded.apply_chat_template(**chat) == built.apply_chat_template(**chat)
+    text = "Héllo wörld 🚀 <|im_end|>"
+    assert loaded.encode(text) == built.encode(text)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token, len(loaded)) == (
+        built.bos_token, built.eos_token, built.pad_token, len(built))
+    monkeypatch.undo()
+    tokenizer_json = os.path.join(cache, "jaxserve-resolved", folders[0], "tokenizer.json")
+    with open(tokenizer_json, "w") as f:
+        f.write("{damaged")
+    assert load_tokenizer(path, cache_dir=cache).encode(text) == built.encode(text)  # rebuilt
+    with open(tokenizer_json) as f:
+        assert json.load(f)["model"]  # and saved again
+
+
 def test_gguf_without_tokenizer_asks_for_skip_tokenizer_init(tiny_gguf):
     with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
         load_tokenizer(tiny_gguf("llama_hd64"))
