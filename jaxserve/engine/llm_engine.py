@@ -24,6 +24,7 @@ matchers have taken its tokens (`dispatch(defer_sampling=True)`, then `runner.sa
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import numbers
@@ -76,10 +77,14 @@ class LLMEngine:
         # (`parallel.step_broadcast`); None on one host.
         self.step_broadcaster = step_broadcaster
         self.model_config = config.model_config
+        loading_tokenizer = None
         if tokenizer is None and not config.skip_tokenizer_init:
-            tokenizer = load_tokenizer(self.model_config.model_dir,
-                                       cache_dir=config.compilation_cache_dir)
-        self.tokenizer = tokenizer
+            # beside the weights' loading (transformers' import and the tokenizer's files
+            # overlap reading and repacking the weights, which release the GIL)
+            worker = concurrent.futures.ThreadPoolExecutor(1, "jaxserve-tokenizer")
+            loading_tokenizer = worker.submit(load_tokenizer, self.model_config.model_dir,
+                                              cache_dir=config.compilation_cache_dir)
+            worker.shutdown(wait=False)  # the thread ends with its one task
         if config.compilation_cache_dir is not None:
             enable_persistent_cache(config.compilation_cache_dir)
         # XLA compilations of this engine: the programs' (at start-up and in the background)
@@ -92,6 +97,7 @@ class LLMEngine:
                                   track_compilation=self.compilations.track,
                                   executable_cache_dir=config.compilation_cache_dir,
                                   load_format=config.load_format, faults=faults)
+        self.tokenizer = tokenizer if loading_tokenizer is None else loading_tokenizer.result()
         if warm_up:  # the smallest buckets now; the rest now or in the background
             self.runner.compile_programs(
                 background=config.background_compilation and step_broadcaster is None,
