@@ -188,7 +188,11 @@ def shared_compilation_cache(tmp_path_factory):
     include them), so they read what the in-process engines compiled."""
     from jaxserve.engine.llm_engine import enable_persistent_cache
 
-    path = tmp_path_factory.mktemp("jax-compilation-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one directory for every worker's session
+        path = tmp_path_factory.getbasetemp().parent / "jax-compilation-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("jax-compilation-cache")
     enable_persistent_cache(str(path))
     return path
 
