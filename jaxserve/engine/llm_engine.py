@@ -97,7 +97,9 @@ class LLMEngine:
                                   track_compilation=self.compilations.track,
                                   executable_cache_dir=config.compilation_cache_dir,
                                   load_format=config.load_format, faults=faults)
-        self.tokenizer = tokenizer if loading_tokenizer is None else loading_tokenizer.result()
+        if loading_tokenizer is not None:
+            tokenizer = loading_tokenizer.result()
+        self.tokenizer = tokenizer
         if warm_up:  # the smallest buckets now; the rest now or in the background
             self.runner.compile_programs(
                 background=config.background_compilation and step_broadcaster is None,
