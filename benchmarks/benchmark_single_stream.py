@@ -48,13 +48,13 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     """instruction name -> its kind: a custom call's target and operand shapes (the
     profiler names events after instructions; fusions keep their own names)."""
     kinds = {}
-    call = re.compile(r"%([\w.\-]+) = .*?custom-call\(.*?custom_call_target=\"([^\"]+)\""
-                      r"(?:, operand_layout_constraints=\{(.*?)\})?")
+    call = re.compile(r"%([\w.\-]+) = .*?custom-call\(.*?custom_call_target=\"([^\"]+)\"")
     for line in hlo_text.splitlines():
         match = call.search(line)
         if match:
-            name, target, layouts = match.groups()
-            shapes = [s for s in re.findall(r"\w+\[[\d,]*\]", layouts or "") if s != "s32[1]"]
+            name, target = match.groups()
+            layouts = line.partition("operand_layout_constraints=")[2].partition("}, api_")[0]
+            shapes = [s for s in re.findall(r"\w+\[[\d,]*\]", layouts) if s != "s32[1]"]
             target = re.sub(r"^jaxserve_|__\w+$", "", target)
             kinds[name] = f"{target} {' '.join(shapes)}"
     return kinds
