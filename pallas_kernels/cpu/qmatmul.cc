@@ -75,10 +75,11 @@ void Compute(ffi::ThreadPool& pool, const Problem& p) {
   const float* sums = xsum.data();
 #ifdef JAXSERVE_QMATMUL_GEMV
   if (p.M == 1 && p.g % 2 == 0) {
-    // chunks of kGemvChunk columns, the last N % 32 columns by the loops
+    // chunks of columns (GemvChunk), the last N % 32 columns by the loops
     const int64_t blocks_end = p.N / 32 * 32;
-    jaxserve_cpu::ParallelFor(pool, (p.N + kGemvChunk - 1) / kGemvChunk, [&](int64_t item) {
-      const int64_t n0 = item * kGemvChunk, n1 = std::min(n0 + kGemvChunk, p.N);
+    const int64_t chunk = GemvChunk(p.K, p.N, jaxserve_cpu::NumWorkers(pool));
+    jaxserve_cpu::ParallelFor(pool, (p.N + chunk - 1) / chunk, [&](int64_t item) {
+      const int64_t n0 = item * chunk, n1 = std::min(n0 + chunk, p.N);
       const int64_t simd_end = std::min(n1, blocks_end);
       if (simd_end > n0) GemvColumns<kInt4, kMin>(p, sums, n0, simd_end);
       if (n1 > simd_end) BlockScalar<kInt4, kMin>(p, sums, 0, 1, std::max(n0, simd_end), n1);

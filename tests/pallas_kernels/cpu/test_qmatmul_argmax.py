@@ -28,10 +28,13 @@ def operands(qw):
             None if qw.mins is None else jnp.asarray(qw.mins))
 
 
+# K = 64: one thread's chunks (1024 columns, then 76); K = 256: split between threads
+@pytest.mark.parametrize("k", [64, 256])
 @pytest.mark.parametrize("kind,group,form", FORMS)
-def test_one_row_over_several_chunks_matches_the_dequantized_product(kind, group, form, march):
-    qw = make_weight(64, 1100, kind, group, form, seed=3)  # chunks of 512, a 12-column tail
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 64)), jnp.float32)
+def test_one_row_over_several_chunks_matches_the_dequantized_product(kind, group, form, k,
+                                                                      march):
+    qw = make_weight(k, 1100, kind, group, form, seed=3)  # N % 32 = 12: a tail
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, k)), jnp.float32)
     y = qmatmul.qmatmul(x, *operands(qw), bits=qw.bits, group_size=qw.group_size, rows=1,
                         march=march)
     check(y[:1], x[:1], qw)
