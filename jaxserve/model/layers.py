@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.ops import Ops
+from jaxserve.model.quantization import QuantizedWeight
 
 
 def hf_param(value: jax.Array, *, hf_name: str, axes: tuple[str | None, ...],
@@ -52,16 +53,25 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding; `attend` reuses it as the LM head when embeddings are tied."""
+    """Token embedding; `attend` reuses it as the LM head when embeddings are tied.
+
+    The loader may fill `embedding` with a [D, V] `QuantizedWeight` (a GGUF's quantized
+    table kept as stored, `hf_quantized_head`): the lookup then dequantizes only the rows it
+    gathers and the head runs the quantized GEMM."""
 
     def __init__(self, vocab_size: int, dim: int, *, hf_name: str, dtype, ops: Ops,
                  rngs: nnx.Rngs | None):
         self.embedding = hf_param(init_normal(rngs, (vocab_size, dim), dtype), hf_name=hf_name,
-                                  axes=("vocab", "embed"))  # [V, D]
+                                  axes=("vocab", "embed"))  # [V, D], or quantized [D, V]
+        self.embedding.set_metadata(hf_quantized_head=True)
         # [D, V] contiguous transpose for the native greedy head, or None; the loader adds
         # it (`add_kn_head`) where that kernel runs.
         self.head_kn = None
         self.ops = ops
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.embedding[...], QuantizedWeight)
 
     def add_kn_head(self) -> None:
         """Keeps `head_kn`, a contiguous [D, V] transpose of the embedding, which the native
@@ -69,12 +79,16 @@ class Embed(nnx.Module):
         self.head_kn = nnx.data(nnx.Variable(jnp.transpose(self.embedding[...])))  # new [D, V]
 
     def __call__(self, input_ids):  # [T] int32 -> [T, D]
-        return jnp.take(self.embedding[...], input_ids, axis=0)
+        table = self.embedding[...]
+        if isinstance(table, QuantizedWeight):
+            return table.take_columns(input_ids)
+        return jnp.take(table, input_ids, axis=0)
 
     def attend(self, hidden,  # [..., D]
                num_rows,  # [] int32 real rows of hidden, or None
                ):  # -> [..., V] float32
-        return self.ops.dense(hidden, self.embedding[...], num_rows, w_layout="nk",
+        return self.ops.dense(hidden, self.embedding[...], num_rows,
+                              w_layout="kn" if self.quantized else "nk",
                               out_dtype=jnp.float32)
 
     def argmax(self, hidden,  # [B, D]

@@ -12,7 +12,8 @@ the graph definition, so a jitted step is traced for exactly one choice). The op
   dequantized inside the step (the device keeps the packed form);
 - `rope(x, cos, sin)`: the rotate-half rotation, native on CPU;
 - `lm_head_argmax(hidden, embedding, num_rows, head_kn)`: greedy tokens of a tied head
-  without writing the logits (native CPU only; None elsewhere);
+  without writing the logits (native CPU only; None elsewhere), a quantized head's by the
+  quantized GEMM;
 - `write_rows(pool, slots, rows)` / `write_kv(pools, ...)`: the KV scatter (an 8-bit
   pool's rows quantized on the way in);
 - `attention(q, pools, metadata, ...)`: paged attention by the attention backend.
@@ -122,12 +123,22 @@ class Ops:
                           preferred_element_type=out_dtype)
 
     def lm_head_argmax(self, hidden,  # [B, D] final hidden states
-                       embedding,  # [V, D] the tied embedding
+                       embedding,  # [V, D] the tied embedding, or a [D, V] QuantizedWeight
                        num_rows,  # [] int32 real rows of hidden
                        head_kn=None,  # [D, V] its transposed copy (the loader's), or None
                        ) -> jax.Array | None:  # [B] int32; None where no fused kernel runs
         """argmax(hidden @ embedding.T) per row in one native call that never writes the
         [B, V] logits; rows past `num_rows` get token 0."""
+        if isinstance(embedding, QuantizedWeight):
+            if not (self.native_dense and jnp.dtype(hidden.dtype) == jnp.float32):
+                return None
+            from pallas_kernels.cpu import qmatmul
+
+            if not qmatmul.available():
+                return None
+            w = embedding
+            return qmatmul.qmatmul_argmax(hidden, w.packed, w.scales, w.mins, bits=w.bits,
+                                          group_size=w.group_size, rows=num_rows)
         if not self._native(hidden, embedding, None):
             return None
         from pallas_kernels.cpu import matmul

@@ -4,7 +4,8 @@ A [K, N] ("kn") kernel is cut along K (the input dimension) into groups of `grou
 rows; each group and column has a float32 scale and, for the asymmetric forms, a float32
 min: w = q * scale + min, or w = (q - zero) * scale with zero 0 (int8) or 8 (int4). The
 value is a pytree (packed, scales, mins), so it lives in an `nnx.Param` like any array and
-`Ops.dense` / `gated_mlp` take it where a model passes its kernel; `dequantize()` is the
+`Ops.dense` / `gated_mlp` take it where a model passes its kernel (a tied embedding kept
+quantized is one too, [D, V]: `take_columns` looks rows up); `dequantize()` is the
 reference every kernel is tested against. `quantize()` makes one from float weights (the
 `--quantization int8 | int4` of HF checkpoints); the GGUF reader repacks stored blocks.
 """
@@ -75,6 +76,12 @@ class QuantizedWeight:
         else:
             w = q * self.scales[:, None, :] + self.mins[:, None, :]
         return w.reshape(k, n).astype(self.dtype if dtype is None else dtype)
+
+    def take_columns(self, ids,  # [T] int32 column indices
+                     dtype=None) -> jax.Array:  # [T, K]
+        """Columns `ids` of the weight dequantized, one row each: a quantized [D, V]
+        embedding's lookup, which dequantizes only the rows it gathers."""
+        return self.map(lambda a: jnp.take(a, ids, axis=1)).dequantize(dtype).T
 
     def map(self, fn) -> QuantizedWeight:
         """The same weight with `fn` applied to each of its arrays (placement, slicing)."""

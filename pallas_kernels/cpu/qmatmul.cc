@@ -7,13 +7,19 @@
 //   qmatmul_i8_min  x f32 [M, K], q s8 [K, N], scales, mins f32 [G, N]        -> y f32 [M, N]
 //   qmatmul_i4      x f32 [M, K], q u8 [K/2, N], scales f32 [G, N]            -> y f32 [M, N]
 //   qmatmul_i4_min  x f32 [M, K], q u8 [K/2, N], scales, mins f32 [G, N]      -> y f32 [M, N]
+//   qmatmul_argmax_{i8,i8_min,i4,i4_min}: the same operands -> idx s32 [M], the argmax of
+//                   each row of y (a greedy LM head; jnp.argmax's rule: the first NaN, else
+//                   the first of the largest)
 // int4 byte (i, n) holds q[2i, n] in its low nibble and q[2i + 1, n] in its high one.
-// Only the first min(max(rows[0], 0), M) rows are computed; the rest of y is zeros.
+// Only the first min(max(rows[0], 0), M) rows are computed; the rest of y is zeros (of
+// idx: 0).
 //
-// The weights are dequantized in the micro-kernel: each 16-column panel converts its q to
-// float32 in registers and accumulates x * q per group, then adds acc * scale (+ the
-// group's sum of x times min) into y. Paths: AVX-512 (one vector per panel), AVX2 + FMA
-// (two), and portable loops for the rest (and for the last N % 16 columns).
+// The weights are dequantized in the micro-kernel: q converted to float32 in registers,
+// x * q accumulated per group, then acc * scale (+ the group's sum of x times min) added
+// into y. One row of x (decoding one sequence) runs the GEMV kernel (qmatmul_gemv.h: 32
+// columns a call, AVX2 + FMA); more rows the panel kernels (qmatmul_panel.h: 16 columns,
+// AVX-512 or AVX2 + FMA); portable loops (qmatmul_common.h) run the rest and the column
+// tails.
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -22,8 +28,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#include "qmatmul_common.h"
+#include "qmatmul_gemv.h"
+#include "qmatmul_panel.h"
 #include "threading.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -31,171 +41,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 16;  // columns per micro-kernel call
-constexpr int kMr = 4;          // rows per micro-kernel call
+using RowsBuffer = ffi::Buffer<ffi::DataType::S32, 1>;
+using F32Matrix = ffi::Buffer<ffi::DataType::F32, 2>;
+using jaxserve_cpu::qmatmul::Problem;
 
-struct Problem {
-  const float* x;       // [M, K]
-  const uint8_t* q;     // [K, N] bytes (int8) or [K/2, N] (int4)
-  const float* scales;  // [G, N]
-  const float* mins;    // [G, N] or nullptr
-  float* y;             // [M, N]
-  int64_t M, K, N, G, g;
-};
-
-// sum of x over each group: xsum[m * G + gi], for the min terms
-std::vector<float> GroupSums(const Problem& p) {
-  std::vector<float> sums(p.M * p.G, 0.0f);
-  for (int64_t m = 0; m < p.M; ++m)
-    for (int64_t gi = 0; gi < p.G; ++gi) {
-      float s = 0.0f;
-      for (int64_t k = gi * p.g; k < (gi + 1) * p.g; ++k) s += p.x[m * p.K + k];
-      sums[m * p.G + gi] = s;
-    }
-  return sums;
-}
-
-// q[k, n] as an integer (zero point subtracted in the symmetric forms).
-template <bool kInt4, bool kMin>
-inline int32_t Q(const Problem& p, int64_t k, int64_t n) {
-  if constexpr (kInt4) {
-    const uint8_t byte = p.q[(k / 2) * p.N + n];
-    const int32_t v = (k % 2) ? (byte >> 4) : (byte & 0xF);
-    return kMin ? v : v - 8;
-  } else {
-    const int32_t v = static_cast<int8_t>(p.q[k * p.N + n]);
-    return v;
-  }
-}
-
-// Portable loops: rows [m0, m1) x columns [n0, n1).
-template <bool kInt4, bool kMin>
-void BlockScalar(const Problem& p, const float* xsum, int64_t m0, int64_t m1, int64_t n0,
-                 int64_t n1) {
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t n = n0; n < n1; ++n) {
-      float out = 0.0f;
-      for (int64_t gi = 0; gi < p.G; ++gi) {
-        float acc = 0.0f;
-        for (int64_t k = gi * p.g; k < (gi + 1) * p.g; ++k)
-          acc += p.x[m * p.K + k] * static_cast<float>(Q<kInt4, kMin>(p, k, n));
-        out += acc * p.scales[gi * p.N + n];
-        if constexpr (kMin) out += xsum[m * p.G + gi] * p.mins[gi * p.N + n];
-      }
-      p.y[m * p.N + n] = out;
-    }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// One 16-column panel: rows [m0, m0 + MR), one zmm per row.
-template <int MR, bool kInt4, bool kMin>
-void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
-  __m512 out[MR];
-  for (int m = 0; m < MR; ++m) out[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m512 acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-    const int64_t k0 = gi * p.g;
-    if constexpr (kInt4) {
-      for (int64_t k = k0; k < k0 + p.g; k += 2) {
-        const __m128i bytes =
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.q + (k / 2) * p.N + n0));
-        const __m512i b = _mm512_cvtepu8_epi32(bytes);
-        __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_srli_epi32(b, 4);
-        if constexpr (!kMin) lo = _mm512_sub_epi32(lo, eight), hi = _mm512_sub_epi32(hi, eight);
-        const __m512 wl = _mm512_cvtepi32_ps(lo), wh = _mm512_cvtepi32_ps(hi);
-        for (int m = 0; m < MR; ++m) {
-          const float* xr = p.x + (m0 + m) * p.K + k;
-          acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(xr[0]), wl, acc[m]);
-          acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(xr[1]), wh, acc[m]);
-        }
-      }
-    } else {
-      for (int64_t k = k0; k < k0 + p.g; ++k) {
-        const __m128i bytes =
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.q + k * p.N + n0));
-        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-        for (int m = 0; m < MR; ++m)
-          acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(p.x[(m0 + m) * p.K + k]), w, acc[m]);
-      }
-    }
-    const __m512 scale = _mm512_loadu_ps(p.scales + gi * p.N + n0);
-    for (int m = 0; m < MR; ++m) out[m] = _mm512_fmadd_ps(acc[m], scale, out[m]);
-    if constexpr (kMin) {
-      const __m512 mn = _mm512_loadu_ps(p.mins + gi * p.N + n0);
-      for (int m = 0; m < MR; ++m)
-        out[m] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[(m0 + m) * p.G + gi]), mn, out[m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(p.y + (m0 + m) * p.N + n0, out[m]);
-}
-#define JAXSERVE_QMATMUL_SIMD 1
-#elif defined(__AVX2__) && defined(__FMA__)
-// One 16-column panel: rows [m0, m0 + MR), two ymm per row.
-template <int MR, bool kInt4, bool kMin>
-void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
-  __m256 out[MR][2];
-  for (int m = 0; m < MR; ++m) out[m][0] = out[m][1] = _mm256_setzero_ps();
-  const __m256i nibble = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m256 acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    const int64_t k0 = gi * p.g;
-    if constexpr (kInt4) {
-      for (int64_t k = k0; k < k0 + p.g; k += 2) {
-        const __m128i bytes =
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.q + (k / 2) * p.N + n0));
-        __m256 wl[2], wh[2];
-        for (int c = 0; c < 2; ++c) {
-          const __m256i b = _mm256_cvtepu8_epi32(c ? _mm_srli_si128(bytes, 8) : bytes);
-          __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_srli_epi32(b, 4);
-          if constexpr (!kMin) lo = _mm256_sub_epi32(lo, eight), hi = _mm256_sub_epi32(hi, eight);
-          wl[c] = _mm256_cvtepi32_ps(lo);
-          wh[c] = _mm256_cvtepi32_ps(hi);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const float* xr = p.x + (m0 + m) * p.K + k;
-          const __m256 xa = _mm256_broadcast_ss(xr), xb = _mm256_broadcast_ss(xr + 1);
-          for (int c = 0; c < 2; ++c) {
-            acc[m][c] = _mm256_fmadd_ps(xa, wl[c], acc[m][c]);
-            acc[m][c] = _mm256_fmadd_ps(xb, wh[c], acc[m][c]);
-          }
-        }
-      }
-    } else {
-      for (int64_t k = k0; k < k0 + p.g; ++k) {
-        const __m128i bytes =
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.q + k * p.N + n0));
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
-        for (int m = 0; m < MR; ++m) {
-          const __m256 xv = _mm256_broadcast_ss(p.x + (m0 + m) * p.K + k);
-          acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
-          acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
-        }
-      }
-    }
-    for (int c = 0; c < 2; ++c) {
-      const __m256 scale = _mm256_loadu_ps(p.scales + gi * p.N + n0 + 8 * c);
-      for (int m = 0; m < MR; ++m) out[m][c] = _mm256_fmadd_ps(acc[m][c], scale, out[m][c]);
-      if constexpr (kMin) {
-        const __m256 mn = _mm256_loadu_ps(p.mins + gi * p.N + n0 + 8 * c);
-        for (int m = 0; m < MR; ++m)
-          out[m][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(xsum + (m0 + m) * p.G + gi), mn,
-                                      out[m][c]);
-      }
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(p.y + (m0 + m) * p.N + n0 + 8 * c, out[m][c]);
-}
-#define JAXSERVE_QMATMUL_SIMD 1
-#endif
-
-// One work item: a 16-column panel (or the last, narrower one) over every row.
+// One work item of the panel kernels: a 16-column panel (or the last, narrower one) over
+// every row.
 template <bool kInt4, bool kMin>
 void Item(const Problem& p, const float* xsum, int64_t panel) {
+  using namespace jaxserve_cpu::qmatmul;
   const int64_t n0 = panel * kPanel, n1 = std::min(n0 + kPanel, p.N);
 #ifdef JAXSERVE_QMATMUL_SIMD
   if (n1 - n0 == kPanel) {
@@ -213,29 +67,95 @@ void Item(const Problem& p, const float* xsum, int64_t panel) {
   BlockScalar<kInt4, kMin>(p, xsum, 0, p.M, n0, n1);
 }
 
-using RowsBuffer = ffi::Buffer<ffi::DataType::S32, 1>;
-using F32Matrix = ffi::Buffer<ffi::DataType::F32, 2>;
+// y = x @ W for the p.M rows of p: one row by the GEMV kernel, more by the panel kernels.
+template <bool kInt4, bool kMin>
+void Compute(ffi::ThreadPool& pool, const Problem& p) {
+  using namespace jaxserve_cpu::qmatmul;
+  const std::vector<float> xsum = kMin ? GroupSums(p) : std::vector<float>();
+  const float* sums = xsum.data();
+#ifdef JAXSERVE_QMATMUL_GEMV
+  if (p.M == 1 && p.g % 2 == 0) {
+    // chunks of columns (GemvChunk), the last N % 32 columns by the loops
+    const int64_t blocks_end = p.N / 32 * 32;
+    const int64_t chunk = GemvChunk(p.K, p.N, jaxserve_cpu::NumWorkers(pool));
+    jaxserve_cpu::ParallelFor(pool, (p.N + chunk - 1) / chunk, [&](int64_t item) {
+      const int64_t n0 = item * chunk, n1 = std::min(n0 + chunk, p.N);
+      const int64_t simd_end = std::min(n1, blocks_end);
+      if (simd_end > n0) GemvColumns<kInt4, kMin>(p, sums, n0, simd_end);
+      if (n1 > simd_end) BlockScalar<kInt4, kMin>(p, sums, 0, 1, std::max(n0, simd_end), n1);
+    });
+    return;
+  }
+#endif
+  jaxserve_cpu::ParallelFor(pool, (p.N + kPanel - 1) / kPanel,
+                            [&p, sums](int64_t panel) { Item<kInt4, kMin>(p, sums, panel); });
+}
 
-template <bool kInt4, bool kMin, ffi::DataType QDT>
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
-                       F32Matrix scales, const float* mins, RowsBuffer rows,
-                       ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
+// The first index of the row's NaN if it has one, else of its largest value (jnp.argmax).
+int32_t RowArgmax(const float* row, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (row[i] != row[i]) return static_cast<int32_t>(i);
+    if (row[i] > row[best]) best = i;
+  }
+  return static_cast<int32_t>(best);
+}
+
+// Checks the operands; the valid row count, or -1 when the shapes do not fit.
+template <bool kInt4, ffi::DataType QDT>
+int64_t ValidRows(F32Matrix& x, ffi::Buffer<QDT, 2>& q, F32Matrix& scales, const float* mins,
+                  F32Matrix* min_buffer, RowsBuffer& rows) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions();
   const int64_t M = xd[0], K = xd[1], N = qd[1], G = sd[0];
   if ((kInt4 ? 2 * qd[0] : qd[0]) != K || sd[1] != N || G < 1 || K % G != 0 ||
-      y->dimensions()[0] != M || y->dimensions()[1] != N || (kInt4 && (K / G) % 2))
-    return ffi::Error::InvalidArgument("qmatmul: inconsistent shapes of x, q, scales and y");
+      (kInt4 && (K / G) % 2))
+    return -1;
+  if (mins != nullptr && (min_buffer->dimensions()[0] != G || min_buffer->dimensions()[1] != N))
+    return -1;
+  return rows.element_count() < 1 ? M : std::clamp<int64_t>(rows.typed_data()[0], 0, M);
+}
+
+template <bool kInt4, bool kMin, ffi::DataType QDT>
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
+                       F32Matrix scales, F32Matrix* min_buffer, RowsBuffer rows,
+                       ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
+  const float* mins = kMin ? min_buffer->typed_data() : nullptr;
+  const int64_t valid = ValidRows<kInt4>(x, q, scales, mins, min_buffer, rows);
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = q.dimensions()[1];
+  if (valid < 0 || y->dimensions()[0] != M || y->dimensions()[1] != N)
+    return ffi::Error::InvalidArgument(
+        "qmatmul: inconsistent shapes of x, q, scales (mins) and y");
   float* yp = y->typed_data();
-  const int64_t valid =
-      rows.element_count() < 1 ? M : std::clamp<int64_t>(rows.typed_data()[0], 0, M);
   if (valid < M) std::memset(yp + valid * N, 0, sizeof(float) * (M - valid) * N);
   if (valid == 0 || N == 0) return ffi::Error::Success();
-  const Problem p{x.typed_data(), reinterpret_cast<const uint8_t*>(q.untyped_data()),
-                  scales.typed_data(), mins, yp, valid, K, N, G, K / G};
-  const std::vector<float> xsum = kMin ? GroupSums(p) : std::vector<float>();
-  const float* sums = xsum.data();
-  jaxserve_cpu::ParallelFor(pool, (N + kPanel - 1) / kPanel,
-                            [&p, sums](int64_t panel) { Item<kInt4, kMin>(p, sums, panel); });
+  const int64_t G = scales.dimensions()[0];
+  Compute<kInt4, kMin>(pool, Problem{x.typed_data(), reinterpret_cast<const uint8_t*>(
+      q.untyped_data()), scales.typed_data(), mins, yp, valid, K, N, G, K / G});
+  return ffi::Error::Success();
+}
+
+// argmax(x @ W) per row (a greedy LM head): the rows' logits in a scratch buffer, then
+// their argmax; rows past `rows` get 0.
+template <bool kInt4, bool kMin, ffi::DataType QDT>
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
+                      F32Matrix scales, F32Matrix* min_buffer, RowsBuffer rows,
+                      ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
+  const float* mins = kMin ? min_buffer->typed_data() : nullptr;
+  const int64_t valid = ValidRows<kInt4>(x, q, scales, mins, min_buffer, rows);
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = q.dimensions()[1];
+  if (valid < 0 || idx->dimensions()[0] != M)
+    return ffi::Error::InvalidArgument(
+        "qmatmul_argmax: inconsistent shapes of x, q, scales (mins) and idx");
+  if (N < 1 || N > std::numeric_limits<int32_t>::max())
+    return ffi::Error::InvalidArgument("qmatmul_argmax: N must be 1 to 2^31 - 1");
+  int32_t* out = idx->typed_data();
+  std::fill(out, out + M, 0);
+  if (valid == 0) return ffi::Error::Success();
+  std::vector<float> logits(valid * N);
+  const int64_t G = scales.dimensions()[0];
+  Compute<kInt4, kMin>(pool, Problem{x.typed_data(), reinterpret_cast<const uint8_t*>(
+      q.untyped_data()), scales.typed_data(), mins, logits.data(), valid, K, N, G, K / G});
+  for (int64_t m = 0; m < valid; ++m) out[m] = RowArgmax(logits.data() + m * N, N);
   return ffi::Error::Success();
 }
 
@@ -248,21 +168,38 @@ ffi::Error Symmetric(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q, F
 template <bool kInt4, ffi::DataType QDT>
 ffi::Error WithMin(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q, F32Matrix s,
                    F32Matrix mins, RowsBuffer rows, ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
-  if (mins.dimensions()[0] != s.dimensions()[0] || mins.dimensions()[1] != s.dimensions()[1])
-    return ffi::Error::InvalidArgument("qmatmul: mins must have the shape of scales");
-  return QMatmulImpl<kInt4, true, QDT>(pool, x, q, s, mins.typed_data(), rows, y);
+  return QMatmulImpl<kInt4, true, QDT>(pool, x, q, s, &mins, rows, y);
+}
+
+template <bool kInt4, ffi::DataType QDT>
+ffi::Error SymmetricArgmax(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
+                           F32Matrix s, RowsBuffer rows,
+                           ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
+  return ArgmaxImpl<kInt4, false, QDT>(pool, x, q, s, nullptr, rows, idx);
+}
+
+template <bool kInt4, ffi::DataType QDT>
+ffi::Error WithMinArgmax(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
+                         F32Matrix s, F32Matrix mins, RowsBuffer rows,
+                         ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
+  return ArgmaxImpl<kInt4, true, QDT>(pool, x, q, s, &mins, rows, idx);
 }
 
 }  // namespace
 
 using S8Matrix = ffi::Buffer<ffi::DataType::S8, 2>;
 using U8Matrix = ffi::Buffer<ffi::DataType::U8, 2>;
+using S32Vector = ffi::Buffer<ffi::DataType::S32, 1>;
 constexpr auto kI8 = Symmetric<false, ffi::DataType::S8>;
 constexpr auto kI4 = Symmetric<true, ffi::DataType::U8>;
 constexpr auto kI8Min = WithMin<false, ffi::DataType::S8>;
 constexpr auto kI4Min = WithMin<true, ffi::DataType::U8>;
+constexpr auto kArgmaxI8 = SymmetricArgmax<false, ffi::DataType::S8>;
+constexpr auto kArgmaxI4 = SymmetricArgmax<true, ffi::DataType::U8>;
+constexpr auto kArgmaxI8Min = WithMinArgmax<false, ffi::DataType::S8>;
+constexpr auto kArgmaxI4Min = WithMinArgmax<true, ffi::DataType::U8>;
 
-#define JAXSERVE_QMATMUL_HANDLER(symbol, impl, qbuffer)                          \
+#define JAXSERVE_QMATMUL_HANDLER(symbol, impl, qbuffer, out)                     \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                     \
                                 ffi::Ffi::Bind()                                  \
                                     .Ctx<ffi::ThreadPool>()                       \
@@ -270,8 +207,8 @@ constexpr auto kI4Min = WithMin<true, ffi::DataType::U8>;
                                     .Arg<qbuffer>()                               \
                                     .Arg<F32Matrix>()                             \
                                     .Arg<RowsBuffer>()                            \
-                                    .Ret<F32Matrix>());
-#define JAXSERVE_QMATMUL_MIN_HANDLER(symbol, impl, qbuffer)                      \
+                                    .Ret<out>());
+#define JAXSERVE_QMATMUL_MIN_HANDLER(symbol, impl, qbuffer, out)                 \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                     \
                                 ffi::Ffi::Bind()                                  \
                                     .Ctx<ffi::ThreadPool>()                       \
@@ -280,11 +217,15 @@ constexpr auto kI4Min = WithMin<true, ffi::DataType::U8>;
                                     .Arg<F32Matrix>()                             \
                                     .Arg<F32Matrix>()                             \
                                     .Arg<RowsBuffer>()                            \
-                                    .Ret<F32Matrix>());
+                                    .Ret<out>());
 
 #pragma GCC visibility push(default)
-JAXSERVE_QMATMUL_HANDLER(qmatmul_i8, kI8, S8Matrix)
-JAXSERVE_QMATMUL_HANDLER(qmatmul_i4, kI4, U8Matrix)
-JAXSERVE_QMATMUL_MIN_HANDLER(qmatmul_i8_min, kI8Min, S8Matrix)
-JAXSERVE_QMATMUL_MIN_HANDLER(qmatmul_i4_min, kI4Min, U8Matrix)
+JAXSERVE_QMATMUL_HANDLER(qmatmul_i8, kI8, S8Matrix, F32Matrix)
+JAXSERVE_QMATMUL_HANDLER(qmatmul_i4, kI4, U8Matrix, F32Matrix)
+JAXSERVE_QMATMUL_MIN_HANDLER(qmatmul_i8_min, kI8Min, S8Matrix, F32Matrix)
+JAXSERVE_QMATMUL_MIN_HANDLER(qmatmul_i4_min, kI4Min, U8Matrix, F32Matrix)
+JAXSERVE_QMATMUL_HANDLER(qmatmul_argmax_i8, kArgmaxI8, S8Matrix, S32Vector)
+JAXSERVE_QMATMUL_HANDLER(qmatmul_argmax_i4, kArgmaxI4, U8Matrix, S32Vector)
+JAXSERVE_QMATMUL_MIN_HANDLER(qmatmul_argmax_i8_min, kArgmaxI8Min, S8Matrix, S32Vector)
+JAXSERVE_QMATMUL_MIN_HANDLER(qmatmul_argmax_i4_min, kArgmaxI4Min, U8Matrix, S32Vector)
 #pragma GCC visibility pop

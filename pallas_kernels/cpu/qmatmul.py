@@ -5,7 +5,9 @@ W [K, N] is q (int8 [K, N], or int4 packed two rows to a byte, uint8 [K/2, N]: r
 the low nibble) with per-group float32 `scales` [G, N] and optional `mins` [G, N], g = K / G
 rows of K per group: w = q * scale + min, or (q - zero) * scale, zero 0 (int8) or 8
 (int4). x is float32 and so is y. `rows`: only the first `rows` rows of the flattened x
-are computed, the rest of y is zeros (None: all). `available()` says whether it builds.
+are computed, the rest of y is zeros (None: all). `qmatmul_argmax` is the argmax of each
+row of that product (a greedy LM head over a quantized [D, V] head). `available()` says
+whether it builds.
 """
 
 import jax
@@ -13,7 +15,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.cpu import build
 
-_TARGETS = ("qmatmul_i8", "qmatmul_i8_min", "qmatmul_i4", "qmatmul_i4_min")
+_TARGETS = ("qmatmul_i8", "qmatmul_i8_min", "qmatmul_i4", "qmatmul_i4_min",
+            "qmatmul_argmax_i8", "qmatmul_argmax_i8_min", "qmatmul_argmax_i4",
+            "qmatmul_argmax_i4_min")
 
 
 def available(march: str | None = None) -> bool:
@@ -29,6 +33,32 @@ def qmatmul(x: jax.Array,  # [..., K] float32
             *, bits: int, group_size: int, rows=None,
             march: str | None = None) -> jax.Array:  # [..., N] float32
     """x @ dequantize(q, scales, mins), accumulated in float32 per group."""
+    m, n, operands = _operands(x, q, scales, mins, bits, group_size, rows)
+    symbol = f"qmatmul_i{bits}" + ("" if mins is None else "_min")
+    y = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
+                         jax.ShapeDtypeStruct((m, n), jnp.float32))(*operands)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def qmatmul_argmax(x: jax.Array,  # [..., K] float32
+                   q: jax.Array,  # int8 [K, N] (bits 8) or uint8 [K/2, N] (bits 4)
+                   scales: jax.Array,  # [G, N] float32
+                   mins: jax.Array | None = None,  # [G, N] float32, or None (symmetric)
+                   *, bits: int, group_size: int, rows=None,
+                   march: str | None = None) -> jax.Array:  # [...] int32
+    """argmax(qmatmul(x, ...), axis=-1) with jnp.argmax's rule (the first NaN, else the first
+    of the largest); rows past `rows` get 0. The logits stay inside the call."""
+    m, n, operands = _operands(x, q, scales, mins, bits, group_size, rows)
+    if n >= 2**31:
+        raise ValueError(f"N must be below 2^31 for int32 indices, got {n}")
+    symbol = f"qmatmul_argmax_i{bits}" + ("" if mins is None else "_min")
+    idx = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
+                           jax.ShapeDtypeStruct((m,), jnp.int32))(*operands)
+    return idx.reshape(x.shape[:-1])
+
+
+def _operands(x, q, scales, mins, bits: int, group_size: int, rows):
+    """(M, N, the kernel's operands) after checking them: x flattened to [M, K], rows [1]."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if jnp.dtype(x.dtype) != jnp.float32:
@@ -46,16 +76,12 @@ def qmatmul(x: jax.Array,  # [..., K] float32
     for name, t in (("scales", scales), ("mins", mins)):
         if t is not None and (t.shape != groups or jnp.dtype(t.dtype) != jnp.float32):
             raise ValueError(f"{name} must be float32 {groups}, got {t.dtype} {t.shape}")
-    batch = x.shape[:-1]
     m = 1
-    for d in batch:
+    for d in x.shape[:-1]:
         m *= d
-    symbol = f"qmatmul_i{bits}" + ("" if mins is None else "_min")
     operands = [x.reshape(m, k), q, scales] + ([] if mins is None else [mins])
     if rows is None:
         rows = jnp.full((1,), m, jnp.int32)
     else:
         rows = jnp.asarray(rows).reshape(1).astype(jnp.int32)
-    y = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
-                         jax.ShapeDtypeStruct((m, n), jnp.float32))(*operands, rows)
-    return y.reshape(*batch, n)
+    return m, n, operands + [rows]

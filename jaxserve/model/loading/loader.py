@@ -10,7 +10,8 @@ A parameter with `hf_stack=E` (MoE experts) stacks E tensors named by its `{expe
 `hf_rows=(start, stop, total)`: the parameter is rows [start, stop) of a fused tensor (Baichuan's
 W_pack); `hf_normalize_axis=a`: its vectors along model axis `a` are L2-normalised (NormHead).
 Linear kernels load as `QuantizedWeight`s where `model_config.quantization` says so (a GGUF's
-stored blocks by default; see quantized_loading.py).
+stored blocks by default; see quantized_loading.py); so does a GGUF's quantized embedding
+table, as stored ([D, V], the tied head's kernel).
 A directory `jaxserve convert` wrote is restored by Orbax instead (`orbax_checkpoint`).
 """
 
@@ -32,7 +33,7 @@ from jaxserve.model.loading.gguf_reader import GGUFCheckpointReader, find_gguf_f
 from jaxserve.model.ops import Ops
 from jaxserve.model.loading.orbax_checkpoint import is_orbax_checkpoint, restore_model
 from jaxserve.model.loading.quantized_loading import (place_quantized, quantizable,
-                                                      read_quantized)
+                                                      quantizable_head, read_quantized)
 from jaxserve.model.loading.safetensors_reader import SafetensorsReader
 from jaxserve.model.quantization import QuantizedWeight
 from jaxserve.parallel.expert_parallel import sharding_rules
@@ -102,7 +103,8 @@ def prepare_for_ops(model: nnx.Module, ops: Ops) -> nnx.Module:
     """Adds the weight layouts `ops` reads beside the checkpoint's: for the native greedy
     head of a tied model, a contiguous [D, V] transpose of the embedding (V * D more
     elements, streamed as it is instead of transposed per step)."""
-    if ops.native_dense and getattr(model, "lm_head", False) is None:
+    if (ops.native_dense and getattr(model, "lm_head", False) is None
+            and not model.embed_tokens.quantized):
         model.embed_tokens.add_kn_head()
     return model
 
@@ -135,10 +137,11 @@ def _load_tensor(reader: SafetensorsReader | GGUFCheckpointReader, variable: nnx
     if kv_axis is not None:
         model_shape[kv_axis] //= kv_factor  # the checkpoint holds K heads, the model K' slots
     expected = tuple(reversed(model_shape)) if transpose else tuple(model_shape)
-    if quantizable(meta):
+    if quantizable(meta) or (quantizable_head(meta) and quantization is None):
         weight = read_quantized(reader, name, expected, quantization, np.dtype(dtype).name)
-        if weight is not None:
-            return place_quantized(weight, axes, mesh, rules, head_dim=head_dim,
+        if weight is not None:  # [K, N]: a head's [V, D] table is read as [D, V]
+            return place_quantized(weight, axes if transpose else axes[::-1], mesh, rules,
+                                   head_dim=head_dim,
                                    kv_factor=kv_factor if kv_axis is not None else 1)
     if meta.get("hf_rows") is None:
         tensor = _read_checked(reader, name, expected)

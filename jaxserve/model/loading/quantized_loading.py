@@ -5,7 +5,8 @@ quantized when `quantization` asks for it: "int8" / "int4" quantize the checkpoi
 values at load; None keeps a GGUF's stored quantization (repacked, gguf_quant.py) and loads
 everything else as stored; "none" loads every weight as float. Each part of the weight is
 placed with the kernel's logical axes; under TP a K axis splits only where the groups of K
-split with it (else that axis is replicated).
+split with it (else that axis is replicated). An embedding table the checkpoint stores
+quantized stays so as stored (`quantizable_head`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def quantizable(meta: dict) -> bool:
     return (bool(meta.get("hf_transpose")) and len(axes) == 2 and meta.get("quantizable", True)
             and all(meta.get(key) is None
                     for key in ("hf_stack", "hf_rows", "hf_normalize_axis")))
+
+
+def quantizable_head(meta: dict) -> bool:
+    """Whether the parameter is an embedding table ([V, D], not transposed) that may stay
+    quantized as stored: read as a [D, V] kernel, the tied head's (`layers.Embed`)."""
+    return bool(meta.get("hf_quantized_head")) and not meta.get("hf_transpose")
 
 
 def read_quantized(reader, name: str,

@@ -372,4 +372,7 @@ def test_a_quantized_gguf_stays_quantized_and_none_dequantizes_it(tiny_gguf, qty
         np.testing.assert_array_equal(weight.dequantize(), getattr(dense_attn, name).kernel[...])
     assert isinstance(kept.layers[1].mlp.down_proj.kernel[...], QuantizedWeight)
     assert not isinstance(dense.layers[1].mlp.down_proj.kernel[...], QuantizedWeight)
-    assert isinstance(kept.embed_tokens.embedding[...], jax.Array)  # embeddings stay float
+    table = kept.embed_tokens.embedding[...]  # the stored [V, D] table kept as [D, V]
+    assert isinstance(table, QuantizedWeight) and table.shape == (config.hidden_size,
+                                                                   config.vocab_size)
+    np.testing.assert_array_equal(table.dequantize().T, dense.embed_tokens.embedding[...])

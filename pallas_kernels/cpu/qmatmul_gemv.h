@@ -1,0 +1,105 @@
+// The quantized GEMM for one row of x (a decode step's GEMV, qmatmul.cc): y[0, n0:n1] per
+// call, streaming W once. A row of x has no reuse of W, so the panel kernels' shape (16
+// columns down all of K) leaves it bound by memory latency: every W row is a new short
+// stream (a new page once N reaches 4 KiB, which no hardware prefetcher crosses). Here a
+// call reads each of its K rows left to right across its columns, two K rows at a time
+// (one int4 byte row, two int8 ones), accumulating x * q per column in a small buffer that
+// stays in L1, and folds the buffer into y with the group's scale (and min) at the end of
+// each group; the W row two steps ahead is prefetched as the current one is read. AVX2 +
+// FMA (AVX-512 builds run it too); needs an even group. JAXSERVE_QMATMUL_GEMV is defined
+// where it is built.
+
+#ifndef JAXSERVE_PALLAS_KERNELS_CPU_QMATMUL_GEMV_H_
+#define JAXSERVE_PALLAS_KERNELS_CPU_QMATMUL_GEMV_H_
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+
+#include "common.h"
+#include "qmatmul_common.h"
+
+namespace jaxserve_cpu {
+namespace qmatmul {
+
+constexpr int64_t kGemvChunk = 1024;  // columns per work item, at most (a multiple of 64)
+constexpr int64_t kGemvSerial = 1 << 17;  // below this many weights one thread does it all
+
+// Columns per work item for one row over [K, N] on `workers` threads: an even split (in
+// whole lines of W) up to kGemvChunk; all of N where the product is too small to share.
+inline int64_t GemvChunk(int64_t K, int64_t N, int64_t workers) {
+  if (K * N < kGemvSerial || workers < 2) return std::min(N, kGemvChunk);
+  const int64_t share = (N + workers - 1) / workers;
+  return std::min(kGemvChunk, std::max<int64_t>(64, (share + 63) / 64 * 64));
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define JAXSERVE_QMATMUL_GEMV 1
+
+// acc[0, n1 - n0) += x[k] * q[k, n0:n1] + x[k + 1] * q[k + 1, n0:n1] (n1 - n0 a multiple of
+// 32), prefetching the W rows `ahead` byte rows further on.
+template <bool kInt4, bool kMin>
+inline void GemvRows(const Problem& p, int64_t k, int64_t n0, int64_t n1, int64_t ahead,
+                     float* acc) {
+  const __m256i nibble = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
+  const __m256 x0 = _mm256_broadcast_ss(p.x + k), x1 = _mm256_broadcast_ss(p.x + k + 1);
+  const uint8_t* row = p.q + (kInt4 ? k / 2 : k) * p.N;
+  for (int64_t n = n0; n < n1; n += 32) {
+    if (ahead && n % 64 == 0) {
+      PrefetchL1(row + ahead * p.N + n);
+      if constexpr (!kInt4) PrefetchL1(row + (ahead + 1) * p.N + n);
+    }
+    float* a = acc + (n - n0);
+    for (int c = 0; c < 4; ++c) {
+      __m256 w0, w1;
+      const __m128i* at = reinterpret_cast<const __m128i*>(row + n + 8 * c);
+      if constexpr (kInt4) {  // 8 bytes: 8 columns of rows k (low nibble) and k + 1
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(at));
+        __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_srli_epi32(b, 4);
+        if constexpr (!kMin) lo = _mm256_sub_epi32(lo, eight), hi = _mm256_sub_epi32(hi, eight);
+        w0 = _mm256_cvtepi32_ps(lo);
+        w1 = _mm256_cvtepi32_ps(hi);
+      } else {
+        const __m128i* next = reinterpret_cast<const __m128i*>(row + p.N + n + 8 * c);
+        w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at)));
+        w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(next)));
+      }
+      const __m256 sum = _mm256_fmadd_ps(x0, w0, _mm256_loadu_ps(a + 8 * c));
+      _mm256_storeu_ps(a + 8 * c, _mm256_fmadd_ps(x1, w1, sum));
+    }
+  }
+}
+
+// Columns [n0, n1) of row 0 of y (n1 - n0 a multiple of 32, at most kGemvChunk; p.g even);
+// xsum: row 0's group sums (kMin).
+template <bool kInt4, bool kMin>
+void GemvColumns(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+  alignas(32) float acc[kGemvChunk];
+  const int64_t width = n1 - n0, step = kInt4 ? 1 : 2;  // byte rows per two K rows
+  const int64_t byte_rows = kInt4 ? p.K / 2 : p.K;
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    std::memset(acc, 0, sizeof(float) * width);
+    for (int64_t k = gi * p.g; k < (gi + 1) * p.g; k += 2) {
+      const int64_t byte_row = kInt4 ? k / 2 : k;
+      GemvRows<kInt4, kMin>(p, k, n0, n1, byte_row + 2 * step < byte_rows ? 2 * step : 0, acc);
+    }
+    const float* scale = p.scales + gi * p.N;
+    const float* mn = kMin ? p.mins + gi * p.N : nullptr;
+    const __m256 s = kMin ? _mm256_broadcast_ss(xsum + gi) : _mm256_setzero_ps();
+    for (int64_t n = n0; n < n1; n += 8) {
+      __m256 y = gi == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(p.y + n);
+      y = _mm256_fmadd_ps(_mm256_load_ps(acc + (n - n0)), _mm256_loadu_ps(scale + n), y);
+      if constexpr (kMin) y = _mm256_fmadd_ps(s, _mm256_loadu_ps(mn + n), y);
+      _mm256_storeu_ps(p.y + n, y);
+    }
+  }
+}
+#endif
+
+}  // namespace qmatmul
+}  // namespace jaxserve_cpu
+
+#endif  // JAXSERVE_PALLAS_KERNELS_CPU_QMATMUL_GEMV_H_
