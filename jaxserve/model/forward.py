@@ -54,6 +54,8 @@ def compute_logits(graphdef: nnx.GraphDef, params: nnx.State,
 def greedy_token_ids(graphdef: nnx.GraphDef, params: nnx.State,
                      hidden,  # [B, D] final hidden states
                      num_rows,  # [] int32 real rows of hidden (the rest is padding)
+                     bitmask=None,  # [B, W] int32 allowed ids (structured outputs), or None
                      ) -> jax.Array:  # [B] int32
-    """Greedy sampling as a pure function: the argmax of the logits (fused on CPU)."""
-    return nnx.merge(graphdef, params).greedy_token_ids(hidden, num_rows)
+    """Greedy sampling as a pure function: the argmax of the logits, over the ids `bitmask`
+    allows if given (fused with the LM head on CPU)."""
+    return nnx.merge(graphdef, params).greedy_token_ids(hidden, num_rows, bitmask)

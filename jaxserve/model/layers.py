@@ -93,9 +93,11 @@ class Embed(nnx.Module):
 
     def argmax(self, hidden,  # [B, D]
                num_rows,  # [] int32 real rows of hidden
+               bitmask=None,  # [B, W] int32 packed allowed ids, or None: all
                ):  # -> [B] int32, or None where no fused kernel runs
         head_kn = None if self.head_kn is None else self.head_kn[...]
-        return self.ops.lm_head_argmax(hidden, self.embedding[...], num_rows, head_kn)
+        return self.ops.lm_head_argmax(hidden, self.embedding[...], num_rows, head_kn,
+                                       bitmask)
 
 
 class Linear(nnx.Module):

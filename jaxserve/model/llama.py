@@ -14,7 +14,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.model.layers import MLP, Embed, Linear, RMSNorm, Rotary
 from jaxserve.model.ops import Ops
-from jaxserve.model.sampling.sampler import argmax
+from jaxserve.model.sampling.sampler import apply_token_bitmask, argmax
 
 # ([K, L, S, H] key pool, [K, L, S, H] value pool), and with an 8-bit KV cache their
 # [K, L, S, 1] float32 scale pools after them (pallas_kernels' kv_quant.py)
@@ -148,14 +148,19 @@ class LlamaForCausalLM(nnx.Module):
 
     def greedy_token_ids(self, hidden,  # [B, D]
                          num_rows,  # [] int32 real rows of hidden (the step's sequences)
+                         bitmask=None,  # [B, W] int32 allowed ids (structured outputs)
                          ):  # -> [B] int32
-        """The argmax of `compute_logits(hidden)`; with a tied head on CPU, fused with the
-        LM head in one native call (the logits are never written)."""
+        """The argmax of `compute_logits(hidden)`, over the ids `bitmask` allows if given;
+        with a tied head on CPU, fused with the LM head in one native call (the logits are
+        never written)."""
         if self.lm_head is None:
-            fused = self.embed_tokens.argmax(hidden, num_rows)
+            fused = self.embed_tokens.argmax(hidden, num_rows, bitmask)
             if fused is not None:
                 return fused
-        return argmax(self.compute_logits(hidden, num_rows))
+        logits = self.compute_logits(hidden, num_rows)  # [B, V]
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
+        return argmax(logits)
 
     def compute_logits(self, hidden,  # [..., D]
                        num_rows=None,  # [] int32 real rows of hidden, or None: all

@@ -126,11 +126,15 @@ class Ops:
                        embedding,  # [V, D] the tied embedding, or a [D, V] QuantizedWeight
                        num_rows,  # [] int32 real rows of hidden
                        head_kn=None,  # [D, V] its transposed copy (the loader's), or None
+                       bitmask=None,  # [B, W] int32 packed allowed ids, or None: all
                        ) -> jax.Array | None:  # [B] int32; None where no fused kernel runs
         """argmax(hidden @ embedding.T) per row in one native call that never writes the
-        [B, V] logits; rows past `num_rows` get token 0."""
+        [B, V] logits; rows past `num_rows` get token 0. With `bitmask` (structured
+        outputs) the ids whose bit is clear count as -inf (float heads only: a quantized
+        head's masked rows take the logits path)."""
         if isinstance(embedding, QuantizedWeight):
-            if not (self.native_dense and jnp.dtype(hidden.dtype) == jnp.float32):
+            if bitmask is not None or not (self.native_dense
+                                           and jnp.dtype(hidden.dtype) == jnp.float32):
                 return None
             from pallas_kernels.cpu import qmatmul
 
@@ -144,8 +148,9 @@ class Ops:
         from pallas_kernels.cpu import matmul
 
         if head_kn is not None:
-            return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn", rows=num_rows)
-        return matmul.lm_head_argmax(hidden, embedding, rows=num_rows)
+            return matmul.lm_head_argmax(hidden, head_kn, w_layout="kn", rows=num_rows,
+                                         bitmask=bitmask)
+        return matmul.lm_head_argmax(hidden, embedding, rows=num_rows, bitmask=bitmask)
 
     # -- RoPE --------------------------------------------------------------------------------
     def rope(self, x,  # [T, n, H]

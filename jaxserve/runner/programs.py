@@ -67,6 +67,10 @@ def make_programs(graphdef: nnx.GraphDef, param_treedef, *, max_num_seqs: int,
             if variant == "greedy" and mesh is None:  # argmax only: maybe never writes logits
                 token_ids = greedy_token_ids(graphdef, params, hidden, num_seqs)  # [B]
                 out = sampler.SamplerOutput(token_ids, None, None, None, None)
+            elif variant == "greedy_masked" and mesh is None:  # mask, argmax; maybe fused
+                token_ids = greedy_token_ids(graphdef, params, hidden, num_seqs,
+                                             tensors.token_bitmask)  # [B]
+                out = sampler.SamplerOutput(token_ids, None, None, None, None)
             elif variant == "greedy_masked":  # constrained greedy rows: mask, argmax; no sort
                 logits = gathered(compute_logits(graphdef, params, hidden, num_seqs))  # [B, V]
                 logits = sampler.apply_token_bitmask(logits, tensors.token_bitmask)

@@ -10,6 +10,7 @@
 //   gated_mlp_f32          x f32 [M, K], Wg f32 [K, N], Wu f32 [K, N] -> y f32 [M, N]
 //   gated_mlp_bf16         x bf16 [M, K], Wg bf16 [K, N], Wu bf16 [K, N] -> y bf16 [M, N]
 //   lm_head_argmax_f32     h f32 [M, K], E f32 [N, K] -> idx s32 [M]  (argmax of h @ E^T)
+//     (each lm_head_argmax_* also takes rows and a packed id mask s32 [M, W], W = 0: none)
 //   lm_head_argmax_bf16    h bf16 [M, K], E bf16 [N, K] -> idx s32 [M]
 //   lm_head_argmax_kn_f32  h f32 [M, K], Et f32 [K, N] -> idx s32 [M]  (argmax of h @ Et)
 //   lm_head_argmax_kn_bf16 h bf16 [M, K], Et bf16 [K, N] -> idx s32 [M]
@@ -118,21 +119,29 @@ ffi::Error GatedImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT,
 
 template <ffi::DataType DT, bool kKN = false>
 ffi::Error LmHeadArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> h, ffi::Buffer<DT, 2> e,
-                            RowsBuffer rows, ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
+                            RowsBuffer rows, ffi::Buffer<ffi::DataType::S32, 2> mask,
+                            ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
   using T = Elem<DT>;
   auto hd = h.dimensions(), ed = e.dimensions(), id = idx->dimensions();
+  auto md = mask.dimensions();
   int64_t M = hd[0], K = hd[1], N = kKN ? ed[1] : ed[0];
   if ((kKN ? ed[0] : ed[1]) != K || id[0] != M)
     return ffi::Error::InvalidArgument("lm_head_argmax: inconsistent shapes of h, e and idx");
   if (N == 0 || N > std::numeric_limits<int32_t>::max())
     return ffi::Error::InvalidArgument("lm_head_argmax: the vocabulary must be 1 to 2^31 - 1");
+  if (md[0] != M || (md[1] != 0 && md[1] < (N + 31) / 32))  // [M, 0]: no mask
+    return ffi::Error::InvalidArgument("lm_head_argmax: the mask must be [M, 0] or [M, W] "
+                                       "with W >= ceil(V / 32)");
   if (M == 0) return ffi::Error::Success();
   int32_t* out = reinterpret_cast<int32_t*>(idx->untyped_data());
   const int64_t valid = ValidRows(rows, M);
   ZeroRows(out, valid, M, 1);
   if (valid == 0) return ffi::Error::Success();
   RunLmHeadArgmax<T, kKN>(pool, reinterpret_cast<const T*>(h.untyped_data()),
-                          reinterpret_cast<const T*>(e.untyped_data()), out, valid, K, N);
+                          reinterpret_cast<const T*>(e.untyped_data()), out, valid, K, N,
+                          md[1] ? reinterpret_cast<const int32_t*>(mask.untyped_data())
+                                : nullptr,
+                          md[1]);
   return ffi::Error::Success();
 }
 
@@ -141,6 +150,7 @@ ffi::Error LmHeadArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<DT, 2> h, ffi::Buf
 using F32Buffer = ffi::Buffer<ffi::DataType::F32, 2>;
 using Bf16Buffer = ffi::Buffer<ffi::DataType::BF16, 2>;
 using S32Vector = ffi::Buffer<ffi::DataType::S32, 1>;
+using S32Matrix = ffi::Buffer<ffi::DataType::S32, 2>;
 constexpr auto kF32KN = MatmulImpl<ffi::DataType::F32, false>;
 constexpr auto kF32NK = MatmulImpl<ffi::DataType::F32, true>;
 constexpr auto kBf16KN = MatmulImpl<ffi::DataType::BF16, false>;
@@ -178,6 +188,7 @@ constexpr auto kArgmaxKNBf16 = LmHeadArgmaxImpl<ffi::DataType::BF16, true>;
                                     .Arg<buffer>()                            \
                                     .Arg<buffer>()                            \
                                     .Arg<RowsBuffer>()                        \
+                                    .Arg<S32Matrix>()                         \
                                     .Ret<S32Vector>());
 
 #pragma GCC visibility push(default)

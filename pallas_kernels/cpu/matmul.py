@@ -144,6 +144,7 @@ def gated_mlp(x: jax.Array,  # [..., K]
 def lm_head_argmax(h: jax.Array,  # [B, D]
                    w: jax.Array,  # [V, D] ("nk", the embedding) or [D, V] ("kn", its transpose)
                    *, w_layout: str = "nk", rows=None,
+                   bitmask: jax.Array | None = None,  # [B, W] int32 packed allowed ids
                    march: str | None = None) -> jax.Array:  # [B] int32
     """argmax(h @ E.T, axis=-1) per row, on the native CPU kernel, never writing logits.
 
@@ -155,7 +156,9 @@ def lm_head_argmax(h: jax.Array,  # [B, D]
     resolve differently within float32 rounding): the first index of the maximum on ties,
     the first NaN's index where a row has NaN. h and w must both be float32 or both
     bfloat16. Leading batch dims of h are kept ([..., D] -> [...]); only the first `rows`
-    flattened rows are computed (the others are 0; None: all). Raises
+    flattened rows are computed (the others are 0; None: all). `bitmask` (structured
+    outputs): bit i of word w of a row allows id 32 w + i (W >= ceil(V / 32)); the others
+    count as -inf, as `sampler.apply_token_bitmask` makes them. Raises
     NativeKernelUnavailable if the kernel cannot be built here (check `available()` first).
     """
     if w_layout not in ("kn", "nk"):
@@ -179,6 +182,11 @@ def lm_head_argmax(h: jax.Array,  # [B, D]
     layout = "_kn" if w_layout == "kn" else ""
     target = build.ffi_target("matmul", _TARGETS,
                               f"lm_head_argmax{layout}_{_DTYPE_NAMES[jnp.dtype(h.dtype)]}", march)
+    if bitmask is None:
+        bitmask = jnp.zeros((b, 0), jnp.int32)  # [B, 0]: no mask
+    elif bitmask.shape != (b, bitmask.shape[-1]) or bitmask.shape[-1] < -(-v // 32):
+        raise ValueError(f"bitmask must be [{b}, W] with W >= {-(-v // 32)}, got "
+                         f"{bitmask.shape}")
     idx = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b,), jnp.int32))(
-        h.reshape(b, d), w, _rows_operand(rows, b))  # [B]
+        h.reshape(b, d), w, _rows_operand(rows, b), bitmask.astype(jnp.int32))  # [B]
     return idx.reshape(batch)

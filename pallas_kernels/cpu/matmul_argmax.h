@@ -1,6 +1,7 @@
 // The LM head + argmax of the lm_head_argmax handlers: idx[m] = argmax_n (x @ W^T)[m, n]
 // for W [N, K] (a tied LM head), with jnp.argmax's rule (the first NaN if a row has one,
-// else the first of the largest), the logits never written: work items are (block of up
+// else the first of the largest), the logits never written; with a packed mask [M, W]
+// (structured outputs), the ids whose bit is clear count as -inf. Work items are (block of up
 // to kArgmaxBlock W rows x row chunk);
 // an item computes its block one 64-row panel at a time into a small thread-local buffer
 // [rows][64] with the nk product's kernels (packed: the panel transposed, then the kn
@@ -66,6 +67,19 @@ inline void FoldArgmaxRow(const float* row, int64_t ncols, int64_t n0, float& be
   }
 }
 
+// -inf for the columns [0, ncols) of a buffer row (column c is logit n0, a multiple of 32,
+// plus c) whose bit is clear in the row's packed mask `words` (bit i of word w: id 32 w + i).
+inline void MaskArgmaxRow(float* row, int64_t ncols, int64_t n0, const int32_t* words) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(words) + n0 / 32;
+  for (int64_t c0 = 0; c0 < ncols; c0 += 32) {
+    const uint32_t word = bits[c0 / 32];
+    if (word == 0xFFFFFFFFu) continue;  // all allowed: the common word
+    const int64_t c1 = std::min<int64_t>(ncols, c0 + 32);
+    for (int64_t c = c0; c < c1; ++c)
+      if (!((word >> (c - c0)) & 1u)) row[c] = -std::numeric_limits<float>::infinity();
+  }
+}
+
 // Prefetches lines [l0, l1) of `rows` W rows of `row_bytes` each from `src` (line l: row
 // l / lines_per_row).
 inline void PrefetchRowLines(const char* src, int64_t row_bytes, int64_t l0, int64_t l1) {
@@ -74,9 +88,21 @@ inline void PrefetchRowLines(const char* src, int64_t row_bytes, int64_t l0, int
     PrefetchL1(src + (l / per_row) * row_bytes + (l % per_row) * 64);
 }
 
+// Folds the buffer's rows (x rows m0 + m) into their running (best, idx), each masked
+// first by its row of `mask` [M, mask_words] when there is one.
+inline void FoldArgmaxRows(float* buf, int64_t mr, int64_t ncols, int64_t n0, float* best,
+                           int32_t* idx, const int32_t* mask, int64_t mask_words, int64_t m0) {
+  for (int64_t m = 0; m < mr; ++m) {
+    float* row = buf + m * kArgmaxPanel;
+    if (mask) MaskArgmaxRow(row, ncols, n0, mask + (m0 + m) * mask_words);
+    FoldArgmaxRow(row, ncols, n0, best[m], idx[m]);
+  }
+}
+
 template <typename T, bool kKN = false>
 void RunLmHeadArgmax(xla::ffi::ThreadPool& pool, const T* x, const T* w, int32_t* out,
-                     int64_t M, int64_t K, int64_t N) {
+                     int64_t M, int64_t K, int64_t N, const int32_t* mask = nullptr,
+                     int64_t mask_words = 0) {
   if (K == 0) {  // every logit is 0: the first
     std::fill(out, out + M, 0);
     return;
@@ -125,8 +151,7 @@ void RunLmHeadArgmax(xla::ffi::ThreadPool& pool, const T* x, const T* w, int32_t
           BlockKN<T, float>(xs, w, buf.data(), K, N, 0, mr, n0, ncols,
                             NextPanel(w, w + 32, N, n0, pf_n0), kArgmaxPanel);
         }
-        for (int64_t m = 0; m < mr; ++m)
-          FoldArgmaxRow(buf.data() + m * kArgmaxPanel, ncols, n0, best[m], idx[m]);
+        FoldArgmaxRows(buf.data(), mr, ncols, n0, best, idx, mask, mask_words, m0);
         continue;
       }
       const char* src = reinterpret_cast<const char*>(w + n0 * K);
@@ -162,8 +187,7 @@ void RunLmHeadArgmax(xla::ffi::ThreadPool& pool, const T* x, const T* w, int32_t
         BlockNK<T, float>(xs, reinterpret_cast<const T*>(src), buf.data(), K, kArgmaxPanel,
                           0, mr, 0, ncols);
       }
-      for (int64_t m = 0; m < mr; ++m)
-        FoldArgmaxRow(buf.data() + m * kArgmaxPanel, ncols, n0, best[m], idx[m]);
+      FoldArgmaxRows(buf.data(), mr, ncols, n0, best, idx, mask, mask_words, m0);
     }
   });
   for (int64_t m = 0; m < M; ++m) {  // merge the blocks in column order

@@ -392,3 +392,55 @@ def test_rows_must_be_one_integer():
         native.gated_mlp(x, w, w, rows=np.array([1, 2], np.int32))
     with pytest.raises(ValueError, match="rows must be one integer"):
         native.lm_head_argmax(x, w, rows=2.5)
+
+
+def _random_bitmask(rng, b, v, density):
+    """[B, ceil(V/32)] int32 rows of allowed ids, and the [B, V] bool they pack."""
+    from jaxserve.runner.token_bitmask import pack_token_bitmask
+
+    allowed = rng.random((b, v)) < density  # [B, V]
+    allowed[0] = True  # a row with every id allowed (all-ones words)
+    if b > 2:
+        allowed[1] = False
+        allowed[1, v - 1] = True  # only the last id, in the last partial panel
+        allowed[2] = False  # nothing allowed: every logit -inf, index 0 as jnp.argmax
+    return pack_token_bitmask(allowed), allowed
+
+
+@LAYOUTS
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("b,d,v", [(1, 64, 1000), (17, 64, 32003), (70, 129, 1000)])
+def test_lm_head_argmax_with_a_bitmask_takes_the_allowed_maximum(b, d, v, dtype, layout,
+                                                                  march):
+    """A structured-output mask: ids whose bit is clear count as -inf, as
+    `sampler.apply_token_bitmask` makes them, NaNs among them included."""
+    rng = np.random.default_rng(b + v)
+    h = rng.standard_normal((b, d)).astype(np.float32)  # [B, D]
+    e = rng.standard_normal((v, d)).astype(np.float32)  # [V, D]
+    e[7, 0] = np.nan  # logit 7 is NaN in every row: it wins only where 7 is allowed
+    bitmask, allowed = _random_bitmask(rng, b, v, density=0.05)
+    if b > 3:
+        allowed[3, 7] = False  # row 3 must not see the NaN
+        allowed[4, 7] = True  # row 4 must
+        from jaxserve.runner.token_bitmask import pack_token_bitmask
+
+        bitmask = pack_token_bitmask(allowed)
+    h, e = jnp.asarray(h, dtype), jnp.asarray(e, dtype)
+    got = np.asarray(_argmax_jit(h, argmax_w(e, layout), w_layout=layout, march=march,
+                                 bitmask=jnp.asarray(bitmask)))
+    logits = np.asarray(h.astype(jnp.float32), np.float64) @ np.asarray(
+        e.astype(jnp.float32), np.float64).T  # [B, V]
+    masked = np.where(allowed, logits, -np.inf)
+    want = np.asarray(jnp.argmax(jnp.asarray(masked), axis=-1))  # NaN first, then maximum
+    top = np.sort(np.where(np.isnan(masked), -np.inf, masked), axis=-1)
+    with np.errstate(invalid="ignore"):  # -inf - -inf where a row allows one id or none
+        gap = top[:, -1] - top[:, -2]
+    clear = (gap > 1e-3) | ~np.isfinite(top[:, -2]) | np.isnan(masked).any(axis=-1)
+    assert clear.mean() >= 0.75
+    np.testing.assert_array_equal(got[clear], want[clear])
+    assert got[0] == want[0] == (7 if allowed[0, 7] else want[0])
+    if b > 3:
+        assert (got[1], got[2], got[4]) == (v - 1, 0, 7) and got[3] != 7
+    with pytest.raises(ValueError, match="bitmask must be"):
+        native.lm_head_argmax(h, argmax_w(e, layout), w_layout=layout,
+                              bitmask=jnp.asarray(bitmask)[:, :-(-v // 32) - 1])
