@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The fast run spreads test files over TEST_WORKERS processes (pytest-xdist; the tests are
+# single-threaded, so one per core); the workers share one compilation cache directory.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The dashboard's browser test (slow) drives a system Chromium: Debian's `chromium`, installed
 # here with apt when missing and this user may (root, or sudo without a password); otherwise
