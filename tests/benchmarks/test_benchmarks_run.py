@@ -169,3 +169,15 @@ def test_quantization_benchmark_reports_each_kind_against_float32(tiny_model_dir
         assert 0 <= float(row[2].rstrip("%")) <= 100 and 0 < row[4] < 1  # logits differ
     ((_, kv, float32_ratio, bfloat16_ratio),) = result["kv_block_ratios"]
     assert kv == "int8" and float32_ratio > bfloat16_ratio > 1
+
+
+@pytest.mark.slow
+def test_dashboard_cost_benchmark_times_a_full_ring_and_the_whole_pool(tiny_model_dir,
+                                                                        tmp_path):
+    out = tmp_path / "result.json"
+    _run("benchmark_dashboard_cost.py", "--model", str(tiny_model_dir), "--max-num-seqs", "4",
+         "--repeats", "2", "--output-json", str(out))
+    result = json.loads(out.read_text())
+    assert result["step_records"] > 0 and result["num_blocks"] > 0
+    assert result["summary_ms"] > 0 and result["event_bytes"] > 0
+    assert result["history_bytes"] > result["event_bytes"]  # every second since the oldest
