@@ -157,9 +157,22 @@ class CompiledPrograms:
             if self.done:
                 logger.info("all %d programs compiled (%.1f s)", self.num_programs,
                             self.compile_seconds)
+                self._store_unstored()
         except BaseException as e:  # the engine keeps serving inside the capacity it has
             self.error = e
             logger.exception("background compilation stopped at buckets %s", self.capacity)
+
+    def _store_unstored(self) -> None:
+        """Writes the executables JAX's cache supplied (`ExecutableCache.store_unstored`):
+        after new sources, the next start then loads every program."""
+        if self.cache is None or not self.cache.num_unstored:
+            return
+        start, count = time.perf_counter(), self.cache.num_unstored
+        mesh = contextlib.nullcontext() if self._mesh is None else jax.set_mesh(self._mesh)
+        with self._track(), mesh:
+            stored = self.cache.store_unstored(self._stop.is_set)
+        logger.info("stored %d of %d programs JAX's compilation cache had as executables "
+                    "for the next start (%.1f s)", stored, count, time.perf_counter() - start)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until every stage is compiled (or the background thread failed, or

@@ -10,20 +10,25 @@ config, attention backend, abstract params and pools with their shardings); each
 adds the program's kind and buckets. A hit is `jax.experimental.serialize_executable`'s
 executable, loaded as a `jax.stages.Compiled`; a miss, or an entry that fails to load,
 compiles as before and writes the entry (a temporary file renamed into place, so a
-reader never sees half of one) if XLA compiled it, not when JAX's persistent cache had it:
-so the entries appear with a cold compilation cache (a first start, or new sources). Entries are pickles of executables: like the compilation
-cache's, the directory must be the user's own, never one others can write.
+reader never sees half of one) if XLA compiled it. An executable JAX read from its
+persistent cache cannot be written (on the CPU it re-serializes without some of its
+functions): such a program is remembered, and `store_unstored` compiles it again with JAX's
+cache bypassed and writes that. So entries appear on a cold start, and after new sources
+(an upgrade, whose programs JAX's cache mostly still holds) once the background pass ends.
+Entries are pickles of executables: like the compilation cache's, the directory must be the
+user's own, never one others can write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import pickle
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -71,6 +76,8 @@ class ExecutableCache:
         ).hexdigest()
         self.reading = True  # see use_for
         self._tracking = threading.local()  # JAX cache hits of this thread's compilation
+        # program -> its lowering: compiled from JAX's persistent cache, no entry written yet
+        self._unstored: dict[str, Callable[[], jax.stages.Lowered]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -109,9 +116,34 @@ class ExecutableCache:
         # Only a fresh compilation is stored: on the CPU, an executable JAX read from its
         # persistent cache serializes without some of its functions ("Function ... not
         # found" when a restart runs it).
-        if not self._tracking.hits and not path.exists():
-            self._store(path, compiled)
+        if not path.exists():
+            if self._tracking.hits:
+                self._unstored[program] = lower
+            else:
+                self._store(path, compiled)
         return compiled
+
+    @property
+    def num_unstored(self) -> int:
+        """Programs JAX's persistent cache supplied that have no entry here yet."""
+        return len(self._unstored)
+
+    def store_unstored(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Compiles each program JAX's persistent cache supplied again, bypassing that
+        cache, and writes its entry, so the next start loads every program; `stop()` is
+        asked between programs. Returns how many entries were written. For a background
+        thread: it costs a compilation per program, once after new sources."""
+        stored = 0
+        while self._unstored and not stop():
+            program, lower = self._unstored.popitem()
+            path = self.path(program)
+            if path.exists():  # another process wrote it meanwhile
+                continue
+            with _without_persistent_cache():  # and JAX's in-memory cache missed:
+                compiled = lower().compile(compiler_options=_FRESH_OPTIONS)
+            self._store(path, compiled)
+            stored += path.exists()
+        return stored
 
     def _on_event(self, event: str, **kwargs) -> None:
         if event == PERSISTENT_CACHE_HIT and getattr(self._tracking, "on", False):
@@ -153,3 +185,29 @@ class ExecutableCache:
                 raise
         except Exception as e:  # the program works; only the next start is slower
             logger.warning("could not store executable %s: %s", path, e)
+
+
+@contextlib.contextmanager
+def _without_persistent_cache() -> Iterator[None]:
+    """JAX's persistent compilation cache switched off for the compilations inside.
+
+    The switch is process-wide (JAX decides once whether its cache is used; `reset_cache`
+    makes it decide again): a compilation elsewhere at the same time only misses the cache.
+    `_FRESH` keeps two of these from interleaving and restoring the wrong setting."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    with _FRESH:
+        enabled = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
+        try:
+            yield
+        finally:
+            jax.config.update("jax_enable_compilation_cache", enabled)
+            compilation_cache.reset_cache()
+
+
+# An XLA option at its default value: the same program, under another key of JAX's
+# in-memory compilation cache (which would hand back the executable it read from disk).
+_FRESH_OPTIONS = {"xla_dump_max_hlo_modules": -1}
+_FRESH = threading.Lock()  # held by `_without_persistent_cache` (a lock, no state)

@@ -66,6 +66,37 @@ def test_reading_is_all_or_nothing(tmp_path):
     assert complete.reading
 
 
+_LOAD_IN_A_NEW_PROCESS = """
+import pickle, sys
+import jax, numpy as np
+from jaxserve.runner.executable_cache import ExecutableCache
+cache = ExecutableCache(sys.argv[1], "new sources")
+cache.use_for(["cumsum 8"])
+compiled = cache.get_or_compile("cumsum 8", lambda: sys.exit("traced on a hit"))
+print(np.asarray(compiled(np.ones(8, np.float32))).tolist())
+"""
+
+
+def test_a_program_jax_cache_supplied_is_compiled_again_and_stored(tmp_path):
+    # new sources (another description) over a JAX cache that holds the program: the
+    # executable JAX read back is not written, a fresh compilation of it is
+    ExecutableCache(tmp_path, "old sources").get_or_compile("cumsum 8", _lowering(8, 6.5))
+    upgraded = ExecutableCache(tmp_path, "new sources")
+    compiled = upgraded.get_or_compile("cumsum 8", _lowering(8, 6.5))
+    assert upgraded.num_unstored == 1 and not upgraded.path("cumsum 8").exists()
+    assert upgraded.store_unstored(stop=lambda: True) == 0  # asked to stop: nothing done
+    assert upgraded.store_unstored() == 1 and upgraded.num_unstored == 0
+    assert upgraded.path("cumsum 8").exists() and jax.config.jax_enable_compilation_cache
+    # the entry runs in a fresh process (a re-serialized executable would fail there:
+    # "Function ... not found")
+    out = subprocess.run([sys.executable, "-c", _LOAD_IN_A_NEW_PROCESS, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = np.asarray(compiled(np.ones(8, np.float32))).tolist()
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
 def test_a_damaged_entry_is_dropped_and_the_program_compiled_again(tmp_path, caplog):
     cache = ExecutableCache(tmp_path, "desc")
     cache.get_or_compile("cumsum 8", _lowering(8, 5.5))
