@@ -11,7 +11,9 @@ C++ compiler).
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import cpu, gpu, tpu
+# gpu / tpu import Pallas' Triton and Mosaic front ends (about 0.5 s on a 2-core CPU): only
+# when one of them runs
+from pallas_kernels.ragged_paged_attention import cpu
 from pallas_kernels.ragged_paged_attention.kv_quant import check_scales
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
 
@@ -152,7 +154,10 @@ def ragged_paged_attention(
         return reference_attention(*args, **kwargs, **knobs)
     if backend == "cpu":
         return cpu.ragged_paged_attention(*args, **kwargs)
-    kernel = gpu.ragged_paged_attention if backend == "gpu" else tpu.ragged_paged_attention
+    if backend == "gpu":
+        from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention as kernel
+    else:
+        from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention as kernel
     return kernel(*args, **kwargs, interpret=interpret, **knobs)
 
 
