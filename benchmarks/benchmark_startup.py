@@ -4,9 +4,10 @@
 and time, from the launch: ready (`/v1/models` answers), the first chat completion answered
 (`--max-tokens` tokens, greedy), and every program compiled (`/metrics` shows none pending;
 the engine serves before that). `LLM` rows time `LLM(--llm-model)` constructed and its first
-`generate` returned, in a fresh process each. Each kind runs twice over one compilation
-cache directory: cold (empty) then warm (filled by the cold start). `--pythonpath` runs
-another checkout (to measure a baseline in the same session). Prints one table.
+`generate` returned, in a fresh process each. Each kind runs over one compilation cache
+directory: cold (empty), then warm (filled by the cold start) `--warm-runs` times.
+`--pythonpath` runs another checkout (to measure a baseline in the same session). Prints
+one table.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="", help="extra `jaxserve serve` flags")
     p.add_argument("--pythonpath", default=None, help="run this checkout of jaxserve")
     p.add_argument("--label", default="jaxserve")
+    p.add_argument("--warm-runs", type=int, default=1,
+                   help="warm starts after the cold one (each from the launch)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--output-json", default=None)
     return p.parse_args(argv)
@@ -141,7 +144,9 @@ def main(argv=None) -> dict:
         kinds.append(("LLM", llm_start, args.llm_model))
     for kind, start, model in kinds:
         with tempfile.TemporaryDirectory(prefix="jaxserve-cc-") as cache_dir:
-            for cache in ("cold", "warm"):
+            runs = ["cold"] + [f"warm{i + 1}" if args.warm_runs > 1 else "warm"
+                               for i in range(args.warm_runs)]
+            for cache in runs:
                 r = start(args, cache_dir)
                 results[f"{kind}_{cache}"] = r
                 rows.append([args.label, kind, os.path.basename(str(model)), cache,
