@@ -41,7 +41,7 @@ def run_jaxserve(requests: list[BenchRequest], warm_up: list[BenchRequest],
               kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               compilation_cache_dir=args.compilation_cache_dir,
               attention_backend=args.attention_backend, load_format=args.load_format,
-              progress=False)
+              quantization=args.quantization, progress=False)
     startup = time.perf_counter() - start  # loading, and compiling the smallest buckets
     llm.wait_for_compilation()  # the rest compile in the background: not while timed
     compiled = time.perf_counter() - start
@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None, help="jaxserve, vllm")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                         help="jaxserve: KV pool size (default: the engine's choice)")
+    parser.add_argument("--quantization", default=None,
+                        help="jaxserve: weight quantization, e.g. int8 or int4 (LLM's keyword)")
     parser.add_argument("--cpu-march", default=None,
                         help="jaxserve: build target of the native CPU kernels, e.g. "
                              "x86-64-v3 (sets JAXSERVE_CPU_MARCH; default: its value, else "

@@ -260,9 +260,10 @@ class SchedulerConfig:
 # --- EngineConfig ------------------------------------------------------------------------
 
 # --quantization values (vLLM's flag): "none" makes every weight float, "int8" (per channel)
-# and "int4" (grouped) quantize float Linear weights at load; None (the default) keeps a
-# checkpoint as stored, a GGUF quantized.
-QUANTIZATIONS = ("none", "int8", "int4")
+# and "int4" (groups of 128 where K allows, else 32) or "int4_g32" (groups of 32) quantize
+# float Linear weights at load; None (the default) keeps a checkpoint as stored, a GGUF
+# quantized.
+QUANTIZATIONS = ("none", "int8", "int4", "int4_g32")
 
 # "cpu" (native C++ kernel, CPU default) | "pallas" (GPU/TPU default) | "reference" (jnp);
 # the one list of names: EngineConfig checks it and `jaxserve serve` offers it.

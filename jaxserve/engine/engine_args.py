@@ -128,7 +128,8 @@ class EngineArgs:
         "tensor-parallel devices instead of each expert's MLP width")
     quantization: str | None = _config_option(
         EngineConfig, "quantization", "Linear weights: default as stored (a GGUF stays "
-        "quantized); none = float; int8 (per channel) or int4 (groups of 128 or 32) "
+        "quantized); none = float; int8 (per channel), int4 (groups of 128 or 32) or "
+        "int4_g32 (groups of 32) "
         "quantizes them at load", flags=("-q",), choices=QUANTIZATIONS)
     attention_backend: str | None = _config_option(
         EngineConfig, "attention_backend", derived=True, choices=ATTENTION_BACKENDS,

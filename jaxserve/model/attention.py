@@ -22,7 +22,7 @@ from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attenti
 
 
 def write_kv(pools,         # one layer's pools: (k, v) [K, L, S, H], or for an 8-bit pool
-                            # (k, v, k_scale, v_scale) with [K, L, S, 1] float32 scales
+                            # (k, v, k_scale, v_scale) with [K, L, S, 1] float16 scales
              new_k,         # [T, K, H] keys of this step's tokens
              new_v,         # [T, K, H] values of this step's tokens
              slot_mapping,  # [T] int32 block_id * S + offset; padding -> slots of block 0

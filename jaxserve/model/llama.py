@@ -17,7 +17,7 @@ from jaxserve.model.ops import Ops
 from jaxserve.model.sampling.sampler import apply_token_bitmask, argmax
 
 # ([K, L, S, H] key pool, [K, L, S, H] value pool), and with an 8-bit KV cache their
-# [K, L, S, 1] float32 scale pools after them (pallas_kernels' kv_quant.py)
+# [K, L, S, 1] float16 scale pools after them (pallas_kernels' kv_quant.py)
 KVCache = tuple[jax.Array, ...]
 
 

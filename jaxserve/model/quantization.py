@@ -102,9 +102,20 @@ def pack_int4(q: np.ndarray) -> np.ndarray:  # [K, N] values 0..15 -> [K/2, N] u
     return q[0::2] | (q[1::2] << np.uint8(4))
 
 
-def int4_group_size(k: int) -> int | None:
-    """The int4 group size for K input rows, or None when no group size divides K."""
-    return next((g for g in INT4_GROUP_SIZES if k % g == 0), None)
+def int4_group_size(k: int, sizes: tuple[int, ...] = INT4_GROUP_SIZES) -> int | None:
+    """The int4 group size for K input rows (the first of `sizes` that divides K), or None
+    when none does."""
+    return next((g for g in sizes if k % g == 0), None)
+
+
+def parse_quantization(name: str) -> tuple[str, tuple[int, ...]]:
+    """A `--quantization` value that quantizes at load as (kind, int4 group sizes to try):
+    "int8", "int4" (128, else 32), "int4_g32" (32)."""
+    kinds = {"int8": ("int8", ()), "int4": ("int4", INT4_GROUP_SIZES),
+             "int4_g32": ("int4", (32,))}
+    if name not in kinds:
+        raise ValueError(f"quantization must be one of {tuple(kinds)}, got {name!r}")
+    return kinds[name]
 
 
 def quantize(w: np.ndarray,  # [K, N] float

@@ -5,7 +5,7 @@ it is `kv_cache_memory_bytes` (default `CPU_DEFAULT_KV_BYTES`). `num_gpu_blocks_
 fixes the block count exactly. A pool that cannot hold one max_model_len request is
 refused at start-up (such a request could never run). The layout of each pool comes from
 the kernels (`kv_pool_shape`, or `latent_pool_shape` for MLA models); `kv_cache_dtype` "fp8" / "int8"
-stores K/V 8-bit with float32 scale pools beside them (`kv_quant`), and the block cost counts
+stores K/V 8-bit with float16 scale pools beside them (`kv_quant`), and the block cost counts
 both, so the same budget buys more blocks. Block 0 is the null block that padding reads and
 writes. Under tensor parallelism each device holds 1/TP of every block (its KV head
 slots), so one device's budget buys TP times the blocks; an MLA latent pool is replicated,
@@ -53,7 +53,7 @@ class KVCacheSpec:
     bytes_per_block: int  # on one device: all layers, all pools, its KV head slots
     max_num_seqs_at_full_length: float  # (L - 1) blocks / blocks per max_model_len sequence
     # What the K/V pools store (`kv_storage_dtype`): the model dtype, or float8_e4m3fn /
-    # int8, whose layers then carry two float32 scale pools as well.
+    # int8, whose layers then carry two float16 scale pools as well.
     kv_dtype: str = "float32"
 
 
@@ -61,7 +61,7 @@ def layer_pools(model_config: ModelConfig, num_blocks: int, block_size: int,
                 kv_dtype: str | None = None) -> tuple[tuple[tuple[int, ...], str], ...]:
     """(shape, dtype) of each pool of one layer: a key and a value pool `[K, L, S, H]` of
     `kv_dtype` (default: the model's); for an 8-bit `kv_dtype` then a key-scale and a
-    value-scale pool `[K, L, S, 1]` float32; for MLA (`kv_latent_dim` set) one latent pool
+    value-scale pool `[K, L, S, 1]` float16 (`kv_quant.SCALE_DTYPE`); for MLA (`kv_latent_dim` set) one latent pool
     `[L, S, C + Hr]` (`latent_pool_shape`) of the model dtype."""
     kv_dtype = kv_dtype or model_config.dtype
     if model_config.kv_latent_dim is not None:
@@ -72,7 +72,8 @@ def layer_pools(model_config: ModelConfig, num_blocks: int, block_size: int,
     pools = ((shape, kv_dtype), (shape, kv_dtype))
     if kv_quant.is_quantized(kv_dtype):
         scales = kv_quant.scale_pool_shape(model_config.num_kv_heads, num_blocks, block_size)
-        pools += ((scales, "float32"), (scales, "float32"))
+        scale_dtype = kv_quant.SCALE_DTYPE.name
+        pools += ((scales, scale_dtype), (scales, scale_dtype))
     return pools
 
 

@@ -1,8 +1,9 @@
 // The 8-bit KV pools of ragged_paged_attention.cc: rows of float8_e4m3fn or int8 values,
-// each with a float32 scale (pallas_kernels/ragged_paged_attention/kv_quant.py), widened
+// each with a float16 scale (pallas_kernels/ragged_paged_attention/kv_quant.py), widened
 // page by page into float rows the score and value loops read as they read float pools.
 // AVX2 where the build has it (int8 by sign extension, e4m3 through a 256-entry table
-// gather), a portable loop otherwise; both give the same floats (one product per value).
+// gather), a portable loop otherwise; scales widen with F16C where the build has it, else
+// bit by bit. Every path gives the same floats (one exact widening, one product per value).
 
 #ifndef JAXSERVE_PALLAS_KERNELS_CPU_ATTENTION_QUANT_H_
 #define JAXSERVE_PALLAS_KERNELS_CPU_ATTENTION_QUANT_H_
@@ -10,7 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -34,6 +35,24 @@ inline float F8E4M3ToF32(uint8_t bits) {
   return (bits & 0x80) ? -magnitude : magnitude;
 }
 
+// float16: 1 sign, 5 exponent (bias 15), 10 mantissa bits; exact in float32.
+inline float F16ToF32(uint16_t bits) {
+#ifdef __F16C__
+  return _cvtsh_ss(bits);
+#else
+  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+  float magnitude;
+  if (exponent == 0x1F) {
+    magnitude = mantissa ? NAN : INFINITY;
+  } else if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // subnormal: m * 2^-24
+  } else {
+    magnitude = std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
+  }
+  return (bits & 0x8000) ? -magnitude : magnitude;
+#endif
+}
+
 struct F8Table {
   F8Table() {
     for (int i = 0; i < 256; ++i) value[i] = F8E4M3ToF32(static_cast<uint8_t>(i));
@@ -47,14 +66,15 @@ inline const float* F8Values() {
   return table.value;
 }
 
-// out[r * head_dim + h] = value(src[r * head_dim + h]) * scales[r] for `count` rows.
-inline void Dequantize(KvKind kind, const uint8_t* src, const float* scales, int count,
+// out[r * head_dim + h] = value(src[r * head_dim + h]) * scales[r] for `count` rows;
+// `scales` holds float16 bit patterns.
+inline void Dequantize(KvKind kind, const uint8_t* src, const uint16_t* scales, int count,
                        int head_dim, float* out) {
   const float* f8 = kind == KvKind::kF8E4M3 ? F8Values() : nullptr;
   for (int r = 0; r < count; ++r) {
     const uint8_t* in = src + static_cast<int64_t>(r) * head_dim;
     float* row = out + static_cast<int64_t>(r) * head_dim;
-    const float scale = scales[r];
+    const float scale = F16ToF32(scales[r]);
     int h = 0;
 #ifdef __AVX2__
     const __m256 vscale = _mm256_set1_ps(scale);

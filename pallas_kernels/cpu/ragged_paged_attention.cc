@@ -8,7 +8,7 @@
 // Inside an item the context streams page by page with an online softmax; a page's keys
 // and values stay in L1 while every query row of the item (tokens x grouped heads) uses
 // them. Slots after a sequence's length are never read, so NaN in unused pages is harmless.
-// 8-bit pools (float8_e4m3fn or int8 with [K, P, S] float32 row scales) are widened page
+// 8-bit pools (float8_e4m3fn or int8 with [K, P, S] float16 row scales) are widened page
 // by page into float rows (attention_quant.h), like bfloat16 pools.
 
 #include <algorithm>
@@ -47,8 +47,8 @@ struct Problem {
   const void* q;  // [T, N, H]
   const void* k;  // [K, P, S, H]
   const void* v;  // [K, P, S, H]
-  const float* k_scale;  // [K, P, S] (8-bit pools) or nullptr
-  const float* v_scale;  // [K, P, S] (8-bit pools) or nullptr
+  const uint16_t* k_scale;  // [K, P, S] float16 bits (8-bit pools) or nullptr
+  const uint16_t* v_scale;  // [K, P, S] float16 bits (8-bit pools) or nullptr
   const int32_t* page_indices;     // [B, pages_per_seq]
   const int32_t* seq_lens;         // [B]
   const int32_t* query_start_loc;  // [B + 1]
@@ -64,7 +64,7 @@ struct Item {
 
 // Reads `count` rows of `head_dim` values starting at `src` (float, bf16 or 8-bit with
 // `scales`, indexed by row) as float.
-inline const float* AsFloat(const Problem& p, const void* src, const float* scales,
+inline const float* AsFloat(const Problem& p, const void* src, const uint16_t* scales,
                             int64_t offset, int count, float* scratch) {
   if (p.kv_kind != KvKind::kFloat) {
     jaxserve_cpu::attention_quant::Dequantize(p.kv_kind, static_cast<const uint8_t*>(src) + offset,
@@ -431,8 +431,8 @@ bool RunItem(const Problem& p, const Item& item, Scratch& w) {
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
                      ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> page_indices,
                      ffi::Buffer<ffi::S32> seq_lens, ffi::Buffer<ffi::S32> query_start_loc,
-                     ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::F32> k_scales,
-                     ffi::Buffer<ffi::F32> v_scales, float sm_scale, int32_t sliding_window,
+                     ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::F16> k_scales,
+                     ffi::Buffer<ffi::F16> v_scales, float sm_scale, int32_t sliding_window,
                      float soft_cap, ffi::Result<ffi::AnyBuffer> out) {
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
@@ -462,7 +462,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pa
   const bool scaled = p.kv_kind != KvKind::kFloat;
   if (static_cast<int64_t>(k_scales.element_count()) != (scaled ? num_rows : 0) ||
       static_cast<int64_t>(v_scales.element_count()) != (scaled ? num_rows : 0))
-    return ffi::Error::InvalidArgument("8-bit pools need [K, P, S] scales (and only they)");
+    return ffi::Error::InvalidArgument("8-bit pools need [K, P, S] float16 scales (and only "
+                                       "they)");
   p.k_scale = scaled ? k_scales.typed_data() : nullptr;
   p.v_scale = scaled ? v_scales.typed_data() : nullptr;
   const int group = p.num_heads / std::max(p.num_kv_heads, 1);
@@ -529,8 +530,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ragged_paged_attention_cpu, Attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<int32_t>("sliding_window")
                                   .Attr<float>("soft_cap")

@@ -103,8 +103,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
-    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
-    v_scales=None,      # [K, P, S, 1] float32, or None
+    k_scales=None,      # [K, P, S, 1] float16 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float16, or None
     interpret: bool = False,
     backend: str | None = None,
     block_q: int | None = None,

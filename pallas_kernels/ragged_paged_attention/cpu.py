@@ -35,8 +35,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
-    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
-    v_scales=None,      # [K, P, S, 1] float32, or None
+    k_scales=None,      # [K, P, S, 1] float16 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float16, or None
     march: str | None = None,  # the build target (default $JAXSERVE_CPU_MARCH, else native)
 ) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
     """The reference's semantics (see reference.ragged_paged_attention), run natively.
@@ -46,7 +46,8 @@ def ragged_paged_attention(
     """
     none = jnp.zeros((0,), jnp.float32)  # an absent optional input
     slopes = none if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
-    k_scales, v_scales = (none, none) if k_scales is None else (k_scales, v_scales)
+    if k_scales is None:
+        k_scales = v_scales = jnp.zeros((0,), jnp.float16)
     call = jax.ffi.ffi_call(build.ffi_target(_LIBRARY, _TARGETS, _TARGETS[0], march),
                             jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, k_pages, v_pages, page_indices, seq_lens, query_start_loc, slopes,

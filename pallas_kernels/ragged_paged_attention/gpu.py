@@ -48,7 +48,7 @@ def _kernel(q_ref,       # [T, N, H]
             pages_ref,   # [B, pages_per_seq] int32
             lens_ref,    # [B] int32
             qsl_ref,     # [B+1] int32
-            *refs,       # k and v scales [K, P, S] f32 if `quantized`; alibi [N] f32 if
+            *refs,       # k and v scales [K, P, S] f16 if `quantized`; alibi [N] f32 if
                          # `alibi`; then o [T, N, H], or o [NS, T, N, H] f32 and
                          # lse [NS, T, N] f32
             sm_scale: float, soft_cap: float | None, sliding_window: int | None,
@@ -109,8 +109,8 @@ def _kernel(q_ref,       # [T, N, H]
             k, v = (jnp.where(kv_ok[:, None], plgpu.load(ref.at[at], mask=kv_ok[:, None])
                               .astype(q.dtype), 0) for ref in (k_ref, v_ref))  # [BN, H]
             row = (kv_head, page, lax.rem(kv_pos, page_size))
-            k_scale = plgpu.load(ks_ref.at[row], mask=kv_ok, other=0)  # [BN] f32
-            v_scale = plgpu.load(vs_ref.at[row], mask=kv_ok, other=0)  # [BN] f32
+            k_scale, v_scale = (plgpu.load(ref.at[row], mask=kv_ok, other=0)
+                                .astype(jnp.float32) for ref in (ks_ref, vs_ref))  # [BN]
         else:
             k = plgpu.load(k_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
             v = plgpu.load(v_ref.at[at], mask=kv_ok[:, None], other=0)  # [BN, H]
@@ -202,8 +202,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
-    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
-    v_scales=None,      # [K, P, S, 1] float32, or None
+    k_scales=None,      # [K, P, S, 1] float16 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float16, or None
     block_q: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,

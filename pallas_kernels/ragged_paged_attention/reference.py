@@ -166,8 +166,8 @@ def ragged_paged_attention(
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
     pages_per_chunk: int = 8,
     block_q: int | None = None,
-    k_scales=None,    # [K, P, S, 1] float32 when the pools are 8-bit (kv_quant.py), or None
-    v_scales=None,    # [K, P, S, 1] float32, or None
+    k_scales=None,    # [K, P, S, 1] float16 when the pools are 8-bit (kv_quant.py), or None
+    v_scales=None,    # [K, P, S, 1] float16, or None
 ) -> jax.Array:       # [T, N, H]; rows of padding tokens are zero
     """Causal attention of each sequence's new tokens over its paged context.
 

@@ -105,8 +105,8 @@ def _kernel(block_seq_ref,    # [NQB] int32 (SMEM) sequence of each q block
         k = k_buf[slot].reshape(block_kv, head_dim)  # [BKV, H]
         v = v_buf[slot].reshape(block_kv, head_dim)  # [BKV, H]
         if quantized:  # 8-bit rows times their scales (a column broadcast along H)
-            k_scale = scale_bufs[0][slot].reshape(block_kv, 1)  # [BKV, 1] f32
-            v_scale = scale_bufs[1][slot].reshape(block_kv, 1)
+            k_scale = scale_bufs[0][slot].reshape(block_kv, 1).astype(jnp.float32)  # [BKV, 1]
+            v_scale = scale_bufs[1][slot].reshape(block_kv, 1).astype(jnp.float32)
             k = (k.astype(jnp.float32) * k_scale).astype(q_ref.dtype)
             v = (v.astype(jnp.float32) * v_scale).astype(q_ref.dtype)
         kv_row = i * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0)
@@ -182,8 +182,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     alibi_slopes=None,  # [N] float32 ALiBi slope of each query head, or None
-    k_scales=None,      # [K, P, S, 1] float32 with 8-bit pools (kv_quant.py), else None
-    v_scales=None,      # [K, P, S, 1] float32, or None
+    k_scales=None,      # [K, P, S, 1] float16 with 8-bit pools (kv_quant.py), else None
+    v_scales=None,      # [K, P, S, 1] float16, or None
     block_q: int | None = None,
     pages_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
@@ -226,7 +226,7 @@ def ragged_paged_attention(
     if k_scales is not None:
         in_specs += [pool, pool]
         inputs += [k_scales, v_scales]
-        scale_bufs = [pltpu.VMEM((2, pages_per_block, page_size, 1), jnp.float32)] * 2
+        scale_bufs = [pltpu.VMEM((2, pages_per_block, page_size, 1), k_scales.dtype)] * 2
     if alibi_slopes is not None:  # row g * BQ + t of KV head k: head k * G + g's slope
         block_kv = pages_per_block * page_size
         row_slopes = jnp.repeat(alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, group),

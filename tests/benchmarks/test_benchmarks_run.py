@@ -159,14 +159,17 @@ def test_vllm_backend_without_its_venv_says_how_to_make_it(tiny_model_dir, tmp_p
 def test_quantization_benchmark_reports_each_kind_against_float32(tiny_model_dir, tmp_path):
     out = tmp_path / "quantization.json"
     _run("benchmark_quantization.py", "--model", str(tiny_model_dir), "--num-prompts", "3",
-         "--prompt-len", "8", "--max-tokens", "4", "--kv-dtypes", "int8",
-         "--output-json", str(out), timeout=900)  # five engines compile
+         "--prompt-len", "8", "--max-tokens", "4", "--kinds", "int8", "int4_g32",
+         "--kv-dtypes", "int8", "--output-json", str(out), timeout=900)  # four engines
+    rows = json.loads(out.read_text())["rows"]
+    assert [row[1:3] for row in rows] == [[source, variant]
+                                          for variant in ("int8", "int4_g32", "KV int8")
+                                          for source in ("natural", "random")]
+    for row in rows:
+        free_running, prefix, teacher_forced = (float(v.rstrip("%")) for v in row[3:6])
+        assert 0 <= prefix <= free_running <= 100 and 0 <= teacher_forced <= 100
+        assert 0 < row[6] < 1  # the logits differ, by less than their scale
     result = json.loads(out.read_text())
-    rows, kv_rows = result["rows"], result["kv_rows"]
-    assert [row[1] for row in rows] == ["int8", "int4"]
-    assert [row[1] for row in kv_rows] == ["KV int8"]
-    for row in rows + kv_rows:
-        assert 0 <= float(row[2].rstrip("%")) <= 100 and 0 < row[4] < 1  # logits differ
     ((_, kv, float32_ratio, bfloat16_ratio),) = result["kv_block_ratios"]
     assert kv == "int8" and float32_ratio > bfloat16_ratio > 1
 

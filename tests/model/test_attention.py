@@ -1,5 +1,7 @@
 """write_kv scatters rows into the pool through slot_mapping; backends are chosen by name."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from jaxserve.model.attention import paged_attention, write_kv
 from jaxserve.model.attention_metadata import AttentionMetadata
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.ragged_paged_attention import kv_pool_shape, kv_quant
 
 K, L, S, H = 2, 4, 4, 8
@@ -78,16 +81,18 @@ def test_pallas_backend_calls_the_public_kernel_entry_interpreted_on_cpu(monkeyp
                           v_scales=None, **on_cpu)
 
 
-@pytest.mark.parametrize("kv_dtype", [pytest.param(jnp.float8_e4m3fn, marks=pytest.mark.slow),
-                                      jnp.int8])
-def test_write_kv_stores_8_bit_rows_with_their_scales_at_each_slot(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,native", [
+    pytest.param(jnp.float8_e4m3fn, False, marks=pytest.mark.slow), (jnp.int8, False),
+    pytest.param(jnp.int8, True, marks=needs_compiler)])  # native: the row writer
+def test_write_kv_stores_8_bit_rows_with_their_scales_at_each_slot(kv_dtype, native):
     pools = (jnp.zeros(kv_pool_shape(K, L, S, H), kv_dtype),) * 2 + (
-        jnp.zeros(kv_quant.scale_pool_shape(K, L, S)),) * 2
+        jnp.zeros(kv_quant.scale_pool_shape(K, L, S), kv_quant.SCALE_DTYPE),) * 2
     rng = np.random.default_rng(0)
     new_k = jnp.asarray(rng.standard_normal((3, K, H)), jnp.float32)  # [T, K, H]
     slots = jnp.array([1 * S + 3, 3 * S + 0, 0], jnp.int32)
-    k_pool, v_pool, k_scale, v_scale = jax.jit(write_kv)(pools, new_k, 2 * new_k, slots)
-    assert k_pool.dtype == kv_dtype and k_scale.dtype == jnp.float32
+    write = jax.jit(functools.partial(write_kv, native=native))
+    k_pool, v_pool, k_scale, v_scale = write(pools, new_k, 2 * new_k, slots)
+    assert k_pool.dtype == kv_dtype and k_scale.dtype == jnp.float16
     for t, (block, offset) in enumerate([(1, 3), (3, 0)]):
         stored, scale = kv_quant.quantize(new_k[t], kv_dtype)  # the row format, per head
         np.testing.assert_array_equal(k_pool[:, block, offset], stored)

@@ -98,7 +98,8 @@ def test_gpu_kernel_float32_dots_are_ieee_not_tf32(monkeypatch):
 def test_kernels_with_8_bit_pools_lower_for_cuda_and_tpu(kv_dtype):
     q, pool, _, *tables = _abstract_args("qwen2.5-1.5b", "mixed", page_size=32)
     pool = jax.ShapeDtypeStruct(pool.shape, kv_dtype)
-    scales = jax.ShapeDtypeStruct(kv_quant.scale_pool_shape(*pool.shape[:3]), jnp.float32)
+    scales = jax.ShapeDtypeStruct(kv_quant.scale_pool_shape(*pool.shape[:3]),
+                                  kv_quant.SCALE_DTYPE)
     args = (q, pool, pool, *tables, scales, scales)
 
     def with_scales(kernel):

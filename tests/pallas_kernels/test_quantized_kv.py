@@ -53,14 +53,36 @@ def test_a_quantized_row_reads_back_within_its_storage_error(name):
     x[2, 1] = 0.0  # an all-zero row (a fresh slot) keeps scale 0 and reads 0
     stored, scale = kv_quant.quantize(jnp.asarray(x), KV_DTYPES[name])
     assert stored.dtype == KV_DTYPES[name] and scale.shape == (5, 3, 1)
+    assert scale.dtype == jnp.float16
     back = np.asarray(kv_quant.dequantize(stored, scale))
-    scale = np.asarray(scale)
-    np.testing.assert_allclose(scale[..., 0], np.abs(x).max(-1) / (448 if name == "fp8" else 127),
-                               rtol=1e-6)
+    scale = np.asarray(scale, np.float32)
+    # the float16 at or above absmax / qmax: never below it, at most one float16 step over
+    wanted = np.abs(x).max(-1, keepdims=True) / (448 if name == "fp8" else 127)
+    assert (scale >= wanted).all()
+    np.testing.assert_allclose(scale, wanted, rtol=2.0 ** -10, atol=2.0 ** -24)
     assert float(scale[2, 1, 0]) == 0.0 and not back[2, 1].any()
     # int8: half a step of the row; e4m3: 1/16 of the value (subnormals: 2^-10 of the step)
     bound = scale / 2 if name == "int8" else np.maximum(np.abs(x) / 16, scale * 2.0 ** -10)
     assert (np.abs(back - x) <= bound * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("name", list(KV_DTYPES))
+def test_float16_scales_are_never_inf_or_zero_for_a_nonzero_row(name):
+    qmax = 448 if name == "fp8" else 127
+    absmax = np.array([1e-9, 3e-8, 1e-5, 1.0, 1e4, 448 * 65504 * 0.999, 1e9, 1e30], np.float32)
+    x = np.zeros((len(absmax), 8), np.float32)
+    x[:, 0], x[:, 1] = absmax, -absmax / 3
+    stored, scale = kv_quant.quantize(jnp.asarray(x), KV_DTYPES[name])
+    scale = np.asarray(scale, np.float32)[:, 0]
+    assert np.isfinite(scale).all() and (scale > 0).all()
+    back = np.asarray(kv_quant.dequantize(stored, scale[:, None]))
+    assert np.isfinite(back).all()
+    # within float16's range a row reads back within its storage error; past it (absmax
+    # above qmax * 65504) rows saturate at that bound, still finite
+    in_range = absmax <= qmax * 65504
+    bound = np.maximum(absmax / (16 if name == "fp8" else 100), 2.0 ** -24 * qmax)
+    assert (np.abs(back - x).max(-1)[in_range] <= bound[in_range]).all()
+    np.testing.assert_allclose(back[~in_range, 0], qmax * 65504, rtol=1e-3)
 
 
 @pytest.mark.slow  # the CPU kernel test checks the same against the reference
@@ -124,7 +146,8 @@ def test_the_entry_point_passes_the_scales_to_the_named_kernel(make_batch):
 @pytest.mark.parametrize("change,message", [
     (dict(k_scales=None, v_scales=None), "needs k_scales"),
     (dict(v_scales=None), "come together"),
-    (dict(k_scales=jnp.zeros((1, 3, 32), jnp.float32)), "k_scales must be float32"),
+    (dict(k_scales=jnp.zeros((1, 3, 32), jnp.float16)), "k_scales must be float16"),
+    (dict(v_scales=jnp.zeros((1, 3, 32, 1), jnp.float32)), "v_scales must be float16"),
 ])
 def test_a_quantized_pool_without_matching_scales_is_rejected(change, message, make_batch):
     _, quantized, scales, _ = _quantized_batch(make_batch, jnp.int8, extra_pages=0,

@@ -2,7 +2,7 @@
 
 A Linear kernel (a 2-D parameter the checkpoint stores transposed, read whole) loads
 quantized when `quantization` asks for it: "int8" / "int4" quantize the checkpoint's float
-values at load; None keeps a GGUF's stored quantization (repacked, gguf_quant.py) and loads
+values at load ("int4_g32": int4 in groups of 32 throughout); None keeps a GGUF's stored quantization (repacked, gguf_quant.py) and loads
 everything else as stored; "none" loads every weight as float. Each part of the weight is
 placed with the kernel's logical axes; under TP a K axis splits only where the groups of K
 split with it (else that axis is replicated). An embedding table the checkpoint stores
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxserve.model.quantization import QuantizedWeight, int4_group_size, quantize
+from jaxserve.model.quantization import (QuantizedWeight, int4_group_size, parse_quantization,
+                                        quantize)
 from jaxserve.parallel.sharding import logical_sharding, logical_to_spec
 from jaxserve.parallel.tensor_parallel import replicate_kv_heads
 
@@ -49,13 +50,16 @@ def read_quantized(reader, name: str,
         weight = None if get is None else get(name, dtype_name)
     else:
         n, k = expected
-        if quantization == "int4" and int4_group_size(k) is None:
+        kind, group_sizes = parse_quantization(quantization)
+        group = int4_group_size(k, group_sizes) if kind == "int4" else None
+        if kind == "int4" and group is None:
             logger.info("%s: K=%d has no int4 group size, loading it as float", name, k)
             return None
         values = reader.get(name)
         if tuple(values.shape) != expected:
             return None  # the float path names both shapes
-        weight = quantize(np.asarray(values, np.float32).T, quantization, dtype=dtype_name)
+        weight = quantize(np.asarray(values, np.float32).T, kind, group_size=group,
+                          dtype=dtype_name)
     if weight is not None and weight.shape != expected[::-1]:
         raise ValueError(f"tensor {name!r} has shape {weight.shape[::-1]} in the checkpoint, "
                          f"the model expects {expected}")

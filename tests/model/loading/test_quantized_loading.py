@@ -23,8 +23,10 @@ def _load(path, quantization, mesh=None):
     return load_model(path, config, mesh=mesh)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_linear_kernels_quantize_at_load_and_the_rest_stays_float(tiny_checkpoint, kind):
+# int4: down_proj (K = 128) in one group of 128; int4_g32: in groups of 32 like the rest
+@pytest.mark.parametrize("kind,groups", [("int8", None), ("int4", None), ("int4_g32", 32)])
+def test_linear_kernels_quantize_at_load_and_the_rest_stays_float(tiny_checkpoint, kind,
+                                                                   groups):
     path = tiny_checkpoint("qwen2")
     model = _load(path, kind)
     tensors = load_file(path / "model.safetensors")
@@ -32,8 +34,9 @@ def test_linear_kernels_quantize_at_load_and_the_rest_stays_float(tiny_checkpoin
     for module, name in ((layer.self_attn.k_proj, "self_attn.k_proj"),
                          (layer.mlp.down_proj, "mlp.down_proj")):
         weight = module.kernel[...]
-        assert isinstance(weight, QuantizedWeight) and weight.bits == int(kind[3:])
-        expected = quantize(tensors[f"model.layers.1.{name}.weight"].T, kind)
+        assert isinstance(weight, QuantizedWeight) and weight.bits == int(kind[3])
+        expected = quantize(tensors[f"model.layers.1.{name}.weight"].T, kind[:4],
+                            group_size=groups)
         assert weight.group_size == expected.group_size
         np.testing.assert_array_equal(weight.dequantize(), expected.dequantize())
     np.testing.assert_array_equal(layer.self_attn.k_proj.bias[...],
