@@ -136,6 +136,11 @@ class ModelRunner:
         return pool.submit(allocate_kv_caches, pool_config, self.kv_spec, mesh=self.mesh)
 
     @property
+    def backend(self) -> str:
+        """The platform the programs run on: "cpu", "gpu", "tpu"."""
+        return jax.default_backend()
+
+    @property
     def num_blocks(self) -> int:
         return self.kv_spec.num_blocks
 
