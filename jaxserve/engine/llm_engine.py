@@ -18,7 +18,7 @@ ahead", follows one step through every file. Structured outputs (a grammar per r
 engine/structured_outputs.py) add their mask rows to each step's SchedulerOutput, filled
 while the step's forward runs: `dispatch(defer_sampling=True)` launches the forward, then
 `runner.sample` the sampler with the rows. A step planned ahead whose requests sample from
-the tokens before (a grammar's mask, penalties) launches its sampler so once the step
+the tokens before (a grammar's mask, penalties) launches its sampler only once the step
 before is collected and the matchers have taken its tokens.
 """
 
