@@ -192,6 +192,25 @@ def test_preemption_keeps_each_matcher_on_its_tokens(engine_checkpoint, engine_k
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in alone]
 
 
+@pytest.mark.slow
+def test_tensor_parallel_constrained_rows_match_one_device(engine_checkpoint, engine_kwargs,
+                                                           qwen2_llm):
+    from jaxserve import LLM
+
+    llm = LLM(str(engine_checkpoint("qwen2")), **{**engine_kwargs, "tensor_parallel_size": 2})
+    greedy = [SamplingParams(temperature=0.0, max_tokens=120, structured_outputs=_json(schema))
+              for schema in SCHEMAS]
+    sampled = dataclasses.replace(greedy[0], temperature=1.0, seed=5)  # the masked sampler
+    for params in (greedy, greedy[:3] + [sampled]):
+        outputs = _generate(llm, PROMPTS, params)
+        for param, output in zip(params, outputs):
+            jsonschema.validate(json.loads(output.outputs[0].text),
+                                json.loads(param.structured_outputs.grammar_spec()[1]))
+    alone = _generate(qwen2_llm, PROMPTS, greedy)
+    assert [o.outputs[0].token_ids for o in _generate(llm, PROMPTS, greedy)] == [
+        o.outputs[0].token_ids for o in alone]
+
+
 def _manager(vocab_size=336, **kwargs):  # the test tokenizer has 320 tokens, EOS id 0
     from jaxserve.engine.structured_outputs import StructuredOutputs
     from jaxserve.testing.tokenizer import build_tokenizer
