@@ -15,10 +15,11 @@ device: runner/sample_links.py), so scheduling and input preparation overlap the
 work too. A stop string therefore ends its request a step or two late; the tokens of those
 extra steps are dropped, never shown. docs/architecture.md, "Async scheduling: one step
 ahead", follows one step through every file. Structured outputs (a grammar per request,
-engine/structured_outputs.py) add their mask rows to each step's SchedulerOutput. A step
-planned ahead whose requests sample from the tokens before (a grammar's mask, penalties)
-launches its forward ahead and its sampler once the step before is collected and the
-matchers have taken its tokens (`dispatch(defer_sampling=True)`, then `runner.sample`).
+engine/structured_outputs.py) add their mask rows to each step's SchedulerOutput, filled
+while the step's forward runs: `dispatch(defer_sampling=True)` launches the forward, then
+`runner.sample` the sampler with the rows. A step planned ahead whose requests sample from
+the tokens before (a grammar's mask, penalties) launches its sampler only once the step
+before is collected and the matchers have taken its tokens.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class LLMEngine:
         self.structured_outputs = StructuredOutputs(
             tokenizer, vocab_size=self.model_config.vocab_size,
             eos_token_ids=self.model_config.eos_token_ids,
-            reasoning_parser=config.reasoning_parser)
+            reasoning_parser=config.reasoning_parser,
+            parallel_fill=self.runner.backend != "cpu")
         self._id_counter = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -227,8 +229,14 @@ class LLMEngine:
         pending, self._in_flight = self._in_flight, None
         if pending is None:  # nothing computing: plan this step now
             scheduled = self._schedule()
+            # grammar masks: the forward first, the rows filled while it runs, the sampler
+            masks_later = (self.step_broadcaster is None
+                           and self.structured_outputs.constrains(scheduled))
             with self.step_compilations.track():  # this engine's, on this thread only
-                pending = self.runner.dispatch(scheduled)
+                pending = self.runner.dispatch(scheduled, defer_sampling=masks_later)
+                if masks_later:
+                    pending = self.runner.sample(
+                        pending, self.structured_outputs.prepare_step(scheduled))
         deferred = False  # the ahead step's sampler waits for this step's tokens
         if self._may_schedule_ahead(pending.out):  # plan and launch the next one meanwhile
             ahead = self._schedule(ahead=True)  # the ahead plan
@@ -266,7 +274,7 @@ class LLMEngine:
             raise RuntimeError("no step program is compiled yet: an LLMEngine built with "
                                "warm_up=False needs runner.compile_programs() first")
         scheduled = self.scheduler.schedule(ahead=ahead, capacity=self.runner.capacity)
-        if not ahead:  # an ahead plan gets its masks in `step`
+        if self.step_broadcaster is not None:  # the other hosts replay the masks it sends
             scheduled = self.structured_outputs.prepare_step(scheduled)
         self._planned_tokens.append(count_token_kinds(scheduled, self.scheduler.requests))
         if self.step_broadcaster is not None:

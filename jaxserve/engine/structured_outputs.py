@@ -5,15 +5,17 @@ llguidance when the request is added (a bad spec is the ValueError `add_request`
 the async engine compiles it in a worker thread first, so the engine thread finds it),
 caching the grammar by (kind, spec), and gives each child request its own `LLMatcher`.
 Each step it fills the packed mask rows of the constrained requests that sample
-(`prepare_step`, into the `SchedulerOutput` the runner gets) and advances each matcher
-with the tokens the scheduler accepted (`accept`); a complete grammar finishes its request.
-A matcher follows the request's output tokens: if their counts differ (a token appended
-elsewhere), it is rebuilt from those tokens before its next mask. The mask of step N+1
-depends on the token of step N (`SamplingParams.needs_sampled_tokens`): a step planned
-ahead of its tokens gets its rows once step N is collected and accepted (the engine
-defers that step's sampler). Under a reasoning parser a grammar starts after the output's
-end-of-think tokens (or at once where the prompt closed the think block): until then its
-request samples unmasked.
+(`prepare_step`, into the `SchedulerOutput` the runner gets) while the step's forward runs:
+the engine launches the forward first and the sampler once the rows are filled. The rows
+are filled on the engine thread one after another, or in llguidance's thread pool off a
+CPU backend. It advances each matcher with the tokens the scheduler accepted (`accept`);
+a complete grammar finishes its request. A matcher follows the request's output tokens:
+if their counts differ (a token appended elsewhere), it is rebuilt from those tokens
+before its next mask. The mask of step N+1 depends on the token of step N
+(`SamplingParams.needs_sampled_tokens`): a step planned ahead of its tokens gets its rows
+once step N is collected and accepted (the engine defers that step's sampler).
+Under a reasoning parser a grammar starts after the output's end-of-think tokens (or at
+once where the prompt closed the think block): until then its request samples unmasked.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class _RequestMatcher:
 
 class StructuredOutputs:
     def __init__(self, tokenizer, *, vocab_size: int, eos_token_ids: Sequence[int],
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, parallel_fill: bool = False):
         self._hf_tokenizer = tokenizer  # the engine's (HF fast) tokenizer, or None
         self._reasoning = None if reasoning_parser is None else get_reasoning_parser(
             reasoning_parser)
@@ -57,7 +59,12 @@ class StructuredOutputs:
         self._ll_tokenizer = None  # llguidance's view of the vocabulary, built at first use
         self._grammars: collections.OrderedDict[tuple, str] = collections.OrderedDict()
         self._matchers: dict[str, _RequestMatcher] = {}  # live constrained requests
-        self._executor = None  # llguidance.LLExecutor, made at the first mask
+        # Rows filled by llguidance's thread pool (`LLExecutor`), or one by one on the calling
+        # thread: on a CPU backend the pool's threads would take cores from the forward
+        # that runs meanwhile (and wait behind it for them), so that the fill took longer
+        # and cost the step more than the serial loop does.
+        self._parallel_fill = parallel_fill
+        self._executor = None  # llguidance.LLExecutor, made at the first parallel fill
         # `compile` also runs in the async engine's worker threads: the grammar cache and
         # the tokenizer's first build are shared with the engine thread
         self._lock = threading.Lock()
@@ -116,6 +123,12 @@ class StructuredOutputs:
         return len(self._matchers)
 
     # -- each step -----------------------------------------------------------------------
+    def constrains(self, out: SchedulerOutput) -> bool:
+        """Whether `prepare_step(out)` would fill mask rows: a request `out` samples for has
+        a live grammar (the engine then launches its forward before filling them)."""
+        return bool(self._matchers) and any(
+            r in self._matchers and out.samples(r) for r in out.num_scheduled_tokens)
+
     def prepare_step(self, out: SchedulerOutput) -> SchedulerOutput:
         """`out` with the mask rows of its constrained requests that sample (batch order);
         forgets the matchers of the requests it reports finished (not of a new request
@@ -131,17 +144,28 @@ class StructuredOutputs:
                         and self._in_step(r).start is not None)
         if not req_ids:
             return out
+        tokenizer = self._tokenizer()
+        # [G, W'] every row written whole by llguidance (no zeroing needed)
+        mask = np.empty((len(req_ids), -(-tokenizer.vocab_size // 32)), np.int32)
+        matchers = [self._matchers[r].matcher for r in req_ids]
+        if self._parallel_fill:
+            self._fill_parallel(matchers, mask)
+        else:  # each call drops the GIL and writes its row, as llguidance.numpy's
+            # `fill_next_token_bitmask` does after checks this array passes by construction
+            address, row_bytes = mask.ctypes.data, mask.shape[1] * mask.itemsize
+            for j, matcher in enumerate(matchers):
+                matcher.unsafe_compute_mask_ptr(address + j * row_bytes, row_bytes)
+        return dataclasses.replace(out, structured_output_req_ids=req_ids,
+                                   grammar_bitmask=mask)
+
+    def _fill_parallel(self, matchers: list, mask: np.ndarray) -> None:  # mask [G, W']
         import llguidance
         from llguidance.numpy import fill_next_token_bitmask_par
 
-        tokenizer = self._tokenizer()
-        mask = np.zeros((len(req_ids), -(-tokenizer.vocab_size // 32)), np.int32)  # [G, W']
-        if self._executor is None:  # llguidance's own thread pool: one call fills every row
+        if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        fill_next_token_bitmask_par(
-            self._executor, [(self._in_step(r).matcher, j) for j, r in enumerate(req_ids)], mask)
-        return dataclasses.replace(out, structured_output_req_ids=req_ids,
-                                   grammar_bitmask=mask)
+        fill_next_token_bitmask_par(self._executor, [(m, j) for j, m in enumerate(matchers)],
+                                    mask)
 
     def accept(self, req_id: str, token_ids: Sequence[int]) -> bool:
         """Advances the request's matcher by the tokens the scheduler accepted; True when

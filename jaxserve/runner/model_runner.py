@@ -6,9 +6,10 @@ sequence's last hidden state and samples; one prompt-logprobs program per token 
 `compile_programs()` compiles them ahead of time (`CompiledPrograms`): the smallest buckets
 before it returns, the rest at once or in the background; `capacity` says which buckets a
 step may use now. A step only calls compiled executables (it never compiles), with one
-host-to-device put of its inputs (two when its sampler is deferred until the step before
-is collected: `dispatch(defer_sampling=True)`, then `sample()`) and one device-to-host get
-of its results. With
+host-to-device put of its inputs (two when its sampler is deferred, `dispatch(
+defer_sampling=True)` then `sample()`: until the step before is collected, or until the
+grammar mask rows are filled while the forward runs) and one device-to-host get of its
+results. With
 `tensor_parallel_size` > 1, params and pools shard over a ("data", "model") mesh, inputs are
 replicated on it, and every program runs under `jax.set_mesh` (attention uses shard_map).
 """
@@ -136,6 +137,11 @@ class ModelRunner:
         return pool.submit(allocate_kv_caches, pool_config, self.kv_spec, mesh=self.mesh)
 
     @property
+    def backend(self) -> str:
+        """The platform the programs run on: "cpu", "gpu", "tpu"."""
+        return jax.default_backend()
+
+    @property
     def num_blocks(self) -> int:
         return self.kv_spec.num_blocks
 
@@ -186,7 +192,7 @@ class ModelRunner:
         them: sample links, resolved on the device from its `next_ids`.
         `defer_sampling`: launch the forward only; `sample()` launches the sampler once
         `in_flight` is collected (its tokens are then known on the host: penalties read
-        them, a grammar's mask follows them).
+        them, a grammar's mask follows them) or the grammar masks are filled.
         """
         samples_in_flight = previous_ids = None
         if in_flight is not None and in_flight.inputs is not None:

@@ -2,9 +2,10 @@
 
 A request's parameters are written into its row once, when it joins the batch; each step
 gathers the scheduled rows (vectorized) and picks the cheapest sampler variant that serves
-them all: `greedy` (argmax only), `sample` (temperature, top-k/p, min-p, bias, min_tokens,
-logprobs), `masked` (`sample` plus the packed token mask of structured outputs, see
-token_bitmask.py) or `penalties` (`sample` plus the token history the penalties need, and
+them all: `greedy` (argmax only), `greedy_masked` (argmax under the packed token mask of
+structured outputs, see token_bitmask.py: the mask is its only tensor), `sample`
+(temperature, top-k/p, min-p, bias, min_tokens, logprobs), `masked` (`sample` plus the
+mask) or `penalties` (`sample` plus the token history the penalties need, and
 the mask, all ones when no row is constrained: the history costs far more).
 """
 
@@ -100,8 +101,9 @@ class SamplingRows:
                   and not self.logprobs[rows].any())
         if greedy and bitmask is None:
             return "greedy", None
-        variant = ("greedy_masked" if greedy
-                   else "penalties" if self.has_penalty[rows].any()
+        if greedy:  # the mask is all the argmax reads: one array to transfer, not fifteen
+            return "greedy_masked", mask_only(bitmask)
+        variant = ("penalties" if self.has_penalty[rows].any()
                    else "sample" if bitmask is None else "masked")
         if variant == "penalties" and bitmask is None:
             bitmask = np.full((padded, bitmask_width(self.vocab_size)), -1, np.int32)
@@ -136,6 +138,12 @@ class SamplingRows:
             prompt_lens=pad(self.prompt_lens[rows], 0, np.int32),
             token_bitmask=None if variant == "sample" else bitmask)
         return variant, tensors
+
+
+def mask_only(bitmask: np.ndarray) -> SamplingTensors:  # [B, W] int32
+    """The tensors of `greedy_masked`: the token mask, every other field None."""
+    fields = {f.name: None for f in dataclasses.fields(SamplingTensors)}
+    return SamplingTensors(**{**fields, "token_bitmask": bitmask})
 
 
 def dummy_tensors(variant: str, num_rows: int, *, vocab_size: int,

@@ -44,6 +44,5 @@ def step_bitmask(out: SchedulerOutput, req_ids: list[str], num_padded: int,
     mask = np.full((num_padded, width), -1, np.int32)
     index = {req_id: i for i, req_id in enumerate(req_ids)}
     rows = np.asarray(out.grammar_bitmask, np.int32)  # [G, W'] with W' >= W
-    for j, req_id in enumerate(out.structured_output_req_ids):
-        mask[index[req_id]] = rows[j, :width]
+    mask[[index[r] for r in out.structured_output_req_ids]] = rows[:, :width]
     return mask

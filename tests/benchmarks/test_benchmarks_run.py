@@ -184,3 +184,22 @@ def test_dashboard_cost_benchmark_times_a_full_ring_and_the_whole_pool(tiny_mode
     assert result["step_records"] > 0 and result["num_blocks"] > 0
     assert result["summary_ms"] > 0 and result["event_bytes"] > 0
     assert result["history_bytes"] > result["event_bytes"]  # every second since the oldest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fill", ["serial", "parallel"])
+def test_structured_outputs_benchmark_reports_the_mask_work_on_the_step_path(
+        tiny_model_dir, tmp_path, fill):
+    out = tmp_path / "result.json"
+    _run("benchmark_structured_outputs.py", "--model", str(tiny_model_dir), "--num-prompts",
+         "4", "--max-tokens", "96", "--max-num-seqs", "4", "--repeats", "1", "--fill", fill,
+         "--output-json", str(out))
+    result = json.loads(out.read_text())
+    assert result["json_schema"]["valid_json"] == 4 and result["parallel_fill"] == (
+        fill == "parallel")
+    assert result["widest_batch"] == 4 and result["num_fills"] > 0
+    # the forward runs while every mask fills: the step waits for what remains of it
+    assert result["num_fills_overlapped"] == result["num_fills"]
+    assert 0 < result["fill_wall_ms_widest_p50"] and result["advance_ms_p50"] > 0
+    if fill == "serial":  # on the engine thread: its CPU is the fill's
+        assert 0 < result["fill_cpu_ms_widest_p50"] <= result["fill_wall_ms_widest_p50"] * 1.5

@@ -2,6 +2,7 @@
 the outputs valid. JSON schemas validate, regexes fullmatch, choices are choices; greedy and
 sampled, n > 1, logprobs, stop strings, async scheduling, preemption; no compilation."""
 
+import dataclasses
 import json
 import re
 
@@ -116,19 +117,31 @@ def test_constrained_requests_run_ahead_beside_unconstrained_ones(qwen2_llm):
     constrained = SamplingParams(temperature=0.0, max_tokens=60,
                                  structured_outputs=_json(SCHEMAS[2]))
     results, aheads = [], []
-    schedule = engine.scheduler.schedule
+    runner, manager, schedule = engine.runner, engine.structured_outputs, engine.scheduler.schedule
+    dispatch, sample, prepare_step = runner.dispatch, runner.sample, manager.prepare_step
     for async_scheduling in (False, True):
         engine.async_scheduling = async_scheduling
-        calls = []
+        calls, events = [], []
         engine.scheduler.schedule = lambda **k: calls.append(k.get("ahead")) or schedule(**k)
+        runner.dispatch = lambda *a, **k: events.append(
+            ("forward", k.get("defer_sampling", False))) or dispatch(*a, **k)
+        runner.sample = lambda *a: events.append(("sampler", True)) or sample(*a)
+        manager.prepare_step = lambda out: (lambda filled: events.append(
+            ("fill", filled.grammar_bitmask is not None)) or filled)(prepare_step(out))
         try:
             outputs = _generate(qwen2_llm, prompts, [plain, constrained, plain])
         finally:
             engine.async_scheduling = True
-            del engine.scheduler.schedule
+            del engine.scheduler.schedule, runner.dispatch, runner.sample, manager.prepare_step
         results.append([o.outputs[0].token_ids for o in outputs])
         aheads.append(sum(bool(a) for a in calls))
         jsonschema.validate(json.loads(outputs[1].outputs[0].text), SCHEMAS[2])
+        # every mask is filled while its step's forward runs: after the forward is
+        # launched without its sampler, before that sampler
+        fills = [i for i, e in enumerate(events) if e == ("fill", True)]
+        assert len(fills) >= len(results[-1][1]) - 1
+        for i in fills:
+            assert events[i - 1:i + 2:2] == [("forward", True), ("sampler", True)]
     assert results[0] == results[1]
     assert aheads[0] == 0 and aheads[1] >= len(results[1][1]) - 2
 
@@ -179,12 +192,32 @@ def test_preemption_keeps_each_matcher_on_its_tokens(engine_checkpoint, engine_k
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in alone]
 
 
-def _manager(vocab_size=336):  # the test tokenizer has 320 tokens, EOS id 0
+@pytest.mark.slow
+def test_tensor_parallel_constrained_rows_match_one_device(engine_checkpoint, engine_kwargs,
+                                                           qwen2_llm):
+    from jaxserve import LLM
+
+    llm = LLM(str(engine_checkpoint("qwen2")), **{**engine_kwargs, "tensor_parallel_size": 2})
+    greedy = [SamplingParams(temperature=0.0, max_tokens=120, structured_outputs=_json(schema))
+              for schema in SCHEMAS]
+    sampled = dataclasses.replace(greedy[0], temperature=1.0, seed=5)  # the masked sampler
+    for params in (greedy, greedy[:3] + [sampled]):
+        outputs = _generate(llm, PROMPTS, params)
+        for param, output in zip(params, outputs):
+            jsonschema.validate(json.loads(output.outputs[0].text),
+                                json.loads(param.structured_outputs.grammar_spec()[1]))
+    alone = _generate(qwen2_llm, PROMPTS, greedy)
+    assert [o.outputs[0].token_ids for o in _generate(llm, PROMPTS, greedy)] == [
+        o.outputs[0].token_ids for o in alone]
+
+
+def _manager(vocab_size=336, **kwargs):  # the test tokenizer has 320 tokens, EOS id 0
     from jaxserve.engine.structured_outputs import StructuredOutputs
     from jaxserve.testing.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(320)
-    return tokenizer, StructuredOutputs(tokenizer, vocab_size=vocab_size, eos_token_ids=[0])
+    return tokenizer, StructuredOutputs(tokenizer, vocab_size=vocab_size, eos_token_ids=[0],
+                                        **kwargs)
 
 
 def _allowed(manager, req_id, finished=()):
@@ -234,3 +267,28 @@ def test_a_matcher_behind_its_requests_tokens_is_rebuilt_from_them():
     manager.prepare_step(SchedulerOutput((), (), {}, 0, frozenset(), frozenset(["r"]),
                                          frozenset()))
     assert len(manager) == 0
+
+
+@pytest.mark.parametrize("parallel_fill", [False, True])
+def test_each_row_is_filled_whole_from_its_own_matcher(parallel_fill):
+    # on the engine thread one row after another (CPU backends), or in llguidance's pool
+    from jaxserve.core.scheduler_output import SchedulerOutput
+    from jaxserve.request import Request
+    from jaxserve.runner.token_bitmask import unpack_token_bitmask
+
+    tokenizer, manager = _manager(parallel_fill=parallel_fill)
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    grammar = manager.compile(StructuredOutputsParams(regex="xy?x?"))
+    for req_id, tokens in (("a", []), ("b", [x]), ("c", [x, y])):
+        request = Request(req_id, [5], SamplingParams())
+        manager.add(request, grammar)
+        request.append_output_token_ids(tokens)
+        manager.accept(req_id, tokens)
+    scheduled = {"u": 1, "c": 1, "a": 1, "b": 1}  # "u" is unconstrained
+    out = SchedulerOutput((), (), scheduled, 4, frozenset(scheduled), frozenset(), frozenset())
+    assert manager.constrains(out) and not manager.constrains(dataclasses.replace(
+        out, num_scheduled_tokens={"u": 1}, total_num_scheduled_tokens=1))
+    out = manager.prepare_step(out)
+    assert out.structured_output_req_ids == ("c", "a", "b")
+    allowed = unpack_token_bitmask(out.grammar_bitmask, 336)
+    assert [set(row.nonzero()[0].tolist()) for row in allowed] == [{0, x}, {x}, {0, x, y}]

@@ -21,6 +21,8 @@ def _gather(temperatures, *, constrained: bool):
 def test_greedy_constrained_rows_take_the_mask_and_argmax_variant_not_the_sampler():
     variant, tensors = _gather([0.0, 0.0], constrained=True)
     assert variant == "greedy_masked" and tensors.token_bitmask.shape == (2, 4)
+    # the argmax reads the mask only: no other tensor is built or transferred
+    assert [f for f, v in vars(tensors).items() if v is not None] == ["token_bitmask"]
     assert _gather([0.0, 0.7], constrained=True)[0] == "masked"
     assert _gather([0.0, 0.0], constrained=False) == ("greedy", None)
     assert _gather([0.0, 0.7], constrained=False)[0] == "sample"
