@@ -153,16 +153,17 @@ def build_engine(model_path: str, args: argparse.Namespace):
 
 def serve(args: argparse.Namespace) -> int:
     import asyncio
-    import concurrent.futures
 
-    from jaxserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.entrypoints.openai.api_server import build_app, serve_http
+    from jaxserve.entrypoints.openai.tools import AUTO_TOOL_CALL_PARSERS
 
     if not 0 <= args.max_logprobs <= 20:
         raise ValueError(f"--max-logprobs must be in [0, 20], got {args.max_logprobs}")
     parser = args.tool_call_parser
-    if parser not in (None, *TOOL_CALL_PARSERS) or (args.enable_auto_tool_choice
-                                                   and parser is None):
-        raise ValueError(f"--tool-call-parser must be one of {list(TOOL_CALL_PARSERS)} "
+    if parser not in (None, *AUTO_TOOL_CALL_PARSERS) or (args.enable_auto_tool_choice
+                                                        and parser is None):
+        raise ValueError(f"--tool-call-parser must be one of {list(AUTO_TOOL_CALL_PARSERS)} "
                          f"(--enable-auto-tool-choice needs it), got {parser!r}")
     chat_template = args.chat_template
     if chat_template is not None and os.path.isfile(chat_template):
@@ -171,16 +172,7 @@ def serve(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model)
     names = args.served_model_name or [
         args.model or os.path.splitext(os.path.basename(model_path))[0]]
-    # The engine loads in a thread (which hands weights, tokenizer and KV pools to threads
-    # of its own, mostly waiting) while this one imports the HTTP server (aiohttp, the
-    # pydantic models): on 2 cores the first answer comes about half a second sooner.
-    pool = concurrent.futures.ThreadPoolExecutor(1, "jaxserve-build")
-    building = pool.submit(build_engine, model_path, args)
-    pool.shutdown(wait=False)
-    from jaxserve.engine.async_engine import AsyncEngine
-    from jaxserve.entrypoints.openai.api_server import build_app, serve_http
-
-    llm_engine, broadcaster = building.result(), None
+    llm_engine, broadcaster = build_engine(model_path, args), None
     if args.distributed_coordinator is not None:  # process 0 serves; the others follow it
         from jaxserve.parallel.step_broadcast import StepBroadcaster, follow
 
