@@ -139,8 +139,12 @@ class ExecutableCache:
             path = self.path(program)
             if path.exists():  # another process wrote it meanwhile
                 continue
-            with _without_persistent_cache():  # and JAX's in-memory cache missed:
-                compiled = lower().compile(compiler_options=_FRESH_OPTIONS)
+            try:
+                with _without_persistent_cache():  # and JAX's in-memory cache missed:
+                    compiled = lower().compile(compiler_options=_FRESH_OPTIONS)
+            except Exception as e:  # as in `_store`: only the next start is slower
+                logger.warning("could not compile %s again to store it: %s", program, e)
+                continue
             self._store(path, compiled)
             stored += path.exists()
         return stored

@@ -61,8 +61,9 @@ def layer_pools(model_config: ModelConfig, num_blocks: int, block_size: int,
                 kv_dtype: str | None = None) -> tuple[tuple[tuple[int, ...], str], ...]:
     """(shape, dtype) of each pool of one layer: a key and a value pool `[K, L, S, H]` of
     `kv_dtype` (default: the model's); for an 8-bit `kv_dtype` then a key-scale and a
-    value-scale pool `[K, L, S, 1]` float16 (`kv_quant.SCALE_DTYPE`); for MLA (`kv_latent_dim` set) one latent pool
-    `[L, S, C + Hr]` (`latent_pool_shape`) of the model dtype."""
+    value-scale pool `[K, L, S, 1]` float16 (`kv_quant.SCALE_DTYPE`); for MLA
+    (`kv_latent_dim` set) one latent pool `[L, S, C + Hr]` (`latent_pool_shape`) of the
+    model dtype."""
     kv_dtype = kv_dtype or model_config.dtype
     if model_config.kv_latent_dim is not None:
         return ((latent_pool_shape(num_blocks, block_size, model_config.kv_latent_dim),

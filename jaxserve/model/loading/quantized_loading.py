@@ -2,10 +2,11 @@
 
 A Linear kernel (a 2-D parameter the checkpoint stores transposed, read whole) loads
 quantized when `quantization` asks for it: "int8" / "int4" quantize the checkpoint's float
-values at load ("int4_g32": int4 in groups of 32 throughout); None keeps a GGUF's stored quantization (repacked, gguf_quant.py) and loads
-everything else as stored; "none" loads every weight as float. Each part of the weight is
-placed with the kernel's logical axes; under TP a K axis splits only where the groups of K
-split with it (else that axis is replicated). An embedding table the checkpoint stores
+values at load ("int4_g32": int4 in groups of 32 throughout); None keeps a GGUF's stored
+quantization (repacked, gguf_quant.py) and loads everything else as stored; "none" loads
+every weight as float. Each part of the weight is placed with the kernel's logical axes;
+under TP a K axis splits only where the groups of K split with it (else that axis is
+replicated). An embedding table the checkpoint stores
 quantized stays so as stored (`quantizable_head`).
 """
 
