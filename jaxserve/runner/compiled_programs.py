@@ -7,7 +7,9 @@ persistent compilation cache a later start reads them from disk (with an
 `ExecutableCache`, as executables, without tracing them again). Compilation follows
 `runner.buckets.compile_stages`; `capacity` is the (T, B) rectangle finished so far, published
 only once every program in it exists, and the engine keeps its steps inside it. The first
-stage compiles before the engine serves; the rest at once or in a daemon thread named
+stage (the smallest buckets, with only the sampler's EARLY_VARIANTS: the others run as
+`penalties` until the second stage, the same rectangle, adds them) compiles before the
+engine serves; the rest at once or in a daemon thread named
 `COMPILE_THREAD` (which `testing.forbid_compilation` lets compile). The step path only looks
 executables up, so it never compiles.
 """
@@ -30,7 +32,7 @@ from jaxserve.runner.buckets import compile_stages, reachable_pairs
 from jaxserve.runner.executable_cache import ExecutableCache
 from jaxserve.model.attention_metadata import AttentionMetadata
 from jaxserve.runner.programs import Programs
-from jaxserve.runner.sampling_rows import SAMPLER_VARIANTS, dummy_tensors
+from jaxserve.runner.sampling_rows import EARLY_VARIANTS, SAMPLER_VARIANTS, dummy_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,10 @@ class CompiledPrograms:
         self.cache = cache  # executables on disk (executable_cache.py), or None
         self._track = track or contextlib.nullcontext  # counts compilations (the engine's)
         self._ladders = (token_buckets, seq_buckets)
-        self._stages = compile_stages(token_buckets, seq_buckets)
+        # (T cap, B cap, sampler variants): the first rectangle twice, its samplers in two parts
+        stages = compile_stages(token_buckets, seq_buckets)
+        self._stages = ([(*stages[0], EARLY_VARIANTS)]
+                        + [(t, b, SAMPLER_VARIANTS) for t, b in stages])
         pairs = reachable_pairs(token_buckets, seq_buckets)
         names = ([f"forward {t} {b}" for t, b in pairs]
                  + [f"sample {v} {b}" for b in sorted({b for _, b in pairs})
@@ -86,6 +91,10 @@ class CompiledPrograms:
     def sample(self, variant: str, num_seqs: int):
         return self._get(self._sample, (variant, num_seqs), "sampler")
 
+    def sample_variants(self, num_seqs: int) -> tuple[str, ...]:
+        """The sampler variants compiled for `num_seqs` (B) rows."""
+        return tuple(v for v in SAMPLER_VARIANTS if (v, num_seqs) in self._sample)
+
     def prompt_logprobs(self, num_tokens: int):
         return self._get(self._prompt_logprobs, num_tokens, "prompt-logprobs")
 
@@ -111,7 +120,7 @@ class CompiledPrograms:
         stages are done."""
         if self.done:
             return False
-        t_cap, b_cap = self._stages[self._next_stage]
+        t_cap, b_cap, variants = self._stages[self._next_stage]
         start = time.perf_counter()
         mesh = contextlib.nullcontext() if self._mesh is None else jax.set_mesh(self._mesh)
         with self._track(), mesh:
@@ -120,9 +129,9 @@ class CompiledPrograms:
                                         tuple(b for b in seqs if b <= b_cap)):
                 if (t, b) not in self._forward:
                     self._forward[t, b] = self._compile_forward(t, b)
-                if any((v, b) not in self._sample for v in SAMPLER_VARIANTS):
-                    hidden_last = self._forward[t, b].out_info[0]  # [B, D]
-                    for variant in SAMPLER_VARIANTS:
+                for variant in variants:
+                    if (variant, b) not in self._sample:
+                        hidden_last = self._forward[t, b].out_info[0]  # [B, D]
                         self._sample[variant, b] = self._compile_sample(variant, b, hidden_last)
                 if t not in self._prompt_logprobs:
                     hidden_all = self._forward[t, b].out_info[1]  # [T, D]

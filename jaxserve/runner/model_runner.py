@@ -248,7 +248,8 @@ class ModelRunner:
         bitmask = step_bitmask(out, inputs.req_ids, num_padded_seqs,
                                self.model_config.vocab_size)  # [B, W] int32 or None
         variant, tensors = self.batch.sampling.gather(
-            rows, history, self.batch.token_ids, num_padded_seqs, bitmask)
+            rows, history, self.batch.token_ids, num_padded_seqs, bitmask,
+            runnable=self.compiled.sample_variants(num_padded_seqs))
         return variant, np.int32(len(inputs.req_ids)), tensors  # the rest of B is padding
 
     def _launch_sampler(self, pending: PendingStep, out: SchedulerOutput, variant: str,

@@ -6,12 +6,15 @@ them all: `greedy` (argmax only), `greedy_masked` (argmax under the packed token
 structured outputs, see token_bitmask.py: the mask is its only tensor), `sample`
 (temperature, top-k/p, min-p, bias, min_tokens, logprobs), `masked` (`sample` plus the
 mask) or `penalties` (`sample` plus the token history the penalties need, and
-the mask, all ones when no row is constrained: the history costs far more).
+the mask, all ones when no row is constrained: the history costs far more). `penalties`
+serves any rows with the tokens their own variant gives, so a step whose variant is not
+compiled yet (a cold start compiles EARLY_VARIANTS first) runs it instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Container
 
 import numpy as np
 
@@ -26,6 +29,9 @@ MAX_MIN_TOKENS_BANNED_IDS = 64
 
 # greedy_masked: greedy rows, some constrained (structured outputs): mask, then argmax only
 SAMPLER_VARIANTS = ("greedy", "greedy_masked", "sample", "masked", "penalties")
+# What the first compilation stage holds (a cold start compiles only these before serving):
+# argmax, and `penalties`, which serves every row (neutral penalties, an all-ones mask).
+EARLY_VARIANTS = ("greedy", "penalties")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,20 +97,25 @@ class SamplingRows:
                token_ids: np.ndarray,         # [R, max_model_len] the batch's token rows
                padded: int,
                bitmask: np.ndarray | None = None,  # [padded, W] int32 structured outputs
+               runnable: Container[str] = SAMPLER_VARIANTS,
                ) -> tuple[str, SamplingTensors | None]:
         """(variant, tensors) for the scheduled rows, padded to `padded` rows; `bitmask`
-        (None: no row is constrained) picks a masked variant."""
+        (None: no row is constrained) picks a masked variant. The cheapest variant that
+        serves the rows, or `penalties` (same tokens) if that one is not in `runnable` (the
+        variants compiled so far: EARLY_VARIANTS at least)."""
         output_lens = num_tokens - self.prompt_lens[rows]
         banning = output_lens < self.min_tokens[rows]
         greedy = (np.all(self.temperature[rows] < 1e-5) and not self.has_bias[rows].any()
                   and not banning.any() and not self.has_penalty[rows].any()
                   and not self.logprobs[rows].any())
-        if greedy and bitmask is None:
+        if greedy and bitmask is None and "greedy" in runnable:
             return "greedy", None
-        if greedy:  # the mask is all the argmax reads: one array to transfer, not fifteen
-            return "greedy_masked", mask_only(bitmask)
+        if greedy and bitmask is not None and "greedy_masked" in runnable:
+            return "greedy_masked", mask_only(bitmask)  # one array to transfer, not fifteen
         variant = ("penalties" if self.has_penalty[rows].any()
                    else "sample" if bitmask is None else "masked")
+        if greedy or variant not in runnable:
+            variant = "penalties"
         if variant == "penalties" and bitmask is None:
             bitmask = np.full((padded, bitmask_width(self.vocab_size)), -1, np.int32)
         num_real, vocab = len(rows), self.vocab_size

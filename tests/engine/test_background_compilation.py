@@ -7,10 +7,13 @@ import pytest
 from jaxserve import LLM, SamplingParams
 from jaxserve.engine.engine_args import create_engine_config
 from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.runner.sampling_rows import EARLY_VARIANTS
 from jaxserve.testing import forbid_compilation
 from jaxserve.testing.hf_reference import random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True,
+                         logprobs=2)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,8 @@ def _engine(path, engine_kwargs) -> LLMEngine:
                      progress=False)
 
 
-def _run(engine: LLMEngine, prompts) -> tuple[list, list[tuple[int, int]]]:
-    """Greedy token ids of each prompt, and each step's (tokens, sequences)."""
+def _run(engine: LLMEngine, prompts, params=GREEDY) -> tuple[list, list[tuple[int, int]]]:
+    """Token ids of each prompt, and each step's (tokens, sequences)."""
     schedule, steps = engine.scheduler.schedule, []
 
     def recording(**kwargs):
@@ -43,7 +46,7 @@ def _run(engine: LLMEngine, prompts) -> tuple[list, list[tuple[int, int]]]:
 
     engine.scheduler.schedule = recording
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p["prompt_token_ids"], GREEDY)
+        engine.add_request(str(i), p["prompt_token_ids"], params)
     done = {}
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
@@ -51,7 +54,7 @@ def _run(engine: LLMEngine, prompts) -> tuple[list, list[tuple[int, int]]]:
 
 
 def test_steps_stay_inside_the_buckets_compiled_so_far(engine_checkpoint, engine_kwargs,
-                                                       prompts, expected):
+                                                       prompts, expected, qwen2_llm):
     engine = _engine(engine_checkpoint("qwen2"), engine_kwargs)
     compiled = engine.runner.compiled
     assert engine.runner.capacity is None
@@ -59,9 +62,13 @@ def test_steps_stay_inside_the_buckets_compiled_so_far(engine_checkpoint, engine
         engine.step()
     assert compiled.compile_next_stage() and engine.runner.capacity == (16, 8)
     assert compiled.num_compiled < compiled.num_programs
+    assert compiled.sample_variants(8) == EARLY_VARIANTS  # the rest run as `penalties`
     with forbid_compilation():
         tokens, steps = _run(engine, prompts)
+        sampled, _ = _run(engine, prompts[:4], SAMPLED)
     assert tokens == expected  # chunked into 16-token steps: the same greedy tokens
+    assert sampled == [o.outputs[0].token_ids for o in qwen2_llm.generate(
+        prompts[:4], SAMPLED, use_tqdm=False)]  # its own `sample` program: the same draws
     assert max(t for t, _ in steps) == 16 and max(b for _, b in steps) <= 8
     assert engine.get_stats()["num_compilations_after_warm_up"] == 0
     compiled.compile_all()
