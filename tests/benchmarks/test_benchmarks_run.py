@@ -160,7 +160,8 @@ def test_quantization_benchmark_reports_each_kind_against_float32(tiny_model_dir
     out = tmp_path / "quantization.json"
     _run("benchmark_quantization.py", "--model", str(tiny_model_dir), "--num-prompts", "3",
          "--prompt-len", "8", "--max-tokens", "4", "--kinds", "int8", "int4_g32",
-         "--kv-dtypes", "int8", "--output-json", str(out), timeout=900)  # four engines
+         "--kv-dtypes", "int8", "--max-num-seqs", "2", "--output-json", str(out),
+         timeout=600)  # four engines
     rows = json.loads(out.read_text())["rows"]
     assert [row[1:3] for row in rows] == [[source, variant]
                                           for variant in ("int8", "int4_g32", "KV int8")
@@ -170,6 +171,11 @@ def test_quantization_benchmark_reports_each_kind_against_float32(tiny_model_dir
         assert 0 <= prefix <= free_running <= 100 and 0 <= teacher_forced <= 100
         assert 0 < row[6] < 1  # the logits differ, by less than their scale
     result = json.loads(out.read_text())
+    for row, flips in zip(rows, result["flip_rows"]):
+        assert flips[:3] == row[:3]
+        flipped, positions = map(int, flips[3].split(" / "))
+        assert positions == 3 * 4  # prompts x max tokens
+        assert flipped == round(positions * (1 - float(row[5].rstrip("%")) / 100))
     ((_, kv, float32_ratio, bfloat16_ratio),) = result["kv_block_ratios"]
     assert kv == "int8" and float32_ratio > bfloat16_ratio > 1
 
