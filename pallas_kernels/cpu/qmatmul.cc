@@ -1,12 +1,13 @@
 // y[M, N] = x[M, K] @ W with W quantized along K, as XLA CPU FFI handlers, float32 out.
 //
-// W is integers q plus, per group of g rows of K and per column, a float32 scale and
-// optionally a min: w = q * scale + min, or w = (q - zero) * scale (zero: 0 for int8, 8 for
-// int4). Handlers (registered as "jaxserve_<symbol>"), each with rows s32 [1] last:
-//   qmatmul_i8      x f32 [M, K], q s8 [K, N], scales f32 [G, N]              -> y f32 [M, N]
-//   qmatmul_i8_min  x f32 [M, K], q s8 [K, N], scales, mins f32 [G, N]        -> y f32 [M, N]
-//   qmatmul_i4      x f32 [M, K], q u8 [K/2, N], scales f32 [G, N]            -> y f32 [M, N]
-//   qmatmul_i4_min  x f32 [M, K], q u8 [K/2, N], scales, mins f32 [G, N]      -> y f32 [M, N]
+// W is integers q plus, per group of g rows of K and per column, a scale and optionally a
+// min (float32, or float16 as GGUF stores them: both of one type): w = q * scale + min, or
+// w = (q - zero) * scale (zero: 0 for int8, 8 for int4). Handlers (registered as
+// "jaxserve_<symbol>"), each with rows s32 [1] last (sc: f32 or f16):
+//   qmatmul_i8      x f32 [M, K], q s8 [K, N], scales sc [G, N]               -> y f32 [M, N]
+//   qmatmul_i8_min  x f32 [M, K], q s8 [K, N], scales, mins sc [G, N]         -> y f32 [M, N]
+//   qmatmul_i4      x f32 [M, K], q u8 [K/2, N], scales sc [G, N]             -> y f32 [M, N]
+//   qmatmul_i4_min  x f32 [M, K], q u8 [K/2, N], scales, mins sc [G, N]       -> y f32 [M, N]
 //   qmatmul_argmax_{i8,i8_min,i4,i4_min}: the same operands -> idx s32 [M], the argmax of
 //                   each row of y (a greedy LM head; jnp.argmax's rule: the first NaN, else
 //                   the first of the largest)
@@ -47,8 +48,8 @@ using jaxserve_cpu::qmatmul::Problem;
 
 // One work item of the panel kernels: a 16-column panel (or the last, narrower one) over
 // every row.
-template <bool kInt4, bool kMin>
-void Item(const Problem& p, const float* xsum, int64_t panel) {
+template <bool kInt4, bool kMin, typename S>
+void Item(const Problem<S>& p, const float* xsum, int64_t panel) {
   using namespace jaxserve_cpu::qmatmul;
   const int64_t n0 = panel * kPanel, n1 = std::min(n0 + kPanel, p.N);
 #ifdef JAXSERVE_QMATMUL_SIMD
@@ -68,8 +69,8 @@ void Item(const Problem& p, const float* xsum, int64_t panel) {
 }
 
 // y = x @ W for the p.M rows of p: one row by the GEMV kernel, more by the panel kernels.
-template <bool kInt4, bool kMin>
-void Compute(ffi::ThreadPool& pool, const Problem& p) {
+template <bool kInt4, bool kMin, typename S>
+void Compute(ffi::ThreadPool& pool, const Problem<S>& p) {
   using namespace jaxserve_cpu::qmatmul;
   const std::vector<float> xsum = kMin ? GroupSums(p) : std::vector<float>();
   const float* sums = xsum.data();
@@ -101,88 +102,113 @@ int32_t RowArgmax(const float* row, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-// Checks the operands; the valid row count, or -1 when the shapes do not fit.
+// The operands of one call: x, q, scales and mins (nullptr: symmetric) as they came.
+template <ffi::DataType QDT>
+struct Operands {
+  F32Matrix x;
+  ffi::Buffer<QDT, 2> q;
+  ffi::AnyBuffer scales;
+  const ffi::AnyBuffer* mins;
+};
+
+// Checks the operands; the valid row count, or -1 when the shapes or types do not fit.
 template <bool kInt4, ffi::DataType QDT>
-int64_t ValidRows(F32Matrix& x, ffi::Buffer<QDT, 2>& q, F32Matrix& scales, const float* mins,
-                  F32Matrix* min_buffer, RowsBuffer& rows) {
-  auto xd = x.dimensions(), qd = q.dimensions(), sd = scales.dimensions();
+int64_t ValidRows(const Operands<QDT>& o, RowsBuffer& rows) {
+  auto xd = o.x.dimensions(), qd = o.q.dimensions(), sd = o.scales.dimensions();
+  const auto type = o.scales.element_type();
+  if (sd.size() != 2 || (type != ffi::DataType::F32 && type != ffi::DataType::F16)) return -1;
   const int64_t M = xd[0], K = xd[1], N = qd[1], G = sd[0];
   if ((kInt4 ? 2 * qd[0] : qd[0]) != K || sd[1] != N || G < 1 || K % G != 0 ||
       (kInt4 && (K / G) % 2))
     return -1;
-  if (mins != nullptr && (min_buffer->dimensions()[0] != G || min_buffer->dimensions()[1] != N))
-    return -1;
+  if (o.mins != nullptr) {
+    auto md = o.mins->dimensions();
+    if (md.size() != 2 || md[0] != G || md[1] != N || o.mins->element_type() != type)
+      return -1;
+  }
   return rows.element_count() < 1 ? M : std::clamp<int64_t>(rows.typed_data()[0], 0, M);
 }
 
+// y = x @ W for the first `valid` rows of x into `out` [valid, N], with the scales' type.
 template <bool kInt4, bool kMin, ffi::DataType QDT>
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
-                       F32Matrix scales, F32Matrix* min_buffer, RowsBuffer rows,
+void Run(ffi::ThreadPool& pool, const Operands<QDT>& o, int64_t valid, float* out) {
+  const int64_t K = o.x.dimensions()[1], N = o.q.dimensions()[1];
+  const int64_t G = o.scales.dimensions()[0];
+  const auto* q = reinterpret_cast<const uint8_t*>(o.q.untyped_data());
+  if (o.scales.element_type() == ffi::DataType::F16) {
+    using S = uint16_t;
+    const S* mins = kMin ? static_cast<const S*>(o.mins->untyped_data()) : nullptr;
+    Compute<kInt4, kMin>(pool, Problem<S>{o.x.typed_data(), q, static_cast<const S*>(
+        o.scales.untyped_data()), mins, out, valid, K, N, G, K / G});
+  } else {
+    const float* mins = kMin ? static_cast<const float*>(o.mins->untyped_data()) : nullptr;
+    Compute<kInt4, kMin>(pool, Problem<float>{o.x.typed_data(), q, static_cast<const float*>(
+        o.scales.untyped_data()), mins, out, valid, K, N, G, K / G});
+  }
+}
+
+template <bool kInt4, bool kMin, ffi::DataType QDT>
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, const Operands<QDT>& o, RowsBuffer rows,
                        ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
-  const float* mins = kMin ? min_buffer->typed_data() : nullptr;
-  const int64_t valid = ValidRows<kInt4>(x, q, scales, mins, min_buffer, rows);
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = q.dimensions()[1];
+  const int64_t valid = ValidRows<kInt4>(o, rows);
+  const int64_t M = o.x.dimensions()[0], N = o.q.dimensions()[1];
   if (valid < 0 || y->dimensions()[0] != M || y->dimensions()[1] != N)
     return ffi::Error::InvalidArgument(
-        "qmatmul: inconsistent shapes of x, q, scales (mins) and y");
+        "qmatmul: inconsistent shapes or types of x, q, scales (mins) and y");
   float* yp = y->typed_data();
   if (valid < M) std::memset(yp + valid * N, 0, sizeof(float) * (M - valid) * N);
   if (valid == 0 || N == 0) return ffi::Error::Success();
-  const int64_t G = scales.dimensions()[0];
-  Compute<kInt4, kMin>(pool, Problem{x.typed_data(), reinterpret_cast<const uint8_t*>(
-      q.untyped_data()), scales.typed_data(), mins, yp, valid, K, N, G, K / G});
+  Run<kInt4, kMin>(pool, o, valid, yp);
   return ffi::Error::Success();
 }
 
 // argmax(x @ W) per row (a greedy LM head): the rows' logits in a scratch buffer, then
 // their argmax; rows past `rows` get 0.
 template <bool kInt4, bool kMin, ffi::DataType QDT>
-ffi::Error ArgmaxImpl(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
-                      F32Matrix scales, F32Matrix* min_buffer, RowsBuffer rows,
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, const Operands<QDT>& o, RowsBuffer rows,
                       ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
-  const float* mins = kMin ? min_buffer->typed_data() : nullptr;
-  const int64_t valid = ValidRows<kInt4>(x, q, scales, mins, min_buffer, rows);
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = q.dimensions()[1];
+  const int64_t valid = ValidRows<kInt4>(o, rows);
+  const int64_t M = o.x.dimensions()[0], N = o.q.dimensions()[1];
   if (valid < 0 || idx->dimensions()[0] != M)
     return ffi::Error::InvalidArgument(
-        "qmatmul_argmax: inconsistent shapes of x, q, scales (mins) and idx");
+        "qmatmul_argmax: inconsistent shapes or types of x, q, scales (mins) and idx");
   if (N < 1 || N > std::numeric_limits<int32_t>::max())
     return ffi::Error::InvalidArgument("qmatmul_argmax: N must be 1 to 2^31 - 1");
   int32_t* out = idx->typed_data();
   std::fill(out, out + M, 0);
   if (valid == 0) return ffi::Error::Success();
   std::vector<float> logits(valid * N);
-  const int64_t G = scales.dimensions()[0];
-  Compute<kInt4, kMin>(pool, Problem{x.typed_data(), reinterpret_cast<const uint8_t*>(
-      q.untyped_data()), scales.typed_data(), mins, logits.data(), valid, K, N, G, K / G});
+  Run<kInt4, kMin>(pool, o, valid, logits.data());
   for (int64_t m = 0; m < valid; ++m) out[m] = RowArgmax(logits.data() + m * N, N);
   return ffi::Error::Success();
 }
 
 template <bool kInt4, ffi::DataType QDT>
-ffi::Error Symmetric(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q, F32Matrix s,
-                     RowsBuffer rows, ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
-  return QMatmulImpl<kInt4, false, QDT>(pool, x, q, s, nullptr, rows, y);
+ffi::Error Symmetric(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
+                     ffi::AnyBuffer s, RowsBuffer rows,
+                     ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
+  return QMatmulImpl<kInt4, false>(pool, Operands<QDT>{x, q, s, nullptr}, rows, y);
 }
 
 template <bool kInt4, ffi::DataType QDT>
-ffi::Error WithMin(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q, F32Matrix s,
-                   F32Matrix mins, RowsBuffer rows, ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
-  return QMatmulImpl<kInt4, true, QDT>(pool, x, q, s, &mins, rows, y);
+ffi::Error WithMin(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q, ffi::AnyBuffer s,
+                   ffi::AnyBuffer mins, RowsBuffer rows,
+                   ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
+  return QMatmulImpl<kInt4, true>(pool, Operands<QDT>{x, q, s, &mins}, rows, y);
 }
 
 template <bool kInt4, ffi::DataType QDT>
 ffi::Error SymmetricArgmax(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
-                           F32Matrix s, RowsBuffer rows,
+                           ffi::AnyBuffer s, RowsBuffer rows,
                            ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
-  return ArgmaxImpl<kInt4, false, QDT>(pool, x, q, s, nullptr, rows, idx);
+  return ArgmaxImpl<kInt4, false>(pool, Operands<QDT>{x, q, s, nullptr}, rows, idx);
 }
 
 template <bool kInt4, ffi::DataType QDT>
 ffi::Error WithMinArgmax(ffi::ThreadPool pool, F32Matrix x, ffi::Buffer<QDT, 2> q,
-                         F32Matrix s, F32Matrix mins, RowsBuffer rows,
+                         ffi::AnyBuffer s, ffi::AnyBuffer mins, RowsBuffer rows,
                          ffi::ResultBuffer<ffi::DataType::S32, 1> idx) {
-  return ArgmaxImpl<kInt4, true, QDT>(pool, x, q, s, &mins, rows, idx);
+  return ArgmaxImpl<kInt4, true>(pool, Operands<QDT>{x, q, s, &mins}, rows, idx);
 }
 
 }  // namespace
@@ -205,7 +231,7 @@ constexpr auto kArgmaxI4Min = WithMinArgmax<true, ffi::DataType::U8>;
                                     .Ctx<ffi::ThreadPool>()                       \
                                     .Arg<F32Matrix>()                             \
                                     .Arg<qbuffer>()                               \
-                                    .Arg<F32Matrix>()                             \
+                                    .Arg<ffi::AnyBuffer>()                        \
                                     .Arg<RowsBuffer>()                            \
                                     .Ret<out>());
 #define JAXSERVE_QMATMUL_MIN_HANDLER(symbol, impl, qbuffer, out)                 \
@@ -214,8 +240,8 @@ constexpr auto kArgmaxI4Min = WithMinArgmax<true, ffi::DataType::U8>;
                                     .Ctx<ffi::ThreadPool>()                       \
                                     .Arg<F32Matrix>()                             \
                                     .Arg<qbuffer>()                               \
-                                    .Arg<F32Matrix>()                             \
-                                    .Arg<F32Matrix>()                             \
+                                    .Arg<ffi::AnyBuffer>()                        \
+                                    .Arg<ffi::AnyBuffer>()                        \
                                     .Arg<RowsBuffer>()                            \
                                     .Ret<out>());
 
