@@ -7,8 +7,9 @@ float16 as GGUF stores them, widened exactly in the kernel; both of one type), g
 rows of K per group: w = q * scale + min, or (q - zero) * scale, zero 0 (int8) or 8
 (int4). x is float32 and so is y. `rows`: only the first `rows` rows of the flattened x
 are computed, the rest of y is zeros (None: all). `qmatmul_argmax` is the argmax of each
-row of that product (a greedy LM head over a quantized [D, V] head). `available()` says
-whether it builds.
+row of that product (a greedy LM head over a quantized [D, V] head); `qmatmul_gated` is a
+gated MLP's silu(x @ W_gate) * (x @ W_up) in one call. `available()` says whether it
+builds.
 """
 
 import jax
@@ -18,7 +19,8 @@ from pallas_kernels.cpu import build
 
 _TARGETS = ("qmatmul_i8", "qmatmul_i8_min", "qmatmul_i4", "qmatmul_i4_min",
             "qmatmul_argmax_i8", "qmatmul_argmax_i8_min", "qmatmul_argmax_i4",
-            "qmatmul_argmax_i4_min")
+            "qmatmul_argmax_i4_min", "qmatmul_gated_i8", "qmatmul_gated_i8_min",
+            "qmatmul_gated_i4", "qmatmul_gated_i4_min")
 
 
 def available(march: str | None = None) -> bool:
@@ -56,6 +58,25 @@ def qmatmul_argmax(x: jax.Array,  # [..., K] float32
     idx = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
                            jax.ShapeDtypeStruct((m,), jnp.int32))(*operands)
     return idx.reshape(x.shape[:-1])
+
+
+def qmatmul_gated(x: jax.Array,  # [..., K] float32
+                  gate: tuple,  # (q, scales, mins) of W_gate [K, N], as qmatmul takes them
+                  up: tuple,  # (q, scales, mins) of W_up: gate's form, shape and dtypes
+                  *, bits: int, group_size: int, rows=None,
+                  march: str | None = None) -> jax.Array:  # [..., N] float32
+    """silu(x @ W_gate) * (x @ W_up) in one call (silu(g) = g / (1 + exp(-g)), float32):
+    each thread computes the same columns of both products, then their epilogue."""
+    m, n, operands = _operands(x, *gate, bits, group_size, rows)
+    _, _, up_operands = _operands(x, *up, bits, group_size, rows)
+    if (up[0].shape, up[1].dtype, up[2] is None) != (gate[0].shape, gate[1].dtype,
+                                                    gate[2] is None):
+        raise ValueError("gate and up must have one form: q shape, scales dtype, mins or not")
+    symbol = f"qmatmul_gated_i{bits}" + ("" if gate[2] is None else "_min")
+    y = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
+                         jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        *operands[:-1], *up_operands[1:])
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _operands(x, q, scales, mins, bits: int, group_size: int, rows):

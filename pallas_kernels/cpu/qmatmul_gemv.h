@@ -28,10 +28,11 @@ namespace qmatmul {
 constexpr int64_t kGemvChunk = 1024;  // columns per work item, at most (a multiple of 64)
 constexpr int64_t kGemvSerial = 1 << 17;  // below this many weights one thread does it all
 
-// Columns per work item for one row over [K, N] on `workers` threads: an even split (in
-// whole lines of W) up to kGemvChunk; all of N where the product is too small to share.
-inline int64_t GemvChunk(int64_t K, int64_t N, int64_t workers) {
-  if (K * N < kGemvSerial || workers < 2) return std::min(N, kGemvChunk);
+// Columns per work item for one row over `matrices` [K, N] weights (the gated MLP's two)
+// on `workers` threads: an even split (in whole lines of W) up to kGemvChunk; all of N
+// where the product is too small to share.
+inline int64_t GemvChunk(int64_t K, int64_t N, int64_t workers, int64_t matrices = 1) {
+  if (matrices * K * N < kGemvSerial || workers < 2) return std::min(N, kGemvChunk);
   const int64_t share = (N + workers - 1) / workers;
   return std::min(kGemvChunk, std::max<int64_t>(64, (share + 63) / 64 * 64));
 }

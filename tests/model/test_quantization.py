@@ -92,7 +92,9 @@ def test_native_dense_and_gated_mlp_equal_xlas_dequantized_products(kind, group)
     want = xla.dense(x, qw, None)
     np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5, atol=1e-4)
     assert not np.asarray(got[3:]).any()
-    gated = jax.jit(lambda x, g, u: native.gated_mlp(x, g, u, rows))(x, qw, up)
+    gated_fn = jax.jit(lambda x, g, u: native.gated_mlp(x, g, u, rows))
+    assert "jaxserve_qmatmul_gated" in gated_fn.lower(x, qw, up).as_text()  # one call
+    gated = gated_fn(x, qw, up)
     np.testing.assert_allclose(gated[:3], xla.gated_mlp(x, qw, up, None)[:3],
                                rtol=1e-4, atol=1e-4)
 
