@@ -93,7 +93,7 @@ Problem<S> MakeProblem(const Operands<QDT>& o, int64_t valid, float* out) {
   return Problem<S>{o.x.typed_data(), reinterpret_cast<const uint8_t*>(o.q.untyped_data()),
                     static_cast<const S*>(o.scales.untyped_data()),
                     o.mins ? static_cast<const S*>(o.mins->untyped_data()) : nullptr, out,
-                    valid, K, N, G, K / G};
+                    valid, K, N, G, K / G, N, 0};
 }
 
 // y = x @ W for the first `valid` rows of x into `out` [valid, N].
@@ -122,8 +122,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, const Operands<QDT>& o, RowsBuffer 
   return ffi::Error::Success();
 }
 
-// silu(x @ W_gate) * (x @ W_up): both weights of one form, shape and scale type; the two
-// products go to scratch, the epilogue to y.
+// silu(x @ W_gate) * (x @ W_up): both weights of one form, shape and scale type.
 template <bool kInt4, bool kMin, ffi::DataType QDT>
 ffi::Error GatedImpl(ffi::ThreadPool pool, const Operands<QDT>& gate, const Operands<QDT>& up,
                      RowsBuffer rows, ffi::ResultBuffer<ffi::DataType::F32, 2> y) {
@@ -139,14 +138,12 @@ ffi::Error GatedImpl(ffi::ThreadPool pool, const Operands<QDT>& gate, const Oper
   float* yp = y->typed_data();
   if (valid < M) std::memset(yp + valid * N, 0, sizeof(float) * (M - valid) * N);
   if (valid == 0 || N == 0) return ffi::Error::Success();
-  std::vector<float> scratch(2 * valid * N);  // the gate and up products
-  float *g = scratch.data(), *u = g + valid * N;
   if (gate.scales.element_type() == ffi::DataType::F16) {
-    ComputeGated<kInt4, kMin>(pool, MakeProblem<uint16_t>(gate, valid, g),
-                              MakeProblem<uint16_t>(up, valid, u), yp);
+    ComputeGated<kInt4, kMin>(pool, MakeProblem<uint16_t>(gate, valid, nullptr),
+                              MakeProblem<uint16_t>(up, valid, nullptr), yp);
   } else {
-    ComputeGated<kInt4, kMin>(pool, MakeProblem<float>(gate, valid, g),
-                              MakeProblem<float>(up, valid, u), yp);
+    ComputeGated<kInt4, kMin>(pool, MakeProblem<float>(gate, valid, nullptr),
+                              MakeProblem<float>(up, valid, nullptr), yp);
   }
   return ffi::Error::Success();
 }

@@ -26,9 +26,16 @@ struct Problem {
   const uint8_t* q; // [K, N] bytes (int8) or [K/2, N] (int4)
   const S* scales;  // [G, N]
   const S* mins;    // [G, N] or nullptr
-  float* y;         // [M, N]
+  float* y;         // [M, N]: y[m, n] at y[m * ldy + n - y0] (see Out)
   int64_t M, K, N, G, g;
+  int64_t ldy, y0;  // y's row stride and first column: N and 0, or a scratch's
 };
+
+// Where y[m, n] goes.
+template <typename S>
+inline float* Out(const Problem<S>& p, int64_t m, int64_t n) {
+  return p.y + m * p.ldy + (n - p.y0);
+}
 
 // One scale or min as float32.
 inline float Widen(float v) { return v; }
@@ -96,7 +103,7 @@ void BlockScalar(const Problem<S>& p, const float* xsum, int64_t m0, int64_t m1,
         out += acc * Widen(p.scales[gi * p.N + n]);
         if constexpr (kMin) out += xsum[m * p.G + gi] * Widen(p.mins[gi * p.N + n]);
       }
-      p.y[m * p.N + n] = out;
+      *Out(p, m, n) = out;
     }
 }
 

@@ -1,8 +1,8 @@
 // The quantized GEMM's drivers (qmatmul.cc): y = x @ W split into work items on XLA's
 // intra-op pool, one row by the GEMV kernel (column chunks), more by the panel kernels
 // (16-column panels); and the gated MLP's silu(x @ W_gate) * (x @ W_up), whose items
-// compute the same columns of both products and the silu-multiply epilogue in float32
-// while those columns are still in cache.
+// compute the same columns of both products into a small per-thread scratch and the
+// silu-multiply epilogue in float32 while those columns are still in cache.
 
 #ifndef JAXSERVE_PALLAS_KERNELS_CPU_QMATMUL_COMPUTE_H_
 #define JAXSERVE_PALLAS_KERNELS_CPU_QMATMUL_COMPUTE_H_
@@ -86,49 +86,54 @@ void Compute(xla::ffi::ThreadPool& pool, const Problem<S>& p) {
               [&p, sums](int64_t panel) { Item<kInt4, kMin>(p, sums, panel); });
 }
 
-// y[m, n] = silu(g[m, n]) * u[m, n] = g / (1 + exp(-g)) * u for rows [0, M), columns
-// [n0, n1) of [M, N] arrays, in float32.
-inline void SiluMulColumns(const float* g, const float* u, float* y, int64_t M, int64_t N,
-                           int64_t n0, int64_t n1) {
+// out[m * ldo + n] = silu(g) * u = g / (1 + exp(-g)) * u of g[m * ldi + n] and
+// u[m * ldi + n], rows [0, M), columns [0, width), in float32.
+inline void SiluMul(const float* g, const float* u, int64_t ldi, float* out, int64_t ldo,
+                    int64_t M, int64_t width) {
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t row = m * N;
-    int64_t n = n0;
+    const float *gr = g + m * ldi, *ur = u + m * ldi;
+    float* o = out + m * ldo;
+    int64_t n = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    for (; n + 8 <= n1; n += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + row + n);
+    for (; n + 8 <= width; n += 8) {
+      const __m256 gv = _mm256_loadu_ps(gr + n);
       const __m256 e = Exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
       const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-      _mm256_storeu_ps(y + row + n, _mm256_mul_ps(silu, _mm256_loadu_ps(u + row + n)));
+      _mm256_storeu_ps(o + n, _mm256_mul_ps(silu, _mm256_loadu_ps(ur + n)));
     }
 #endif
-    for (; n < n1; ++n) y[row + n] = g[row + n] / (1.0f + std::exp(-g[row + n])) * u[row + n];
+    for (; n < width; ++n) o[n] = gr[n] / (1.0f + std::exp(-gr[n])) * ur[n];
   }
 }
 
-// y [M, N] = silu(x @ W_gate) * (x @ W_up): `gate` and `up` share x and their shapes and
-// write their products into scratch ([M, N] each); each work item computes the same
-// columns of both, then their epilogue.
+// y [M, N] = silu(x @ W_gate) * (x @ W_up): `gate` and `up` share x and their shapes (their
+// y is unused). Each work item computes the same columns of both (a GEMV chunk of row 0,
+// or a 16-column panel of every row) into its thread's scratch, then their epilogue.
 template <bool kInt4, bool kMin, typename S>
 void ComputeGated(xla::ffi::ThreadPool& pool, const Problem<S>& gate, const Problem<S>& up,
                   float* y) {
   const std::vector<float> xsum = kMin ? GroupSums(gate) : std::vector<float>();
   const float* sums = xsum.data();
-  const int64_t M = gate.M, N = gate.N;
-  if (UsesGemv(gate)) {
-    const int64_t chunk = GemvChunk(gate.K, N, NumWorkers(pool), 2);
-    ParallelFor(pool, (N + chunk - 1) / chunk, [&](int64_t item) {
-      const int64_t n0 = item * chunk, n1 = std::min(n0 + chunk, N);
-      GemvItem<kInt4, kMin>(gate, sums, n0, n1);
-      GemvItem<kInt4, kMin>(up, sums, n0, n1);
-      SiluMulColumns(gate.y, up.y, y, 1, N, n0, n1);
-    });
-    return;
-  }
-  ParallelFor(pool, (N + kPanel - 1) / kPanel, [&](int64_t panel) {
-    Item<kInt4, kMin>(gate, sums, panel);
-    Item<kInt4, kMin>(up, sums, panel);
-    const int64_t n0 = panel * kPanel;
-    SiluMulColumns(gate.y, up.y, y, M, N, n0, std::min(n0 + kPanel, N));
+  const int64_t N = gate.N, workers = NumWorkers(pool);
+  const bool gemv = UsesGemv(gate);
+  const int64_t chunk = gemv ? GemvChunk(gate.K, N, workers, 2) : kPanel;
+  const int64_t rows = gemv ? 1 : gate.M, size = rows * chunk;
+  std::vector<float> scratch(workers * 2 * size);  // per thread: gate [rows, chunk], up
+  ParallelFor(pool, (N + chunk - 1) / chunk, [&](int64_t item, int worker) {
+    const int64_t n0 = item * chunk, n1 = std::min(n0 + chunk, N);
+    Problem<S> g = gate, u = up;
+    g.y = scratch.data() + worker * 2 * size;
+    u.y = g.y + size;
+    g.ldy = u.ldy = chunk;
+    g.y0 = u.y0 = n0;
+    if (gemv) {
+      GemvItem<kInt4, kMin>(g, sums, n0, n1);
+      GemvItem<kInt4, kMin>(u, sums, n0, n1);
+    } else {
+      Item<kInt4, kMin>(g, sums, item);
+      Item<kInt4, kMin>(u, sums, item);
+    }
+    SiluMul(g.y, u.y, chunk, y + n0, N, rows, n1 - n0);
   });
 }
 

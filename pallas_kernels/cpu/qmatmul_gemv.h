@@ -94,10 +94,10 @@ void GemvColumnsBy(const Problem<S>& p, const float* xsum, int64_t n0, int64_t n
     const S* mn = kMin ? p.mins + gi * p.N : nullptr;
     const __m256 s = kMin ? _mm256_broadcast_ss(xsum + gi) : _mm256_setzero_ps();
     for (int64_t n = n0; n < n1; n += 8) {
-      __m256 y = gi == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(p.y + n);
+      __m256 y = gi == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(Out(p, 0, n));
       y = _mm256_fmadd_ps(_mm256_load_ps(acc + (n - n0)), Load8(scale + n), y);
       if constexpr (kMin) y = _mm256_fmadd_ps(s, Load8(mn + n), y);
-      _mm256_storeu_ps(p.y + n, y);
+      _mm256_storeu_ps(Out(p, 0, n), y);
     }
   }
 }

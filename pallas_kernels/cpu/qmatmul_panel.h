@@ -57,7 +57,7 @@ void Panel(const Problem<S>& p, const float* xsum, int64_t m0, int64_t n0) {
         out[m] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[(m0 + m) * p.G + gi]), mn, out[m]);
     }
   }
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(p.y + (m0 + m) * p.N + n0, out[m]);
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(Out(p, m0 + m, n0), out[m]);
 }
 #define JAXSERVE_QMATMUL_SIMD 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -117,7 +117,7 @@ void Panel(const Problem<S>& p, const float* xsum, int64_t m0, int64_t n0) {
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(p.y + (m0 + m) * p.N + n0 + 8 * c, out[m][c]);
+    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(Out(p, m0 + m, n0 + 8 * c), out[m][c]);
 }
 #define JAXSERVE_QMATMUL_SIMD 1
 #endif

@@ -100,14 +100,16 @@ def test_native_dense_and_gated_mlp_equal_xlas_dequantized_products(kind, group)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_xla_product_lowers_for_gpu_and_tpu_from_the_packed_weight(platform, bits):
+@pytest.mark.parametrize("bits,scale_dtype", [(8, jnp.float32), (4, jnp.float32),
+                                              (4, jnp.float16)])  # float16: GGUF's Q4_1
+def test_the_xla_product_lowers_for_gpu_and_tpu_from_the_packed_weight(platform, bits,
+                                                                        scale_dtype):
     from jax import export
 
     k, n, group = 1536, 8960, 128  # a 1.5B model's down projection, bfloat16 activations
     packed = jax.ShapeDtypeStruct((k if bits == 8 else k // 2, n),
                                   jnp.int8 if bits == 8 else jnp.uint8)
-    groups = jax.ShapeDtypeStruct((k // group, n), jnp.float32)
+    groups = jax.ShapeDtypeStruct((k // group, n), scale_dtype)
     weight = QuantizedWeight(packed, groups, groups if bits == 4 else None, bits, group,
                              "bfloat16")
     x = jax.ShapeDtypeStruct((64, k), jnp.bfloat16)
@@ -115,4 +117,4 @@ def test_the_xla_product_lowers_for_gpu_and_tpu_from_the_packed_weight(platform,
                              platforms=[platform])(x, weight)
     assert exported.out_avals[0].shape == (64, n)
     assert exported.out_avals[0].dtype == jnp.bfloat16
-    assert [a.dtype for a in exported.in_avals[1:3]] == [packed.dtype, jnp.float32]
+    assert [a.dtype for a in exported.in_avals[1:3]] == [packed.dtype, scale_dtype]
