@@ -7,8 +7,9 @@ Loads `--model` (default: the default model, jaxserve serve's) with `LLM`, every
 compiled, runs an unmeasured warm-up request, then decodes one greedy request of
 `--output-len` tokens (EOS ignored) with `step_timers.StepTimers` around the engine's calls:
 ms/token and its host parts (scheduler, input prep, output, other) and the device part
-(launch + wait). Then `--profile-steps` more decode steps run under the JAX profiler, and
-the device ops of those steps (XLA fusions and the native kernels, named by their
+(launch + wait), and the process's CPU time per step (all threads; steadier than the wall
+time on a shared machine). Then `--profile-steps` more decode steps run under the JAX
+profiler, and the device ops of those steps (XLA fusions and the native kernels, named by their
 custom-call target and operand shapes) are summed per step: which op kinds take the time.
 The profiler slows a step down; its per-op times are for shares, the first table is the
 measurement.
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+import time
 
 import numpy as np
 
@@ -106,13 +108,19 @@ def main(argv=None) -> dict:
     timers = StepTimers(engine)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.output_len)
     engine.add_request("measured", prompt["prompt_token_ids"], params)
+    cpu_start = time.process_time()
     while engine.has_unfinished_requests():
         timers.timed_step()
+    # every thread's CPU time (the host's and the kernels'): on a shared machine the wall
+    # time moves with the other load, the work per token much less
+    cpu_ms = 1e3 * (time.process_time() - cpu_start) / max(1, len(timers.records))
     decode = [r for r in timers.records if r.get("num_tokens") == 1]
     s = summarize(decode)
+    s["cpu_ms_per_step"] = cpu_ms
     print(f"model {os.path.basename(model)}, quantization {args.quantization or 'as stored'}: "
           f"{s['num_steps']} decode steps, {s['step_ms']:.2f} ms/token mean "
-          f"(p50 {s['step_ms_p50']:.2f})")
+          f"(p50 {s['step_ms_p50']:.2f}), process CPU {cpu_ms:.2f} ms/step, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print_table(["part", "ms/token", "% of step"],
                 [[p, s["parts_ms"][p], f"{s['parts_pct'][p]:.1f}%"] for p in PARTS]
                 + [["step (mean)", s["step_ms"], "100%"]])

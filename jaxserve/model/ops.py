@@ -90,6 +90,12 @@ class Ops:
 
             # one call, float32 epilogue: the [T, F] gate and up products are never written
             return matmul.gated_mlp(x, w_gate, w_up, rows=num_rows)
+        if b_gate is None and b_up is None and self._quantized_native(x, w_gate, w_up):
+            from pallas_kernels.cpu import qmatmul
+
+            parts = lambda w: (w.packed, w.scales, w.mins)  # noqa: E731
+            return qmatmul.qmatmul_gated(x, parts(w_gate), parts(w_up), bits=w_gate.bits,
+                                         group_size=w_gate.group_size, rows=num_rows)
         gate = self.dense(x, w_gate, num_rows)
         up = self.dense(x, w_up, num_rows)
         if b_gate is not None:
@@ -107,18 +113,31 @@ class Ops:
 
             qmatmul.available()
 
+    def _quantized_native(self, x, *ws) -> bool:
+        """Whether the native quantized GEMM takes x and the QuantizedWeights `ws` (float32
+        in and out; several weights in one call must share their form and shape)."""
+        if not (self.native_dense and jnp.dtype(x.dtype) == jnp.float32
+                and all(isinstance(w, QuantizedWeight) and w.dtype == jnp.float32
+                        for w in ws)):
+            return False
+        form = lambda w: (w.bits, w.group_size, w.shape, w.scales.dtype,  # noqa: E731
+                          w.mins is None)
+        if len({form(w) for w in ws}) != 1:
+            return False
+        from pallas_kernels.cpu import qmatmul
+
+        return qmatmul.available()  # built on first use: float models never build it
+
     def _quantized_dense(self, x,  # [..., K]
                          w: QuantizedWeight,  # [K, N]
                          num_rows, w_layout: str, out_dtype) -> jax.Array:  # [..., N]
         if w_layout != "kn":
             raise ValueError("a QuantizedWeight is a [K, N] kernel (w_layout 'kn')")
-        if (self.native_dense and jnp.dtype(x.dtype) == jnp.float32
-                and w.dtype == jnp.float32 and out_dtype in (None, jnp.float32)):
+        if out_dtype in (None, jnp.float32) and self._quantized_native(x, w):
             from pallas_kernels.cpu import qmatmul
 
-            if qmatmul.available():  # built on first use: float models never build it
-                return qmatmul.qmatmul(x, w.packed, w.scales, w.mins, bits=w.bits,
-                                       group_size=w.group_size, rows=num_rows)
+            return qmatmul.qmatmul(x, w.packed, w.scales, w.mins, bits=w.bits,
+                                   group_size=w.group_size, rows=num_rows)
         return jnp.einsum("...k,kn->...n", x, w.dequantize(x.dtype),
                           preferred_element_type=out_dtype)
 

@@ -1,8 +1,9 @@
 """Quantized weights: `QuantizedWeight`, a Linear kernel kept as small integers and scales.
 
 A [K, N] ("kn") kernel is cut along K (the input dimension) into groups of `group_size`
-rows; each group and column has a float32 scale and, for the asymmetric forms, a float32
-min: w = q * scale + min, or w = (q - zero) * scale with zero 0 (int8) or 8 (int4). The
+rows; each group and column has a scale and, for the asymmetric forms, a min (float32, or
+float16 where GGUF stores them so: read as exactly those float32 values): w = q * scale +
+min, or w = (q - zero) * scale with zero 0 (int8) or 8 (int4). The
 value is a pytree (packed, scales, mins), so it lives in an `nnx.Param` like any array and
 `Ops.dense` / `gated_mlp` take it where a model passes its kernel (a tied embedding kept
 quantized is one too, [D, V]: `take_columns` looks rows up); `dequantize()` is the
@@ -30,8 +31,8 @@ class QuantizedWeight:
     # bits 8: int8 [K, N]; bits 4: uint8 [K/2, N], row i holding rows 2i (low nibble) and
     # 2i + 1 (high nibble) of q, so that a shard of rows is a shard of K.
     packed: jax.Array
-    scales: jax.Array  # float32 [K / group_size, N]
-    mins: jax.Array | None  # float32 [K / group_size, N]; None: symmetric around `zero`
+    scales: jax.Array  # float32 or float16 [K / group_size, N]
+    mins: jax.Array | None  # scales' dtype [K / group_size, N]; None: symmetric around `zero`
     bits: int = dataclasses.field(metadata=dict(static=True))  # 8 or 4
     group_size: int = dataclasses.field(metadata=dict(static=True))  # rows of K per scale
     dtype_name: str = dataclasses.field(metadata=dict(static=True))  # what dequantize() gives
@@ -71,10 +72,11 @@ class QuantizedWeight:
         q = unpack(self.packed, self.bits, xp).astype(xp.float32)  # [K, N]
         k, n = q.shape
         q = q.reshape(k // self.group_size, self.group_size, n)  # [G, g, N]
+        scales = self.scales.astype(xp.float32)[:, None, :]  # [G, 1, N]
         if self.mins is None:
-            w = (q - xp.float32(self.zero)) * self.scales[:, None, :]
+            w = (q - xp.float32(self.zero)) * scales
         else:
-            w = q * self.scales[:, None, :] + self.mins[:, None, :]
+            w = q * scales + self.mins.astype(xp.float32)[:, None, :]
         return w.reshape(k, n).astype(self.dtype if dtype is None else dtype)
 
     def take_columns(self, ids,  # [T] int32 column indices

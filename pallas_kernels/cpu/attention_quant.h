@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.h"
+
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -35,23 +37,7 @@ inline float F8E4M3ToF32(uint8_t bits) {
   return (bits & 0x80) ? -magnitude : magnitude;
 }
 
-// float16: 1 sign, 5 exponent (bias 15), 10 mantissa bits; exact in float32.
-inline float F16ToF32(uint16_t bits) {
-#ifdef __F16C__
-  return _cvtsh_ss(bits);
-#else
-  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
-  float magnitude;
-  if (exponent == 0x1F) {
-    magnitude = mantissa ? NAN : INFINITY;
-  } else if (exponent == 0) {
-    magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // subnormal: m * 2^-24
-  } else {
-    magnitude = std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
-  }
-  return (bits & 0x8000) ? -magnitude : magnitude;
-#endif
-}
+using jaxserve_cpu::F16ToF32;  // common.h
 
 struct F8Table {
   F8Table() {

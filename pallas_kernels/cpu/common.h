@@ -1,8 +1,8 @@
-// Helpers shared by the native CPU kernels: scalar bfloat16 <-> float32 conversions, a cache
-// prefetch hint, e^x on 16 (AVX-512) or 8 (AVX2) lanes, and the parallel loops on XLA's
-// intra-op pool (threading.h). Every .cc of this directory is built on its own; build.py
-// hashes every header of the directory into each library's cache key, so a change to one
-// rebuilds them all.
+// Helpers shared by the native CPU kernels: scalar bfloat16 and float16 -> float32
+// conversions, a cache prefetch hint, e^x on 16 (AVX-512) or 8 (AVX2) lanes, and the
+// parallel loops on XLA's intra-op pool (threading.h). Every .cc of this directory is built
+// on its own; build.py hashes every header of the directory into each library's cache key,
+// so a change to one rebuilds them all.
 
 #ifndef JAXSERVE_PALLAS_KERNELS_CPU_COMMON_H_
 #define JAXSERVE_PALLAS_KERNELS_CPU_COMMON_H_
@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -36,6 +37,25 @@ inline uint16_t F32ToBf16(float f) {  // round to nearest even; NaN stays NaN
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+}
+
+// float16 bits -> float32 (exact): F16C where the build has it, else bit by bit.
+// float16: 1 sign, 5 exponent (bias 15), 10 mantissa bits.
+inline float F16ToF32(uint16_t bits) {
+#ifdef __F16C__
+  return _cvtsh_ss(bits);
+#else
+  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+  float magnitude;
+  if (exponent == 0x1F) {
+    magnitude = mantissa ? NAN : INFINITY;
+  } else if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // subnormal: m * 2^-24
+  } else {
+    magnitude = std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
+  }
+  return (bits & 0x8000) ? -magnitude : magnitude;
+#endif
 }
 
 // bf16 (uint16_t) or float32 <-> float32.

@@ -2,12 +2,14 @@
 micro-kernel, so the weights stream from memory as 8 or 4 bits.
 
 W [K, N] is q (int8 [K, N], or int4 packed two rows to a byte, uint8 [K/2, N]: row 2i in
-the low nibble) with per-group float32 `scales` [G, N] and optional `mins` [G, N], g = K / G
+the low nibble) with per-group `scales` [G, N] and optional `mins` [G, N] (float32, or
+float16 as GGUF stores them, widened exactly in the kernel; both of one type), g = K / G
 rows of K per group: w = q * scale + min, or (q - zero) * scale, zero 0 (int8) or 8
 (int4). x is float32 and so is y. `rows`: only the first `rows` rows of the flattened x
 are computed, the rest of y is zeros (None: all). `qmatmul_argmax` is the argmax of each
-row of that product (a greedy LM head over a quantized [D, V] head). `available()` says
-whether it builds.
+row of that product (a greedy LM head over a quantized [D, V] head); `qmatmul_gated` is a
+gated MLP's silu(x @ W_gate) * (x @ W_up) in one call. `available()` says whether it
+builds.
 """
 
 import jax
@@ -17,7 +19,8 @@ from pallas_kernels.cpu import build
 
 _TARGETS = ("qmatmul_i8", "qmatmul_i8_min", "qmatmul_i4", "qmatmul_i4_min",
             "qmatmul_argmax_i8", "qmatmul_argmax_i8_min", "qmatmul_argmax_i4",
-            "qmatmul_argmax_i4_min")
+            "qmatmul_argmax_i4_min", "qmatmul_gated_i8", "qmatmul_gated_i8_min",
+            "qmatmul_gated_i4", "qmatmul_gated_i4_min")
 
 
 def available(march: str | None = None) -> bool:
@@ -28,8 +31,8 @@ def available(march: str | None = None) -> bool:
 
 def qmatmul(x: jax.Array,  # [..., K] float32
             q: jax.Array,  # int8 [K, N] (bits 8) or uint8 [K/2, N] (bits 4)
-            scales: jax.Array,  # [G, N] float32
-            mins: jax.Array | None = None,  # [G, N] float32, or None (symmetric)
+            scales: jax.Array,  # [G, N] float32 or float16
+            mins: jax.Array | None = None,  # [G, N] scales' dtype, or None (symmetric)
             *, bits: int, group_size: int, rows=None,
             march: str | None = None) -> jax.Array:  # [..., N] float32
     """x @ dequantize(q, scales, mins), accumulated in float32 per group."""
@@ -42,8 +45,8 @@ def qmatmul(x: jax.Array,  # [..., K] float32
 
 def qmatmul_argmax(x: jax.Array,  # [..., K] float32
                    q: jax.Array,  # int8 [K, N] (bits 8) or uint8 [K/2, N] (bits 4)
-                   scales: jax.Array,  # [G, N] float32
-                   mins: jax.Array | None = None,  # [G, N] float32, or None (symmetric)
+                   scales: jax.Array,  # [G, N] float32 or float16
+                   mins: jax.Array | None = None,  # [G, N] scales' dtype, or None (symmetric)
                    *, bits: int, group_size: int, rows=None,
                    march: str | None = None) -> jax.Array:  # [...] int32
     """argmax(qmatmul(x, ...), axis=-1) with jnp.argmax's rule (the first NaN, else the first
@@ -55,6 +58,25 @@ def qmatmul_argmax(x: jax.Array,  # [..., K] float32
     idx = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
                            jax.ShapeDtypeStruct((m,), jnp.int32))(*operands)
     return idx.reshape(x.shape[:-1])
+
+
+def qmatmul_gated(x: jax.Array,  # [..., K] float32
+                  gate: tuple,  # (q, scales, mins) of W_gate [K, N], as qmatmul takes them
+                  up: tuple,  # (q, scales, mins) of W_up: gate's form, shape and dtypes
+                  *, bits: int, group_size: int, rows=None,
+                  march: str | None = None) -> jax.Array:  # [..., N] float32
+    """silu(x @ W_gate) * (x @ W_up) in one call (silu(g) = g / (1 + exp(-g)), float32):
+    each thread computes the same columns of both products, then their epilogue."""
+    m, n, operands = _operands(x, *gate, bits, group_size, rows)
+    _, _, up_operands = _operands(x, *up, bits, group_size, rows)
+    if (up[0].shape, up[1].dtype, up[2] is None) != (gate[0].shape, gate[1].dtype,
+                                                    gate[2] is None):
+        raise ValueError("gate and up must have one form: q shape, scales dtype, mins or not")
+    symbol = f"qmatmul_gated_i{bits}" + ("" if gate[2] is None else "_min")
+    y = jax.ffi.ffi_call(build.ffi_target("qmatmul", _TARGETS, symbol, march),
+                         jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        *operands[:-1], *up_operands[1:])
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _operands(x, q, scales, mins, bits: int, group_size: int, rows):
@@ -73,9 +95,12 @@ def _operands(x, q, scales, mins, bits: int, group_size: int, rows):
     if k % group_size or (bits == 4 and group_size % 2):
         raise ValueError(f"group_size {group_size} does not divide K={k} into even groups")
     groups = (k // group_size, n)
+    scale_dtype = jnp.dtype(scales.dtype)
+    if scale_dtype not in (jnp.float32, jnp.float16):
+        raise ValueError(f"scales must be float32 or float16, got {scale_dtype}")
     for name, t in (("scales", scales), ("mins", mins)):
-        if t is not None and (t.shape != groups or jnp.dtype(t.dtype) != jnp.float32):
-            raise ValueError(f"{name} must be float32 {groups}, got {t.dtype} {t.shape}")
+        if t is not None and (t.shape != groups or jnp.dtype(t.dtype) != scale_dtype):
+            raise ValueError(f"{name} must be {scale_dtype} {groups}, got {t.dtype} {t.shape}")
     m = 1
     for d in x.shape[:-1]:
         m *= d

@@ -1,5 +1,6 @@
 // The quantized GEMM's SIMD micro-kernels for any M (qmatmul.cc): one 16-column panel of
-// up to kMr rows of x at a time, AVX-512 (one vector per row) or AVX2 + FMA (two).
+// up to kMr rows of x at a time, AVX-512 (one vector per row) or AVX2 + FMA (two); float32
+// or float16 scales (widened as they are read).
 // JAXSERVE_QMATMUL_SIMD is defined where one of them is built.
 
 #ifndef JAXSERVE_PALLAS_KERNELS_CPU_QMATMUL_PANEL_H_
@@ -16,8 +17,8 @@ namespace qmatmul {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // One 16-column panel: rows [m0, m0 + MR), one zmm per row.
-template <int MR, bool kInt4, bool kMin>
-void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
+template <int MR, bool kInt4, bool kMin, typename S>
+void Panel(const Problem<S>& p, const float* xsum, int64_t m0, int64_t n0) {
   __m512 out[MR];
   for (int m = 0; m < MR; ++m) out[m] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
@@ -48,21 +49,21 @@ void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
           acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(p.x[(m0 + m) * p.K + k]), w, acc[m]);
       }
     }
-    const __m512 scale = _mm512_loadu_ps(p.scales + gi * p.N + n0);
+    const __m512 scale = Load16(p.scales + gi * p.N + n0);
     for (int m = 0; m < MR; ++m) out[m] = _mm512_fmadd_ps(acc[m], scale, out[m]);
     if constexpr (kMin) {
-      const __m512 mn = _mm512_loadu_ps(p.mins + gi * p.N + n0);
+      const __m512 mn = Load16(p.mins + gi * p.N + n0);
       for (int m = 0; m < MR; ++m)
         out[m] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[(m0 + m) * p.G + gi]), mn, out[m]);
     }
   }
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(p.y + (m0 + m) * p.N + n0, out[m]);
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(Out(p, m0 + m, n0), out[m]);
 }
 #define JAXSERVE_QMATMUL_SIMD 1
 #elif defined(__AVX2__) && defined(__FMA__)
 // One 16-column panel: rows [m0, m0 + MR), two ymm per row.
-template <int MR, bool kInt4, bool kMin>
-void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
+template <int MR, bool kInt4, bool kMin, typename S>
+void Panel(const Problem<S>& p, const float* xsum, int64_t m0, int64_t n0) {
   __m256 out[MR][2];
   for (int m = 0; m < MR; ++m) out[m][0] = out[m][1] = _mm256_setzero_ps();
   const __m256i nibble = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
@@ -105,10 +106,10 @@ void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
       }
     }
     for (int c = 0; c < 2; ++c) {
-      const __m256 scale = _mm256_loadu_ps(p.scales + gi * p.N + n0 + 8 * c);
+      const __m256 scale = Load8(p.scales + gi * p.N + n0 + 8 * c);
       for (int m = 0; m < MR; ++m) out[m][c] = _mm256_fmadd_ps(acc[m][c], scale, out[m][c]);
       if constexpr (kMin) {
-        const __m256 mn = _mm256_loadu_ps(p.mins + gi * p.N + n0 + 8 * c);
+        const __m256 mn = Load8(p.mins + gi * p.N + n0 + 8 * c);
         for (int m = 0; m < MR; ++m)
           out[m][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(xsum + (m0 + m) * p.G + gi), mn,
                                       out[m][c]);
@@ -116,7 +117,7 @@ void Panel(const Problem& p, const float* xsum, int64_t m0, int64_t n0) {
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(p.y + (m0 + m) * p.N + n0 + 8 * c, out[m][c]);
+    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(Out(p, m0 + m, n0 + 8 * c), out[m][c]);
 }
 #define JAXSERVE_QMATMUL_SIMD 1
 #endif

@@ -92,20 +92,24 @@ def test_native_dense_and_gated_mlp_equal_xlas_dequantized_products(kind, group)
     want = xla.dense(x, qw, None)
     np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5, atol=1e-4)
     assert not np.asarray(got[3:]).any()
-    gated = jax.jit(lambda x, g, u: native.gated_mlp(x, g, u, rows))(x, qw, up)
+    gated_fn = jax.jit(lambda x, g, u: native.gated_mlp(x, g, u, rows))
+    assert "jaxserve_qmatmul_gated" in gated_fn.lower(x, qw, up).as_text()  # one call
+    gated = gated_fn(x, qw, up)
     np.testing.assert_allclose(gated[:3], xla.gated_mlp(x, qw, up, None)[:3],
                                rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_xla_product_lowers_for_gpu_and_tpu_from_the_packed_weight(platform, bits):
+@pytest.mark.parametrize("bits,scale_dtype", [(8, jnp.float32), (4, jnp.float32),
+                                              (4, jnp.float16)])  # float16: GGUF's Q4_1
+def test_the_xla_product_lowers_for_gpu_and_tpu_from_the_packed_weight(platform, bits,
+                                                                        scale_dtype):
     from jax import export
 
     k, n, group = 1536, 8960, 128  # a 1.5B model's down projection, bfloat16 activations
     packed = jax.ShapeDtypeStruct((k if bits == 8 else k // 2, n),
                                   jnp.int8 if bits == 8 else jnp.uint8)
-    groups = jax.ShapeDtypeStruct((k // group, n), jnp.float32)
+    groups = jax.ShapeDtypeStruct((k // group, n), scale_dtype)
     weight = QuantizedWeight(packed, groups, groups if bits == 4 else None, bits, group,
                              "bfloat16")
     x = jax.ShapeDtypeStruct((64, k), jnp.bfloat16)
@@ -113,4 +117,4 @@ def test_the_xla_product_lowers_for_gpu_and_tpu_from_the_packed_weight(platform,
                              platforms=[platform])(x, weight)
     assert exported.out_avals[0].shape == (64, n)
     assert exported.out_avals[0].dtype == jnp.bfloat16
-    assert [a.dtype for a in exported.in_avals[1:3]] == [packed.dtype, jnp.float32]
+    assert [a.dtype for a in exported.in_avals[1:3]] == [packed.dtype, scale_dtype]

@@ -1,11 +1,13 @@
 """GGUF's quantized blocks repacked once into `QuantizedWeight`s, so a GGUF stays quantized.
 
-Each ggml block format maps to integers and one float32 scale (and min) per group of K, in
-the order llama.cpp dequantizes them, so `dequantize()` equals the gguf package's
+Each ggml block format maps to integers and one scale (and min) per group of K, in the
+order llama.cpp dequantizes them, so `dequantize()` equals the gguf package's
 dequantization exactly: Q8_0 -> int8 g32; Q4_0 -> int4 g32 ((q - 8) * d); Q4_1 -> int4 g32
 with min (d * q + m); Q4_K -> int4 g32 with min (d * sc * q - dmin * m); Q5_K -> int8 g32
-with min (5-bit q); Q6_K -> int8 g16 ((d * sc) * (q - 32)). Other types return None (the
-caller dequantizes them).
+with min (5-bit q); Q6_K -> int8 g16 ((d * sc) * (q - 32)). Scales and mins that are a
+block's stored float16 values (Q8_0, Q4_0, Q4_1) stay float16, half the bytes of float32
+for the kernels to read; the K-quants' products of two scales are float32. Other types
+return None (the caller dequantizes them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def _f16(raw: np.ndarray) -> np.ndarray:  # [nb, 2] bytes -> [nb, 1] float32
     return raw.view(np.float16).astype(np.float32)
 
 
+def _stored(raw: np.ndarray) -> np.ndarray:  # [nb, 2] bytes -> [nb, 1] float16, as stored
+    return raw.view(np.float16)
+
+
 def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:  # [nb, bytes] -> [nb, 2 * bytes]
     """ggml's nibble order: each run of `width` bytes gives `width` low nibbles, then
     `width` high ones."""
@@ -30,16 +36,16 @@ def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:  # [nb, bytes] -> [nb, 2
     return ((qs.reshape(nb, -1, 1, width) >> _NIBBLES) & np.uint8(0xF)).reshape(nb, -1)
 
 
-def _q8_0(blocks):  # [nb, 34] -> q [nb, 32] int8, scales [nb, 1], no mins
-    return blocks[:, 2:].view(np.int8), _f16(blocks[:, :2]), None, 8, 32
+def _q8_0(blocks):  # [nb, 34] -> q [nb, 32] int8, scales [nb, 1] float16, no mins
+    return blocks[:, 2:].view(np.int8), _stored(blocks[:, :2]), None, 8, 32
 
 
 def _q4_0(blocks):  # [nb, 18]: w = (q - 8) * d
-    return _nibbles(blocks[:, 2:], 16), _f16(blocks[:, :2]), None, 4, 32
+    return _nibbles(blocks[:, 2:], 16), _stored(blocks[:, :2]), None, 4, 32
 
 
 def _q4_1(blocks):  # [nb, 20]: w = d * q + m
-    return _nibbles(blocks[:, 4:], 16), _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 4, 32
+    return _nibbles(blocks[:, 4:], 16), _stored(blocks[:, :2]), _stored(blocks[:, 2:4]), 4, 32
 
 
 def _k_scales(blocks):  # Q4_K / Q5_K: per 32-row sub-block scale d * sc and min -dmin * m
@@ -91,6 +97,6 @@ def repack(data: np.ndarray,  # uint8 [N, K / block * block bytes]: the stored r
     n, k = num_rows, row_length
     q = q.reshape(n, k).T  # [K, N]
     packed = pack_int4(q) if bits == 4 else np.ascontiguousarray(q, np.int8)
-    kernel = lambda a: np.ascontiguousarray(a.reshape(n, k // group).T, np.float32)  # noqa: E731
+    kernel = lambda a: np.ascontiguousarray(a.reshape(n, k // group).T)  # noqa: E731
     return QuantizedWeight(packed, kernel(scales), None if mins is None else kernel(mins),
                            bits, group, dtype_name)

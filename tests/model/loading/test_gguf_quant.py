@@ -37,6 +37,10 @@ def test_repacked_blocks_dequantize_exactly_as_gguf_does(qtype):
     bits, group, has_min = _FORMS[qtype]
     assert (weight.bits, weight.group_size, weight.mins is not None) == (bits, group, has_min)
     assert weight.shape == (k, n)
+    # a block's own float16 scale and min stay float16; the K-quants' products are float32
+    stored = qtype in (T.Q8_0, T.Q4_0, T.Q4_1)
+    assert weight.scales.dtype == (np.float16 if stored else np.float32)
+    assert weight.mins is None or weight.mins.dtype == weight.scales.dtype
     expected = gguf.quants.dequantize(data, qtype).reshape(n, k).T  # [K, N]
     assert np.isfinite(expected).all()
     np.testing.assert_array_equal(weight.dequantize(), expected)

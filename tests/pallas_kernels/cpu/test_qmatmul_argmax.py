@@ -29,11 +29,13 @@ def operands(qw):
 
 
 # K = 64: one thread's chunks (1024 columns, then 76); K = 256: split between threads
+@pytest.mark.parametrize("scale_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k", [64, 256])
 @pytest.mark.parametrize("kind,group,form", FORMS)
 def test_one_row_over_several_chunks_matches_the_dequantized_product(kind, group, form, k,
-                                                                      march):
-    qw = make_weight(k, 1100, kind, group, form, seed=3)  # N % 32 = 12: a tail
+                                                                      scale_dtype, march):
+    # N % 32 = 12: a tail
+    qw = make_weight(k, 1100, kind, group, form, seed=3, scale_dtype=scale_dtype)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((4, k)), jnp.float32)
     y = qmatmul.qmatmul(x, *operands(qw), bits=qw.bits, group_size=qw.group_size, rows=1,
                         march=march)
@@ -41,10 +43,11 @@ def test_one_row_over_several_chunks_matches_the_dequantized_product(kind, group
     assert not np.asarray(y[1:]).any()
 
 
+@pytest.mark.parametrize("scale_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("kind,group,form", FORMS)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_argmax_is_the_argmax_of_the_product(kind, group, form, rows, march):
-    qw = make_weight(64, 1100, kind, group, form, seed=5)
+def test_argmax_is_the_argmax_of_the_product(kind, group, form, rows, scale_dtype, march):
+    qw = make_weight(64, 1100, kind, group, form, seed=5, scale_dtype=scale_dtype)
     x = jnp.asarray(np.random.default_rng(6).standard_normal((4, 64)), jnp.float32)
     args = dict(bits=qw.bits, group_size=qw.group_size, rows=rows, march=march)
     idx = np.asarray(qmatmul.qmatmul_argmax(x, *operands(qw), **args))
