@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.model.quantization import QuantizedWeight, quantize
-from jaxserve.testing.native_kernels import kernel_marches, needs_compiler
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.cpu import qmatmul
 
 pytestmark = needs_compiler
@@ -22,11 +22,6 @@ KINDS = [("int8", None, "as made"), ("int8", 32, "as made"), ("int8", 16, "as ma
          ("int8", 32, "with min"), ("int4", 32, "as made"), ("int4", 128, "as made"),
          ("int4", 32, "symmetric")]
 SHAPES = [(1, 256, 48), (5, 128, 37), (17, 256, 16), (3, 128, 7)]
-
-
-@pytest.fixture(params=kernel_marches())
-def march(request) -> str:
-    return request.param
 
 
 def make_weight(k, n, kind, group, form, seed=0, scale_dtype=np.float32) -> QuantizedWeight:
@@ -41,6 +36,12 @@ def make_weight(k, n, kind, group, form, seed=0, scale_dtype=np.float32) -> Quan
         mins = -rng.uniform(0, 0.5, qw.scales.shape).astype(np.float32)
         qw = QuantizedWeight(q, qw.scales, mins, 8, qw.group_size, "float32")
     return qw.map(lambda a: a.astype(scale_dtype) if a.dtype == np.float32 else a)
+
+
+def operands(qw: QuantizedWeight) -> tuple:
+    """(packed, scales, mins or None) as device arrays: the qmatmul ops' weight operands."""
+    return (jnp.asarray(qw.packed), jnp.asarray(qw.scales),
+            None if qw.mins is None else jnp.asarray(qw.mins))
 
 
 def check(y, x, qw: QuantizedWeight):

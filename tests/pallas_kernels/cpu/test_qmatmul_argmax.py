@@ -7,25 +7,15 @@ import pytest
 
 import jax.numpy as jnp
 
-from jaxserve.testing.native_kernels import kernel_marches, needs_compiler
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.cpu import qmatmul
 
-from .test_qmatmul import check, make_weight
+from .test_qmatmul import check, make_weight, operands
 
 pytestmark = needs_compiler
 
 FORMS = [("int8", 32, "as made"), ("int8", 16, "as made"), ("int8", 32, "with min"),
          ("int4", 32, "as made"), ("int4", 32, "symmetric")]
-
-
-@pytest.fixture(params=kernel_marches())
-def march(request) -> str:
-    return request.param
-
-
-def operands(qw):
-    return (jnp.asarray(qw.packed), jnp.asarray(qw.scales),
-            None if qw.mins is None else jnp.asarray(qw.mins))
 
 
 # K = 64: one thread's chunks (1024 columns, then 76); K = 256: split between threads

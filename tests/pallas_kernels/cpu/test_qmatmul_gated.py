@@ -8,22 +8,12 @@ import pytest
 
 import jax.numpy as jnp
 
-from jaxserve.testing.native_kernels import kernel_marches, needs_compiler
+from jaxserve.testing.native_kernels import needs_compiler
 from pallas_kernels.cpu import qmatmul
 
-from .test_qmatmul import KINDS, make_weight
+from .test_qmatmul import KINDS, make_weight, operands
 
 pytestmark = needs_compiler
-
-
-@pytest.fixture(params=kernel_marches())
-def march(request) -> str:
-    return request.param
-
-
-def parts(qw):
-    return (jnp.asarray(qw.packed), jnp.asarray(qw.scales),
-            None if qw.mins is None else jnp.asarray(qw.mins))
 
 
 def silu_mul_reference(x, gate, up):  # float64 [M, N]
@@ -43,7 +33,7 @@ def test_matches_silu_of_the_dequantized_products(m, k, n, rows, kind, group, fo
     up = make_weight(k, n, kind, group, form, seed=2, scale_dtype=scale_dtype)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((m, k)) / np.sqrt(k),
                     jnp.float32)
-    y = np.asarray(qmatmul.qmatmul_gated(x, parts(gate), parts(up), bits=gate.bits,
+    y = np.asarray(qmatmul.qmatmul_gated(x, operands(gate), operands(up), bits=gate.bits,
                                          group_size=gate.group_size, rows=rows, march=march))
     assert y.shape == (m, n) and y.dtype == np.float32
     ref, scale = silu_mul_reference(x[:rows], gate, up)
@@ -55,5 +45,5 @@ def test_weights_of_two_forms_are_refused():
     gate = make_weight(64, 32, "int4", 32, "as made")
     up = make_weight(64, 32, "int4", 32, "as made", scale_dtype=np.float16)
     with pytest.raises(ValueError, match="one form"):
-        qmatmul.qmatmul_gated(jnp.zeros((1, 64), jnp.float32), parts(gate), parts(up),
+        qmatmul.qmatmul_gated(jnp.zeros((1, 64), jnp.float32), operands(gate), operands(up),
                               bits=4, group_size=32)
